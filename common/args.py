@@ -1,0 +1,154 @@
+"""Command-line flags, defined once as argument groups that every stage composes.
+
+Flag names and meanings follow DeepSpeed-Chat (see README) so its launch scripts carry over. Where
+DeepSpeed-Chat hard-codes a constant (Adam betas, gradient clipping, ...), it is a flag here. A stage
+builds its parser from these groups; no flag is copied between stages, so defaults cannot drift.
+
+Stage 3 trains two models; its model-specific groups take a `prefix` ("actor_", "critic_") and produce
+e.g. `--actor_lora_dim` and `--critic_lora_dim` from the same definition as stage 1's `--lora_dim`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = str(REPO_ROOT / "data" / "synthetic")
+
+
+def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
+    """Data sources, split and tokenisation limits (the shared data layer, `common.data`)."""
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--data_path", nargs="*", default=[BUNDLED_DATA],
+        help="Dataset names (DeepSpeed-Chat adapters, e.g. Dahoas/rm-static) or local files/directories in "
+        "the prompt/chosen/rejected schema; several are mixed. Default: the bundled synthetic dataset.",
+    )
+    g.add_argument(
+        "--data_split", type=str, default="2,4,4",
+        help="Proportions of each dataset given to stages 1,2,3 as disjoint seeded slices, e.g. '2,4,4'.",
+    )
+    g.add_argument("--sft_only_data_path", nargs="*", default=[], help="Datasets used only in stage 1.")
+    g.add_argument(
+        "--data_output_path", type=str, default="/tmp/data_files/",
+        help="Where the tokenized-data cache lives (keyed by file content, tokenizer and settings).",
+    )
+    g.add_argument(
+        "--skip_bad_rows", action="store_true",
+        help="Skip and count malformed dataset rows instead of stopping with an error naming them.",
+    )
+    if stage in (1, 2):
+        g.add_argument("--max_seq_len", type=int, default=512, help="Maximum prompt+response tokens.")
+    if stage == 1:
+        g.add_argument(
+            "--mask_prompt", action="store_true",
+            help="Compute the SFT loss on response tokens only (labels -100 on the prompt).",
+        )
+    if stage == 3:
+        g.add_argument("--max_prompt_seq_len", type=int, default=256, help="Maximum prompt tokens.")
+        g.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum generated tokens.")
+        g.add_argument(
+            "--prompt_overflow", choices=["truncate_left", "drop"], default="truncate_left",
+            help="Prompts longer than --max_prompt_seq_len: keep their end, or drop them (counted either way).",
+        )
+
+
+def add_model_args(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
+    """Which model to load and how (dropout, gradient checkpointing)."""
+    g = parser.add_argument_group(f"{prefix or 'model'} model".strip())
+    g.add_argument(
+        f"--{prefix}model_name_or_path", type=str, required=required,
+        help="A Hugging Face hub id or a local directory (the same code loads both).",
+    )
+    g.add_argument(
+        f"--{prefix}dropout", type=float, default=None,
+        help="Override every dropout probability in the model config (default: keep the config's).",
+    )
+    g.add_argument(f"--{prefix}gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+
+
+def add_lora_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """LoRA through peft; adapters are merged into the weights when the model is saved."""
+    g = parser.add_argument_group(f"{prefix}LoRA")
+    g.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank; 0 disables LoRA.")
+    g.add_argument(
+        f"--{prefix}lora_module_name", type=str, default="decoder.layers.",
+        help="LoRA goes into every Linear layer whose module name contains this string (DeepSpeed-Chat "
+        "semantics), e.g. 'decoder.layers.' (OPT), 'h.' (GPT-2), 'layers.' (Llama).",
+    )
+    g.add_argument(
+        f"--{prefix}lora_alpha", type=float, default=1.0,
+        help="LoRA scaling numerator: scale = alpha / lora_dim (1.0 matches DeepSpeed-Chat).",
+    )
+    g.add_argument(
+        f"--{prefix}lora_learning_rate", type=float, default=5e-4,
+        help="Learning rate of the LoRA parameters.",
+    )
+
+
+def add_training_args(parser: argparse.ArgumentParser, stage: int) -> None:
+    """Batch sizes, optimiser and schedule (stage 3 adds actor/critic specifics itself)."""
+    g = parser.add_argument_group("training")
+    if stage in (1, 2):
+        g.add_argument("--per_device_train_batch_size", type=int, default=16, help="Micro-batch per device.")
+        g.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Eval batch per device.")
+        g.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate.")
+        g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+        g.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the stage's data.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
+    g.add_argument(
+        "--lr_scheduler_type", type=str, default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule after warm-up.",
+    )
+    g.add_argument("--num_warmup_steps", type=int, default=0, help="Warm-up optimiser steps.")
+    g.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.95), help="Adam beta1 beta2.")
+    g.add_argument("--only_optimize_lora", action="store_true", help="Train only the LoRA parameters.")
+    g.add_argument("--seed", type=int, default=1234, help="Seed for data order, init and sampling.")
+
+
+def add_deepspeed_args(parser: argparse.ArgumentParser, stage: int) -> None:
+    """ZeRO stage, offload, precision and the DeepSpeed launcher's own flags."""
+    g = parser.add_argument_group("deepspeed")
+    if stage in (1, 2):
+        g.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage.")
+    g.add_argument("--offload", action="store_true", help="Offload optimizer states (and ZeRO-3 params) to CPU.")
+    g.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+        help="Training precision; auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
+    )
+    g.add_argument("--gradient_clipping", type=float, default=1.0, help="Global gradient-norm clip.")
+    g.add_argument(
+        "--compute_fp32_loss", action="store_true",
+        help="Accepted for DeepSpeed-Chat compatibility: losses are always computed from fp32 logits here.",
+    )
+    g.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Where results and monitoring go."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", type=str, required=True, help="Where the trained model is saved.")
+    g.add_argument("--enable_tensorboard", action="store_true", help="Write TensorBoard scalars.")
+    g.add_argument(
+        "--tensorboard_path", type=str, default=None,
+        help="TensorBoard log directory (default: <output_dir>/tensorboard).",
+    )
+    g.add_argument("--print_loss", action="store_true", help="Print the loss of every step on rank 0.")
+    g.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the hub (off).")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate cross-flag constraints before any compute; raise SystemExit with a clear message."""
+    split = [s.strip() for s in args.data_split.split(",")]
+    try:
+        parts = [float(s) for s in split]
+    except ValueError:
+        raise SystemExit(f"--data_split {args.data_split!r}: expected comma-separated numbers like '2,4,4'") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise SystemExit(f"--data_split {args.data_split!r}: expected three non-negative proportions")
+    if getattr(args, "only_optimize_lora", False):
+        dims = [v for k, v in vars(args).items() if k.endswith("lora_dim")]
+        if not any(dims):
+            raise SystemExit("--only_optimize_lora needs a LoRA rank > 0 (--lora_dim / --actor_lora_dim)")

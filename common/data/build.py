@@ -1,0 +1,227 @@
+"""build_stage_data: from `data_path` entries to the train/eval Datasets of one stage.
+
+Order of work (validation comes before any splitting or tokenization):
+1. Resolve every entry to a source (local path or known hub dataset) and fingerprint it (cache key).
+2. On cache miss (local rank 0 only): read and validate every row of every source; bad rows raise a
+   DataError naming file/row/column, or are skipped and counted with skip_bad_rows=True.
+3. Per source: eval = its own eval split, or a seeded 9:1 split of its train rows. Train rows are permuted
+   with the seed and cut by data_split; stage k takes slice k. Eval is NOT sliced: every stage evaluates on
+   the source's whole eval split (stages never train on eval rows, so they need no disjointness, and the
+   whole split gives less noisy metrics than a 20% slice).
+4. Stage 1 also gets all rows (train and eval) of the sft_only_data_path sources.
+5. Stage 2 needs pairs: rows without a rejected response are left out and counted (an SFT-only hub dataset
+   in data_path is an error at once).
+6. Train rows of all sources are mixed by a seeded permutation; eval keeps source order.
+7. Tokenize for the stage, save atomically, and every rank loads the file.
+`stats` (also printed on rank 0) holds per-source row counts, skipped/filtered rows and the truncation and
+drop counts of tokenization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from common.data import tokenize
+from common.data.cache import build_once_per_node, cache_key
+from common.data.rows import DataError, Row
+from common.data.sources import HubSource, LocalSource, open_source
+from common.data.splits import (
+    derive_seed,
+    parse_data_split,
+    seeded_permutation,
+    stage_indices,
+    train_eval_indices,
+)
+from common.data.stage_datasets import PairDataset, PromptDataset, SFTDataset, TokenLists
+from common.dist import print_rank0
+
+STAGE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
+
+
+@dataclass
+class DataConfig:
+    """Data options shared by the three stages (DeepSpeed-Chat flag names where they exist)."""
+
+    data_path: list[str]
+    data_split: str = "2,4,4"
+    sft_only_data_path: list[str] = field(default_factory=list)
+    data_output_path: str = "/tmp/data_files"
+    max_seq_len: int = 512
+    max_prompt_seq_len: int = 256
+    seed: int = 1234
+    mask_prompt: bool = False
+    prompt_overflow: str = "truncate_left"
+    skip_bad_rows: bool = False
+
+    def validate(self) -> None:
+        for name in ("data_path", "sft_only_data_path"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        if not self.data_path:
+            raise ValueError("data_path is empty: give at least one local path or dataset name")
+        parse_data_split(self.data_split)
+        if self.max_seq_len < 2 or self.max_prompt_seq_len < 1:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} / max_prompt_seq_len={self.max_prompt_seq_len} too small"
+            )
+        if self.prompt_overflow not in tokenize.PROMPT_OVERFLOW_POLICIES:
+            raise ValueError(
+                f"prompt_overflow={self.prompt_overflow!r}: expected one of {tokenize.PROMPT_OVERFLOW_POLICIES}"
+            )
+        overlap = {_identity(p) for p in self.data_path} & {_identity(p) for p in self.sft_only_data_path}
+        if overlap:
+            raise ValueError(
+                f"{sorted(overlap)} in both data_path and sft_only_data_path: SFT would train on all its rows, "
+                "including the reward/PPO slices"
+            )
+
+
+@dataclass
+class StageData:
+    train: Dataset
+    eval: Dataset
+    stats: dict[str, Any]
+
+
+def _identity(entry: str) -> str:
+    return str(Path(entry).resolve()) if Path(entry).exists() else entry
+
+
+def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
+    """The train and eval datasets of `stage`: 1 -> SFTDataset, 2 -> PairDataset, 3 -> PromptDataset.
+
+    Call on every rank (local rank 0 builds the cache, the others wait at a barrier). Raises DataError for
+    bad data and ValueError for bad options or a tokenizer whose pad id is missing or equals EOS."""
+    if stage not in STAGE_NAMES:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    cfg.validate()
+    tokenize.check_tokenizer(tokenizer)
+    sources: list[tuple[str, LocalSource | HubSource]] = []
+
+    def open_all() -> list[tuple[str, LocalSource | HubSource]]:
+        if not sources:
+            sources.extend(("data", open_source(entry)) for entry in cfg.data_path)
+            if stage == 1:
+                sources.extend(("sft_only", open_source(entry)) for entry in cfg.sft_only_data_path)
+        return sources
+
+    def key() -> str:
+        return cache_key(
+            {
+                "stage": stage,
+                "sources": [(role, src.name, src.fingerprint()) for role, src in open_all()],
+                "tokenizer": tokenize.tokenizer_fingerprint(tokenizer),
+                "data_split": cfg.data_split,
+                "seed": cfg.seed,
+                "max_seq_len": cfg.max_seq_len,
+                "max_prompt_seq_len": cfg.max_prompt_seq_len,
+                "mask_prompt": cfg.mask_prompt,
+                "prompt_overflow": cfg.prompt_overflow,
+                "skip_bad_rows": cfg.skip_bad_rows,
+            }
+        )
+
+    blob, built_now = build_once_per_node(
+        cfg.data_output_path,
+        f"stage{stage}_{STAGE_NAMES[stage]}",
+        key,
+        lambda: _build(cfg, tokenizer, stage, open_all()),
+    )
+    stats = blob["stats"]
+    stats["from_cache"] = not built_now
+    _report(stats)
+    return StageData(_to_dataset(blob["train"], stage, cfg), _to_dataset(blob["eval"], stage, cfg), stats)
+
+
+def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[str, Any]:
+    stats: dict[str, Any] = {"stage": stage, "sources": {}}
+    train_rows: list[Row] = []
+    eval_rows: list[Row] = []
+    for role, src in sources:
+        if stage == 2 and not src.pairwise:
+            raise DataError(
+                f"{src.name} has no rejected responses, so the reward model cannot use it; "
+                "put it in sft_only_data_path"
+            )
+        rows = src.read(cfg.skip_bad_rows)
+        own_train, own_eval = rows.train, rows.eval
+        if own_eval is None:
+            train_idx, eval_idx = train_eval_indices(len(own_train), cfg.seed)
+            own_train, own_eval = [own_train[i] for i in train_idx], [own_train[i] for i in eval_idx]
+        if role == "data":
+            taken = [own_train[i] for i in stage_indices(len(own_train), cfg.data_split, stage, cfg.seed)]
+        else:  # sft_only: stage 1 takes everything
+            taken = own_train
+        stats["sources"][src.name] = {
+            "role": role,
+            "train_rows": len(own_train),
+            "eval_rows": len(own_eval),
+            "stage_train_rows": len(taken),
+            **rows.tally.as_dict(),
+        }
+        rows.tally.report()
+        train_rows += taken
+        eval_rows += own_eval
+
+    if stage == 2:
+        train_rows, stats["train_without_rejected"] = _pairs_only(train_rows)
+        eval_rows, stats["eval_without_rejected"] = _pairs_only(eval_rows)
+    if not train_rows:
+        raise DataError(
+            f"stage {stage} has no training rows: data_split {cfg.data_split!r} gives it an empty slice of "
+            f"{[src.name for _, src in sources]}"
+        )
+    mix = seeded_permutation(len(train_rows), derive_seed(cfg.seed, "mix"))
+    train_rows = [train_rows[i] for i in mix]
+
+    train, stats["train"] = _tokenize(train_rows, tokenizer, stage, cfg)
+    evals, stats["eval"] = _tokenize(eval_rows, tokenizer, stage, cfg)
+    if stats["train"]["rows_out"] == 0:
+        raise DataError(f"stage {stage}: every training row was too long (see stats: {stats['train']})")
+    return {"stats": stats, "train": _to_state(train), "eval": _to_state(evals)}
+
+
+def _pairs_only(rows: list[Row]) -> tuple[list[Row], int]:
+    kept = [r for r in rows if r.rejected is not None]
+    return kept, len(rows) - len(kept)
+
+
+def _tokenize(rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig) -> tuple[dict[str, list], dict]:
+    if stage == 1:
+        return tokenize.tokenize_sft(rows, tokenizer, cfg.max_seq_len)
+    if stage == 2:
+        return tokenize.tokenize_pairs(rows, tokenizer, cfg.max_seq_len)
+    return tokenize.tokenize_prompts(rows, tokenizer, cfg.max_prompt_seq_len, cfg.prompt_overflow)
+
+
+def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for name, values in tokens.items():
+        if name == "prompt_len":
+            state[name] = torch.tensor(values, dtype=torch.int64)
+        else:
+            state[name] = TokenLists.from_lists(values).state()
+    return state
+
+
+def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
+    if stage == 1:
+        return SFTDataset(TokenLists.from_state(state["input_ids"]), state["prompt_len"], cfg.mask_prompt)
+    if stage == 2:
+        return PairDataset(TokenLists.from_state(state["chosen"]), TokenLists.from_state(state["rejected"]))
+    return PromptDataset(TokenLists.from_state(state["prompt"]))
+
+
+def _report(stats: dict[str, Any]) -> None:
+    origin = "cache" if stats.get("from_cache") else "built"
+    print_rank0(f"[data] stage {stats['stage']} ({origin}): train {stats['train']}, eval {stats['eval']}")
+    for name, info in stats["sources"].items():
+        print_rank0(f"[data]   {name}: {info}")
+    if stats["eval"]["rows_out"] == 0:
+        print_rank0(f"[data] WARNING: stage {stats['stage']} has no eval rows")

@@ -1,0 +1,73 @@
+"""Collators: pad a batch dynamically to its longest sequence with pad_token_id (attention_mask 0 on pads).
+
+- SFTCollator: right padding; labels are -100 on pads (and wherever the dataset already put -100).
+- PairCollator: right padding; chosen and rejected stacked into one (2B, T) batch, rows [chosen_0..chosen_{B-1},
+  rejected_0..rejected_{B-1}] (DeepSpeed-Chat's layout: one forward pass scores both; chosen = rows[:B]).
+- PromptCollator: LEFT padding, so every prompt ends at the last column and generation continues from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.data.stage_datasets import IGNORE_INDEX
+
+
+def pad_sequences(
+    seqs: Sequence[torch.Tensor], pad_value: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into (N, T) padded with pad_value on `side` ("right"/"left"); returns (ids, mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, cols] = seq
+        mask[row, cols] = 1
+    return ids, mask
+
+
+class SFTCollator:
+    """[{"input_ids", "labels"}] -> {"input_ids", "attention_mask", "labels"}, each (B, T), right-padded."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "right")
+        labels, _ = pad_sequences([b["labels"] for b in batch], IGNORE_INDEX, "right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PairCollator:
+    """[{"chosen_input_ids", "rejected_input_ids"}] -> {"input_ids", "attention_mask"}, each (2B, T),
+    right-padded; rows [:B] are the chosen sequences, rows [B:] the rejected ones, in batch order."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        seqs = [b["chosen_input_ids"] for b in batch] + [b["rejected_input_ids"] for b in batch]
+        input_ids, attention_mask = pad_sequences(seqs, self.pad_token_id, "right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PromptCollator:
+    """[{"input_ids"}] -> {"input_ids", "attention_mask"}, each (B, P), LEFT-padded for generation."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "left")
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collator_for_stage(stage: int, pad_token_id: int) -> SFTCollator | PairCollator | PromptCollator:
+    """The collator matching build_stage_data(..., stage)'s datasets."""
+    collators = {1: SFTCollator, 2: PairCollator, 3: PromptCollator}
+    if stage not in collators:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    return collators[stage](pad_token_id)

@@ -1,0 +1,134 @@
+"""The row every source is mapped to, the errors bad rows raise, and the tally of skipped rows.
+
+A `Row` is one example in the pipeline's schema: a prompt in the "\\n\\nHuman: ...\\n\\nAssistant:"
+convention, the chosen response, and the rejected response (None for SFT-only sources). Every row
+remembers where it came from (`origin`, e.g. "data/train.jsonl line 7") so that any later error can name
+the file and the row.
+
+Validation rules (`make_row`), applied to every source before anything is split or tokenized:
+- `prompt` and `chosen` must be present, strings, and not empty or whitespace-only;
+- `rejected` is optional (absent or null -> None); when given it obeys the same rules and must differ from
+  `chosen` (compared after stripping surrounding whitespace);
+- strings must be valid UTF-8 (readers turn undecodable bytes into lone surrogates, caught here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.dist import print_rank0
+
+MAX_EXAMPLES = 5  # how many reasons for skipped rows are kept for the report
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (or dataset), the row, the column and the problem."""
+
+
+class RowError(Exception):
+    """Raised while checking one row; the caller, who knows the row's origin, turns it into a DataError."""
+
+    def __init__(self, column: str | None, problem: str):
+        super().__init__(problem)
+        self.column = column
+        self.problem = problem
+
+
+class RowFiltered(Exception):
+    """A row that a hub adapter leaves out by design (e.g. a comparison with tied scores); always counted."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    chosen: str
+    rejected: str | None
+    origin: str
+
+
+@dataclass
+class RowTally:
+    """Counts of rows left out of one source: bad rows skipped (skip_bad_rows=True) and filtered rows."""
+
+    source: str
+    skip_bad_rows: bool
+    bad: int = 0
+    examples: list[str] = field(default_factory=list)
+    filtered: dict[str, int] = field(default_factory=dict)
+
+    def bad_row(self, origin: str, column: str | None, problem: str) -> None:
+        """Raise a DataError for a bad row, or count it when skipping bad rows."""
+        where = origin if column is None else f"{origin}, column {column!r}"
+        message = f"{where}: {problem}"
+        if not self.skip_bad_rows:
+            raise DataError(message + " (pass skip_bad_rows=True to skip and count such rows)")
+        self.bad += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
+    def filter_row(self, reason: str) -> None:
+        self.filtered[reason] = self.filtered.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bad_rows": self.bad,
+            "bad_row_examples": list(self.examples),
+            "filtered": dict(self.filtered),
+        }
+
+    def report(self) -> None:
+        """Print what was left out on rank 0; silent only when nothing was."""
+        if self.bad:
+            print_rank0(f"[data] {self.source}: skipped {self.bad} bad rows; first reasons:")
+            for example in self.examples:
+                print_rank0(f"[data]   {example}")
+        for reason, count in self.filtered.items():
+            print_rank0(f"[data] {self.source}: left out {count} rows ({reason})")
+
+
+def has_undecodable_bytes(text: str) -> bool:
+    """Whether `text` holds lone surrogates: bytes that were not valid UTF-8 (read with errors="surrogateescape")
+    or a JSON "\\udXXX" escape of half a character. Either cannot be encoded back to UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_text(value: Any, column: str) -> str:
+    """Return `value` if it is a usable text, else raise RowError naming `column`."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError(column, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not isinstance(value, str):
+        raise RowError(column, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(column, "empty or whitespace-only text")
+    if has_undecodable_bytes(value):
+        raise RowError(column, "not valid UTF-8 (undecodable bytes in the text)")
+    return value
+
+
+def make_row(record: Any, origin: str) -> Row:
+    """Validate one record in the prompt/chosen/rejected schema (extra columns are ignored) -> Row."""
+    if not isinstance(record, dict):
+        raise RowError(None, f"expected an object with prompt/chosen/rejected, got {type(record).__name__}")
+    for column in ("prompt", "chosen"):
+        if column not in record:
+            raise RowError(column, "missing column")
+    prompt = check_text(record["prompt"], "prompt")
+    chosen = check_text(record["chosen"], "chosen")
+    rejected = record.get("rejected")
+    if rejected is not None:
+        rejected = check_text(rejected, "rejected")
+        if rejected.strip() == chosen.strip():
+            raise RowError("rejected", "chosen and rejected are the same text")
+    return Row(prompt, chosen, rejected, origin)

@@ -1,0 +1,105 @@
+"""Map-style torch Datasets over tokenized rows, and the compact ragged storage they sit on.
+
+Items are unpadded 1-D LongTensors; the collators in `common.data.collate` pad them per batch.
+- SFTDataset   -> {"input_ids": (L,), "labels": (L,)}; labels are -100 on the prompt when mask_prompt.
+- PairDataset  -> {"chosen_input_ids": (Lc,), "rejected_input_ids": (Lr,)}
+- PromptDataset -> {"input_ids": (P,)}
+- BlockDataset -> {"input_ids": (S,), "attention_mask": (S,), "labels": (S,)} fixed-size LM blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+
+
+class TokenLists:
+    """A list of variable-length id sequences stored as one flat int32 tensor plus offsets."""
+
+    def __init__(self, flat: torch.Tensor, offsets: torch.Tensor):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def from_lists(cls, seqs: list[list[int]]) -> TokenLists:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.int32)
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].long()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"flat": self.flat, "offsets": self.offsets}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> TokenLists:
+        return cls(state["flat"], state["offsets"])
+
+
+class SFTDataset(Dataset):
+    """Prompt + chosen + EOS sequences with their prompt lengths (prompt_lens: (N,) int64)."""
+
+    def __init__(self, input_ids: TokenLists, prompt_lens: torch.Tensor, mask_prompt: bool):
+        self.input_ids, self.prompt_lens, self.mask_prompt = input_ids, prompt_lens, mask_prompt
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        labels = ids.clone()
+        if self.mask_prompt:
+            labels[: int(self.prompt_lens[i])] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels}
+
+
+class PairDataset(Dataset):
+    """Reward-model pairs: prompt + chosen + EOS and prompt + rejected + EOS."""
+
+    def __init__(self, chosen: TokenLists, rejected: TokenLists):
+        assert len(chosen) == len(rejected)
+        self.chosen, self.rejected = chosen, rejected
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"chosen_input_ids": self.chosen[i], "rejected_input_ids": self.rejected[i]}
+
+
+class PromptDataset(Dataset):
+    """PPO prompts (no EOS, no padding)."""
+
+    def __init__(self, prompts: TokenLists):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.prompts[i]}
+
+
+class BlockDataset(Dataset):
+    """Fixed-size blocks of a token stream (blocks: (N, block_size) int32) for the PPO-ptx LM loss.
+
+    `stats` says how many documents were read, skipped as empty, and how many tail tokens were dropped."""
+
+    def __init__(self, blocks: torch.Tensor, stats: dict):
+        self.blocks, self.stats = blocks, stats
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[i].long()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

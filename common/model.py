@@ -1,0 +1,299 @@
+"""Loading, adapting and saving causal language models, for every stage.
+
+- A hub id and a local directory go through the same `from_pretrained` calls; `trust_remote_code` is off
+  unless asked for.
+- The tokenizer always gets a dedicated pad token (never EOS: a pad equal to EOS masks the real EOS out
+  of every loss and score), and the embeddings are resized to match.
+- Under ZeRO-3 the model is created already partitioned (transformers' HfDeepSpeedConfig hook), and
+  saving gathers the partitions one parameter at a time onto rank 0.
+- LoRA goes through peft; on save the adapters are merged into the weights, so the output is a plain
+  Hugging Face model that loads without peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from common import dist
+
+PAD_TOKEN = "<pad>"
+# Config attributes that hold dropout probabilities across the architectures we support.
+_DROPOUT_ATTRS = (
+    "dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop", "embd_pdrop",
+    "resid_pdrop", "summary_first_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "classifier_dropout", "layerdrop",
+)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has an EOS and a pad token distinct from it."""
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; set eos_token in its config")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    assert tok.pad_token_id != tok.eos_token_id
+    return tok
+
+
+def set_dropout(config: Any, p: float) -> None:
+    """Set every dropout probability in a model config to `p` (before the model is built)."""
+    for attr in _DROPOUT_ATTRS:
+        if isinstance(getattr(config, attr, None), float):
+            setattr(config, attr, p)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn dropout off in a built model: nn.Dropout modules and float `*dropout*` attributes that
+    attention layers read at call time."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    if hasattr(model, "config"):
+        set_dropout(model.config, 0.0)
+
+
+class _ZeRO3Init:
+    """Context in which `from_pretrained` builds a model already partitioned for ZeRO-3."""
+
+    def __init__(self, ds_config: dict | None):
+        self.ds_config = ds_config if ds_config and ds_config["zero_optimization"]["stage"] == 3 else None
+        self._hf = None
+
+    def __enter__(self):
+        if self.ds_config is not None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf = HfDeepSpeedConfig(self.ds_config)  # registers itself through a weak reference
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        self._hf = None
+
+
+def load_config(name_or_path: str, dropout: float | None = None, trust_remote_code: bool = False):
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if dropout is not None:
+        set_dropout(config, dropout)
+    return config
+
+
+def load_causal_lm(
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dtype: torch.dtype = torch.float32,
+    dropout: float | None = None,
+    ds_config: dict | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load an AutoModelForCausalLM consistent with `tokenizer` (embeddings resized, pad/eos ids set).
+
+    `ds_config` is the DeepSpeed config the model will be trained or run with; under ZeRO-3 the model
+    is partitioned as it is built instead of being materialised whole on every rank.
+    """
+    config = load_config(name_or_path, dropout, trust_remote_code)
+    with _ZeRO3Init(ds_config):
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        if len(tokenizer) > _num_embeddings(model):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    align_special_tokens(model, tokenizer)
+    return model
+
+
+def _num_embeddings(model: nn.Module) -> int:
+    emb = model.get_input_embeddings()
+    return int(getattr(emb, "num_embeddings", emb.weight.shape[0]))
+
+
+def align_special_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the model and generation configs use the tokenizer's pad/eos ids."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        if tokenizer.bos_token_id is not None:
+            cfg.bos_token_id = tokenizer.bos_token_id
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, L) positions counting real tokens only, so padding on either side
+    leaves absolute-position models (GPT-2, OPT) unchanged. Pads get position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32. logits (B, L, V), labels (B, L) with -100 = ignore."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_target_modules(model: nn.Module, module_name: str) -> list[str]:
+    """Names of the Linear (or GPT-2 Conv1D) layers whose name contains `module_name`."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and module_name in n]
+    if not names:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)][:8]
+        raise ValueError(
+            f"--lora_module_name {module_name!r} matches no Linear layer of {type(model).__name__}; "
+            f"Linear layers look like: {linear}"
+        )
+    return names
+
+
+def apply_lora(
+    model: nn.Module, *, lora_dim: int, module_name: str, alpha: float = 1.0, only_optimize_lora: bool = False
+) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters of rank `lora_dim` on every Linear matching `module_name`.
+
+    Without `only_optimize_lora` the base weights stay trainable too (DeepSpeed-Chat semantics)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, module_name)
+    fan_in_fan_out = type(model).__name__.startswith("GPT2")  # GPT-2 stores Conv1D weights transposed
+    cfg = LoraConfig(
+        r=lora_dim, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+        fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, cfg)
+    if not only_optimize_lora:
+        for name, p in peft_model.named_parameters():
+            if "lora_" not in name:
+                p.requires_grad_(True)
+    return peft_model
+
+
+def is_lora_param(name: str) -> bool:
+    return "lora_A" in name or "lora_B" in name
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float, fan_in_fan_out: bool) -> dict:
+    """Fold peft LoRA weights into plain weights: W' = W + scaling * B @ A (transposed for Conv1D).
+
+    Input keys look like `base_model.model.<name>.base_layer.weight`, `...<name>.lora_A.default.weight`;
+    output keys are the plain model's (`<name>.weight`)."""
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if is_lora_param(key):
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".base_layer." in name:
+            module = name.split(".base_layer.")[0]
+            suffix = name.split(".base_layer.")[1]
+            name = f"{module}.{suffix}"
+            if suffix == "weight":
+                a = state_dict[f"{prefix}{module}.lora_A.default.weight"].float()
+                b = state_dict[f"{prefix}{module}.lora_B.default.weight"].float()
+                delta = scaling * (b @ a)
+                if fan_in_fan_out:
+                    delta = delta.T
+                value = (value.float() + delta).to(value.dtype)
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def gathered_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full state dict on CPU on rank 0 (None elsewhere). Under ZeRO-3 each parameter is gathered in turn,
+    so no rank ever holds more than one full parameter beyond its partition."""
+    if zero_stage != 3:
+        if not dist.is_rank0():
+            return None
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {} if dist.is_rank0() else None
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            if out is not None:
+                out[name] = param.detach().cpu().clone()
+    if out is not None:
+        for name, buf in module.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+    return out
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # DeepSpeed engine -> model
+
+
+def plain_state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Rank-0 state dict of `model` (engine or module) in plain Hugging Face naming, LoRA merged."""
+    model = _unwrap(model)
+    sd = gathered_state_dict(model, zero_stage)
+    if sd is None:
+        return None
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:
+        cfg = peft_config["default"]
+        sd = merge_lora_state_dict(sd, cfg.lora_alpha / cfg.r, cfg.fan_in_fan_out)
+    return sd
+
+
+def base_config(model: nn.Module):
+    model = _unwrap(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.config
+
+
+def save_hf_model(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None,
+    zero_stage: int,
+    extra_files: dict[str, Any] | None = None,
+) -> None:
+    """Save `model` (engine, peft model or plain model) as a Hugging Face directory on rank 0:
+    config.json, generation_config.json, model*.safetensors, tokenizer files. Collective under ZeRO-3:
+    every rank must call it."""
+    from huggingface_hub import save_torch_state_dict
+
+    state_dict = plain_state_dict(model, zero_stage)
+    if dist.is_rank0():
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = base_config(model)
+        if getattr(config, "tie_word_embeddings", False):
+            state_dict.pop("lm_head.weight", None)
+        save_torch_state_dict(state_dict, out, max_shard_size="5GB", safe_serialization=True)
+        config.save_pretrained(out)
+        inner = _unwrap(model)
+        gen = getattr(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        for name, content in (extra_files or {}).items():
+            (out / name).write_text(json.dumps(content, indent=2) if not isinstance(content, str) else content)
+    dist.barrier()
+
+
+def trainable_parameter_names(model: nn.Module) -> Iterable[str]:
+    return [n for n, p in _unwrap(model).named_parameters() if p.requires_grad]

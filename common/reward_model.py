@@ -1,0 +1,333 @@
+"""The reward model: a transformer trunk plus a scalar head, read at the last valid token.
+
+Stage 2 trains it on preference pairs; stage 3 uses it twice, frozen as the reward engine and as the
+initialisation of the critic (ppo-fidelity items 9-11, 13).
+
+    rm = RewardModel.from_pretrained("facebook/opt-350m")     # any causal LM: trunk + fresh head
+    out = rm(input_ids, attention_mask)                        # out.values (B, L), out.scores (B,)
+    gain, bias = fit_normalization(raw_scores_of_sft_samples)
+    rm.set_normalization(gain, bias, "2048 SFT samples on the prompt set")
+    rm.save_pretrained("out/rm", tokenizer=tok)                # one Hugging Face directory
+    rm = RewardModel.from_pretrained("out/rm")                 # trunk + trained head + normalisation
+
+On disk a reward model is a normal Hugging Face directory of the trunk (`config.json` +
+`model.safetensors`, so `AutoModel.from_pretrained(dir)` loads the trunk alone), plus
+`value_head.safetensors` and an extra `reward_model` key in `config.json` that names the head file and
+stores the normalisation (gain, bias and a description of the sample they were fitted on).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import cached_file
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "reward_model"
+HEAD_FILE = "value_head.safetensors"
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+@dataclass
+class RewardModelOutput:
+    """What `RewardModel.forward` returns.
+
+    values: (B, L) float32, the head's output at every position; 0 at positions whose mask is 0.
+    scores: (B,) float32, the value at the last valid token of each row (normalised if asked for).
+    end_index: (B,) int64, the position the score was read at (last position with mask 1).
+    """
+
+    values: torch.Tensor
+    scores: torch.Tensor
+    end_index: torch.Tensor
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of the last 1 in each row of a (B, L) attention mask, as a (B,) int64 tensor.
+
+    Works for left padding, right padding and both at once, because it never looks at token ids.
+    Raises ValueError when a row has no valid token.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, L), got shape {tuple(attention_mask.shape)}")
+    valid = attention_mask != 0
+    empty = ~valid.any(dim=-1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} have no valid token; cannot read a score")
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(valid, positions, -1).amax(dim=-1)
+
+
+def fit_normalization(
+    raw_scores: torch.Tensor, target_mean: float = 0.0, target_std: float = 1.0
+) -> tuple[float, float]:
+    """Gain and bias that map a sample of raw scores to the target mean and std (item 11).
+
+    raw_scores: (N,) raw (unnormalised) scores, N >= 2, e.g. of SFT-policy responses.
+    Returns (gain, bias) with gain = target_std / std and bias = target_mean - gain * mean, where std is
+    the population std (ddof 0), so that gain * raw_scores + bias has exactly the target mean and std.
+    """
+    x = raw_scores.detach().flatten().to(torch.float64)
+    if x.numel() < 2:
+        raise ValueError(f"fit_normalization needs at least 2 scores, got {x.numel()}")
+    if not torch.isfinite(x).all():
+        raise ValueError("fit_normalization: raw_scores contain NaN or inf")
+    std = x.std(unbiased=False).item()
+    if std == 0.0:
+        raise ValueError("fit_normalization: all raw scores are equal (std 0); cannot fit a gain")
+    gain = target_std / std
+    bias = target_mean - gain * x.mean().item()
+    return gain, bias
+
+
+def _output_dim(backbone: PreTrainedModel) -> int:
+    """Width of the trunk's last hidden state, i.e. the input width of the LM head it came with.
+
+    Not `config.hidden_size`: OPT-350m projects its 1024-wide stream down to `word_embed_proj_dim` = 512
+    (`project_out`) before the LM head. The LM head is tied to (or shaped like) the input embedding, so
+    the embedding width is what the last hidden state has. It is read from an attribute, not from a
+    dummy forward pass, so it also works when ZeRO-3 has partitioned the weights.
+    """
+    embeddings = backbone.get_input_embeddings()
+    dim = getattr(embeddings, "embedding_dim", None)
+    if dim is None:
+        dim = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
+    return int(dim)
+
+
+def _accepts_position_ids(module: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(module.forward).parameters
+
+
+class RewardModel(nn.Module):
+    """A transformer trunk (`AutoModel`, no LM head) plus `value_head` = Linear(d, 1).
+
+    `gain` and `bias` (python floats, default 1 and 0) define the normalised score gain * raw + bias.
+    Dropout is left as the trunk's config has it; the caller disables it where needed.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, value_head: nn.Linear | None = None) -> None:
+        """Wrap `backbone`; with no `value_head`, make a fresh one from the global torch RNG.
+
+        A fresh head has weight ~ N(0, std = 1/sqrt(d + 1)) and bias 0 (item 10), in the trunk's dtype.
+        """
+        super().__init__()
+        self.backbone = backbone
+        d = _output_dim(backbone)
+        if value_head is None:
+            value_head = nn.Linear(d, 1)
+            nn.init.normal_(value_head.weight, mean=0.0, std=1.0 / math.sqrt(d + 1))
+            nn.init.zeros_(value_head.bias)
+            value_head.to(dtype=backbone.dtype)
+        elif value_head.in_features != d or value_head.out_features != 1:
+            raise ValueError(
+                f"value_head is Linear({value_head.in_features}, {value_head.out_features}); "
+                f"the backbone needs Linear({d}, 1)"
+            )
+        self.value_head = value_head
+        self.gain: float = 1.0
+        self.bias: float = 0.0
+        self.normalization_sample: str = ""
+        self._pass_position_ids = _accepts_position_ids(backbone)
+        if not self._pass_position_ids:
+            logger.warning(
+                "%s.forward takes no position_ids; positions come from the model itself, so left padding "
+                "may change scores if it uses absolute position embeddings",
+                type(backbone).__name__,
+            )
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The backbone's Hugging Face config (DeepSpeed and HF helpers look for `.config`)."""
+        return self.backbone.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on activation checkpointing in the backbone (the head is too small to matter).
+
+        transformers 5 renamed it `activation_checkpointing_enable` (the old name warns); use whichever exists.
+        """
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs
+            )
+        else:
+            self.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+            )
+
+    def gradient_checkpointing_disable(self) -> None:
+        if hasattr(self.backbone, "activation_checkpointing_disable"):
+            self.backbone.activation_checkpointing_disable()
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.backbone.modules())
+
+    # ------------------------------------------------------------------ forward and normalisation
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False
+    ) -> RewardModelOutput:
+        """Score (B, L) token ids whose padding (left, right or both) is marked by attention_mask 0.
+
+        Positions are counted over valid tokens only (position_ids = cumsum(mask) - 1, clipped at 0), so
+        padding never changes a number. `scores` are read at the last valid token; with normalize=True
+        they are gain * raw + bias. `values` are always raw.
+        """
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                "must both be (B, L)"
+            )
+        end_index = last_token_index(attention_mask)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
+        if self._pass_position_ids:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(**kwargs).last_hidden_state  # (B, L, d)
+        if hidden.shape[-1] != self.value_head.in_features:
+            raise RuntimeError(
+                f"backbone returned hidden states of width {hidden.shape[-1]}, "
+                f"value_head expects {self.value_head.in_features}"
+            )
+        values = self.value_head(hidden).squeeze(-1).float()  # (B, L)
+        # Pad slots can hold anything (even NaN from fully masked attention rows); make them a clean 0.
+        values = torch.where(attention_mask != 0, values, torch.zeros_like(values))
+        scores = values.gather(1, end_index.unsqueeze(1)).squeeze(1)  # (B,)
+        if normalize:
+            scores = self.normalize_scores(scores)
+        return RewardModelOutput(values=values, scores=scores, end_index=end_index)
+
+    def normalize_scores(self, raw_scores: torch.Tensor) -> torch.Tensor:
+        """gain * raw_scores + bias, any shape."""
+        return raw_scores * self.gain + self.bias
+
+    def set_normalization(self, gain: float, bias: float, sample_description: str) -> None:
+        """Store the normalisation (saved with the model); describe the sample it was fitted on."""
+        gain, bias = float(gain), float(bias)
+        if not (math.isfinite(gain) and math.isfinite(bias)) or gain <= 0:
+            raise ValueError(f"normalisation needs a finite gain > 0 and a finite bias, got {gain}, {bias}")
+        self.gain, self.bias, self.normalization_sample = gain, bias, str(sample_description)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        tokenizer: Any | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the model to `out_dir` (created if needed) as one Hugging Face directory; returns it.
+
+        state_dict: optional full state dict with the keys of `self.state_dict()` (e.g. gathered from
+        ZeRO-3 on rank 0); its tensors are written instead of the module's own. Call on one rank only.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        own_keys = set(self.state_dict().keys())
+        if state_dict is None:
+            state_dict = self.state_dict()
+        else:
+            missing = sorted(own_keys - state_dict.keys())
+            unexpected = sorted(state_dict.keys() - own_keys)
+            if missing or unexpected:
+                raise ValueError(
+                    f"save_pretrained(state_dict=...): keys must match RewardModel.state_dict(); "
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+                )
+        prefix = "backbone."
+        backbone_sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.backbone.save_pretrained(out, state_dict=backbone_sd)
+        head = {
+            "weight": state_dict["value_head.weight"].detach().cpu().contiguous(),
+            "bias": state_dict["value_head.bias"].detach().cpu().contiguous(),
+        }
+        save_file(head, str(out / HEAD_FILE), metadata={"format": "pt"})
+
+        config_path = out / "config.json"
+        config = json.loads(config_path.read_text())
+        config[CONFIG_KEY] = {
+            "value_head": HEAD_FILE,
+            "gain": self.gain,
+            "bias": self.bias,
+            "normalization_sample": self.normalization_sample,
+        }
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None, **hf_kwargs: Any
+    ) -> RewardModel:
+        """Load a saved reward model, or any causal-LM checkpoint as a trunk with a fresh head.
+
+        A directory whose config.json has the `reward_model` key gives trunk + saved head + saved
+        normalisation; anything else (e.g. a stage-1 *ForCausalLM output, whose lm_head is dropped)
+        gives the trunk and a fresh head drawn from the caller's torch RNG. `hf_kwargs` go to
+        `AutoModel.from_pretrained` (revision, cache_dir, attn_implementation, ...).
+        """
+        if hf_kwargs.pop("trust_remote_code", False):
+            raise ValueError("RewardModel.from_pretrained does not run remote code (trust_remote_code)")
+        if dtype is not None:
+            hf_kwargs["dtype"] = dtype
+        backbone = AutoModel.from_pretrained(path_or_id, trust_remote_code=False, **hf_kwargs)
+        meta = getattr(backbone.config, CONFIG_KEY, None)
+        if meta is None:
+            return cls(backbone)
+        # The saved key describes the file we loaded, not this live model; drop it so it cannot go stale.
+        delattr(backbone.config, CONFIG_KEY)
+        where = f"{path_or_id}/config.json [{CONFIG_KEY}]"
+        if not isinstance(meta, dict) or "value_head" not in meta:
+            raise ValueError(f"{where}: expected a dict with a 'value_head' file name, got {meta!r}")
+
+        hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
+        head_path = cached_file(str(path_or_id), meta["value_head"], **hub_kwargs)
+        if head_path is None:
+            raise FileNotFoundError(f"{where}: value head file {meta['value_head']!r} not found")
+        tensors = load_file(head_path)
+        d = _output_dim(backbone)
+        weight, bias = tensors.get("weight"), tensors.get("bias")
+        if weight is None or bias is None or tuple(weight.shape) != (1, d) or tuple(bias.shape) != (1,):
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            raise ValueError(f"{head_path}: expected weight (1, {d}) and bias (1,), found {shapes}")
+        head = nn.Linear(d, 1, dtype=backbone.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+
+        model = cls(backbone, value_head=head)
+        try:
+            model.set_normalization(
+                meta.get("gain", 1.0), meta.get("bias", 0.0), meta.get("normalization_sample", "")
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad normalisation: {e}") from e
+        return model
+
+
+def load_reward_model(
+    path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None, **hf_kwargs: Any
+) -> RewardModel:
+    """Same as `RewardModel.from_pretrained`."""
+    return RewardModel.from_pretrained(path_or_id, dtype=dtype, **hf_kwargs)

@@ -1,0 +1,527 @@
+"""PPO math for language models: pure functions over tensors with explicit masks.
+
+Nothing here touches a model, an optimizer or DeepSpeed; every function takes tensors and returns tensors,
+so each formula can be unit-tested against hand-computed numbers (tests/test_rl_math.py).
+Item numbers below refer to /work/shared/reference/ppo-fidelity.md.
+
+Conventions
+-----------
+- Per-token tensors are (B, T) over RESPONSE positions: position t holds log pi(a_t | s_t) of response
+  token a_t, the value V(s_t) read at the same position, the reward r_t for emitting a_t.
+- `mask` is (B, T), 1 on valid response tokens (up to and including the first EOS), 0 after. It may be
+  float, int or bool. It is always passed explicitly. Values at masked positions may be garbage (huge but
+  finite numbers) and never change a result: inputs are zeroed with `torch.where` (not multiplied by the
+  mask) before any arithmetic, so garbage cannot overflow into inf/NaN in values or gradients.
+- Outputs that are per-token are 0 at masked positions.
+- Every constant (kl_coef, gamma, lam, clip ranges, eps, temperature) is a parameter; the defaults quoted
+  in docstrings are the references' values, not values baked in here.
+- Half-precision inputs (fp16/bf16) are upcast to float32 before log-softmax, exp and the losses;
+  float32/float64 inputs keep their dtype.
+
+Items covered: 6-7 (temperature, the [C-1 : -1] slice), 14 (per-token rewards), 15 (KL controllers),
+16 (GAE), 17 (whitening), 18 (clipped policy and value losses).
+
+Loss normalisation
+------------------
+`policy_loss` and `value_loss` return the mean over the valid tokens OF THE MICRO-BATCH they are given
+(a per-micro-batch token mean, as OpenAI's lm-human-preferences and DeepSpeed-Chat do). Under gradient
+accumulation each micro-batch therefore gets equal weight, whatever its number of valid tokens; a token in
+a micro-batch of short responses weighs more than one in a micro-batch of long responses. This is the
+references' behaviour and is kept on purpose; a caller wanting a per-token mean over the whole minibatch
+must use `masked_sum` and divide by the minibatch's token count itself.
+
+Whitening statistics are local to the tensor given (one process); nothing here all-reduces across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KL_ESTIMATORS",
+    "entropy_from_logits",
+    "gae",
+    "get_advantage_estimator",
+    "kl_penalty",
+    "last_valid_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "response_logprobs",
+    "response_positions",
+    "shape_rewards",
+    "value_loss",
+]
+
+Dim = int | tuple[int, ...] | None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(fn: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError naming `fn` and every argument's shape when the shapes differ."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        described = ", ".join(f"{name}{shape}" for name, shape in shapes.items())
+        raise ValueError(f"{fn}: tensors must have the same shape, got {described}")
+
+
+def _check_binary(fn: str, mask: torch.Tensor) -> None:
+    """Raise ValueError naming the first (row, position) whose mask holds a value other than 0 or 1."""
+    if mask.dtype == torch.bool:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{fn}: mask must hold only 0 and 1, (row, position) {index} holds {mask[index].item()}"
+        )
+
+
+def _check_rows_nonempty(fn: str, mask: torch.Tensor) -> None:
+    """Raise ValueError naming the first row of a (B, T) mask with no valid token."""
+    empty = ~mask.bool().any(dim=-1)
+    if empty.any():
+        row = int(empty.nonzero()[0][0])
+        raise ValueError(f"{fn}: row {row} of the mask has no valid token")
+
+
+def _check_contiguous(fn: str, mask: torch.Tensor) -> None:
+    """Raise ValueError naming the first row of a (B, T) mask whose valid tokens are not one block."""
+    m = mask.bool().to(torch.int8)
+    starts = (m[:, 1:] > m[:, :-1]).sum(dim=1) + m[:, 0]
+    bad = starts > 1
+    if bad.any():
+        row = int(bad.nonzero()[0][0])
+        raise ValueError(
+            f"{fn}: row {row} of the mask has a hole (valid tokens must be one contiguous block)"
+        )
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision floats to float32; anything else unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with masked positions set to 0 (no arithmetic on the garbage, so no inf/NaN in value or grad)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Masked statistics (item 17)
+# --------------------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None, keepdim: bool = False) -> torch.Tensor:
+    """Sum of `x` over positions where `mask` is set; x and mask have the same shape.
+
+    dim=None sums everything (0-dim result); otherwise sums over `dim` like `torch.sum`.
+    """
+    _check_same_shape("masked_sum", x=x, mask=mask)
+    z = _zero_masked(x, mask)
+    return z.sum() if dim is None else z.sum(dim=dim, keepdim=keepdim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None, keepdim: bool = False) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is set.
+
+    dim=None: one mean over all valid entries (0-dim). dim given: a mean per remaining index, e.g. dim=1 on
+    (B, T) gives (B,). Raises ValueError if a mean would be over zero valid entries.
+    """
+    _check_same_shape("masked_mean", x=x, mask=mask)
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim=dim, keepdim=keepdim)
+    if (count == 0).any():
+        where = "" if dim is None else f" (index {int((count == 0).nonzero()[0][0])} along the kept dims)"
+        raise ValueError(f"masked_mean: the mask has no valid entry{where}")
+    return masked_sum(x, mask, dim=dim, keepdim=keepdim) / count
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False, dim: Dim = None) -> torch.Tensor:
+    """Variance of `x` over valid positions; population variance (divide by n) unless `unbiased`.
+
+    Item 17 requires unbiased=False for whitening. With unbiased=True, n must be at least 2.
+    """
+    x = _zero_masked(x, mask)
+    mean = masked_mean(x, mask, dim=dim, keepdim=True)
+    var = masked_mean((x - mean) ** 2, mask, dim=dim)
+    if unbiased:
+        count = mask.bool().sum() if dim is None else mask.bool().sum(dim=dim)
+        if (count < 2).any():
+            raise ValueError("masked_var: unbiased variance needs at least 2 valid entries")
+        var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Whiten `x` (B, T) with statistics over valid tokens only: (x - mean) * rsqrt(var + eps).
+
+    var is the population variance (item 17). shift_mean=True leaves the result with mean 0 (used for
+    advantages); shift_mean=False adds the mean back, i.e. scales only (used for rewards). eps is 1e-8 in
+    the references. Returns (B, T), 0 at masked positions.
+    """
+    x = _zero_masked(x, mask)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=False)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_masked(whitened, mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy (items 6, 7)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _upcast(logits) / temperature
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log softmax(logits / temperature) at `labels`: logits (B, T, V), labels (B, T) int -> (B, T).
+
+    The same temperature as sampling must be used everywhere (item 6), or KL != 0 and ratio != 1 before
+    the first update.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logprobs_from_logits: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree "
+            "(expected logits (B, T, V) and labels (B, T))"
+        )
+    z = _scaled_logits(logits, temperature)
+    picked = torch.gather(z, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature): logits (B, T, V) -> (B, T), in nats."""
+    z = _scaled_logits(logits, temperature)
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def response_positions(x: torch.Tensor, context_len: int) -> torch.Tensor:
+    """Slice a full-sequence tensor (B, L, ...) to the positions that predict the response: [C-1 : L-1].
+
+    Position C-1 + t of a causal LM's output sees tokens 0..C-1+t and predicts response token t, so the
+    result (B, L - C, ...) is aligned with the response labels input_ids[:, C:] (item 7). Use it for
+    values too: V(s_t) is read at the same positions as the log-probs (item 13).
+    """
+    length = x.shape[1]
+    if not 1 <= context_len < length:
+        raise ValueError(f"response_positions: context_len must be in [1, {length - 1}], got {context_len}")
+    return x[:, context_len - 1 : length - 1]
+
+
+def response_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, context_len: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probs of the response tokens from full-sequence logits.
+
+    logits (B, L, V) of prompt+response, input_ids (B, L), prompt (context) length C -> (B, L - C), where
+    entry t is log pi(input_ids[:, C + t] | input_ids[:, :C + t]) at the given temperature.
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"response_logprobs: logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree "
+            "(expected logits (B, L, V) and input_ids (B, L))"
+        )
+    return logprobs_from_logits(
+        response_positions(logits, context_len), input_ids[:, context_len:], temperature=temperature
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# KL penalty and per-token rewards (items 14, 15)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _kl_k1(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _kl_k2(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x**2
+
+
+def _kl_k3(x: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(-x) + x
+
+
+def _kl_abs(x: torch.Tensor) -> torch.Tensor:
+    return x.abs()
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "k1": _kl_k1,
+    "k2": _kl_k2,
+    "k3": _kl_k3,
+    "abs": _kl_abs,
+}
+
+
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", clamp: float | None = None
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from sampled tokens; logp, ref_logp (B, T) -> (B, T).
+
+    With x = logp - ref_logp: k1 = x (unbiased, can be negative; the references' default), k2 = x^2 / 2,
+    k3 = exp(-x) - 1 + x (unbiased, always >= 0), abs = |x|. `clamp` bounds the estimate to
+    [-clamp, clamp] (OpenRLHF uses 10). Elementwise: masked positions are the caller's business.
+    """
+    _check_same_shape("kl_penalty", logp=logp, ref_logp=ref_logp)
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"kl_penalty: unknown kind {kind!r}, expected one of {sorted(KL_ESTIMATORS)}")
+    kl = KL_ESTIMATORS[kind](_upcast(logp) - _upcast(ref_logp))
+    if clamp is not None:
+        if not clamp > 0:
+            raise ValueError(f"kl_penalty: clamp must be > 0, got {clamp}")
+        kl = kl.clamp(min=-clamp, max=clamp)
+    return kl
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid position of each row: mask (B, T) -> (B,) long.
+
+    Rows may have leading zeros as well as trailing ones. Raises ValueError naming a row with no valid
+    position.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"last_valid_index: mask must be (B, T), got shape {tuple(mask.shape)}")
+    _check_rows_nonempty("last_valid_index", mask)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.bool() * positions).max(dim=1).values - 1
+
+
+def shape_rewards(
+    score: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    clip_score: float | None = None,
+) -> torch.Tensor:
+    """Per-token rewards (item 14): r_t = -kl_coef * kl_t, plus the score at the last valid token.
+
+    score (B,) sequence-level reward-model scores (already normalised), kl (B, T) per-token KL estimates
+    (see `kl_penalty`), mask (B, T). clip_score clips the score to [-clip_score, clip_score] first.
+    Returns rewards (B, T), 0 at masked positions, with sum_t r_t = score - kl_coef * sum_t kl_t * mask_t.
+    """
+    _check_same_shape("shape_rewards", kl=kl, mask=mask)
+    if score.shape != (kl.shape[0],):
+        raise ValueError(f"shape_rewards: score must be ({kl.shape[0]},), got {tuple(score.shape)}")
+    if kl_coef < 0:
+        raise ValueError(f"shape_rewards: kl_coef must be >= 0, got {kl_coef}")
+    _check_binary("shape_rewards", mask)
+    score = _upcast(score)
+    if clip_score is not None:
+        if not clip_score > 0:
+            raise ValueError(f"shape_rewards: clip_score must be > 0, got {clip_score}")
+        score = score.clamp(min=-clip_score, max=clip_score)
+    rewards = -kl_coef * _zero_masked(_upcast(kl), mask)
+    last = last_valid_index(mask)
+    return rewards.scatter_add(1, last.unsqueeze(1), score.to(rewards.dtype).unsqueeze(1))
+
+
+class FixedKLController:
+    """A constant KL coefficient (N+ uses 0.05, DeepSpeed-Chat 0.1); `update` does nothing."""
+
+    kind = "fixed"
+
+    def __init__(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"FixedKLController: value must be >= 0, got {value}")
+        self.value = float(value)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op; same signature as AdaptiveKLController.update."""
+
+    def state_dict(self) -> dict[str, float | str]:
+        return {"kind": self.kind, "value": self.value}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        _check_kl_state(self.kind, state)
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019) adaptive KL coefficient (item 15).
+
+    After each rollout batch: err = clip(current_kl / target - 1, -max_error, max_error);
+    value *= 1 + err * n_steps / horizon. References: init 0.15, target 6, horizon 10000, max_error 0.2.
+    """
+
+    kind = "adaptive"
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, max_error: float = 0.2) -> None:
+        if init_kl_coef < 0:
+            raise ValueError(f"AdaptiveKLController: init_kl_coef must be >= 0, got {init_kl_coef}")
+        for name, v in (("target", target), ("horizon", horizon), ("max_error", max_error)):
+            if not v > 0:
+                raise ValueError(f"AdaptiveKLController: {name} must be > 0, got {v}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+        self.max_error = float(max_error)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Adapt the coefficient.
+
+        current_kl: the batch mean of per-sequence SUMS of the per-token KL (not a per-token mean).
+        n_steps: the number of sequences (samples) in that batch.
+        """
+        current_kl = float(current_kl)
+        if not math.isfinite(current_kl):
+            raise ValueError(f"AdaptiveKLController.update: current_kl is not finite ({current_kl})")
+        if n_steps < 0:
+            raise ValueError(f"AdaptiveKLController.update: n_steps must be >= 0, got {n_steps}")
+        err = min(max(current_kl / self.target - 1.0, -self.max_error), self.max_error)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float | str]:
+        return {"kind": self.kind, "value": self.value}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        _check_kl_state(self.kind, state)
+        self.value = float(state["value"])
+
+
+def _check_kl_state(kind: str, state: dict[str, float | str]) -> None:
+    if state.get("kind") != kind or "value" not in state:
+        raise ValueError(
+            f"KL controller state {state!r} does not belong to a {kind} controller "
+            f"(expected {{'kind': '{kind}', 'value': ...}})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Advantage estimation (item 16)
+# --------------------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T) rewards and values with a (B, T) mask.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, with V = 0 past the last valid token;
+    A_t = delta_t + gamma * lam * A_{t+1}; returns_t = A_t + V_t (before any advantage whitening).
+    The valid tokens of each row must be one contiguous block (leading zeros are allowed). The references
+    use gamma 1, lam 0.95. Returns (advantages, returns), both (B, T) and 0 at masked positions.
+    """
+    _check_same_shape("gae", rewards=rewards, values=values, mask=mask)
+    _check_binary("gae", mask)
+    _check_contiguous("gae", mask)
+    valid = mask.bool()
+    r = _zero_masked(_upcast(rewards), mask)
+    v = _zero_masked(_upcast(values), mask)
+    # Masked values are 0, so V_{t+1} past the last valid token is 0 without special-casing.
+    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+    deltas = r + gamma * next_v - v
+    running = torch.zeros_like(r[:, 0])
+    reversed_advantages = []
+    for t in reversed(range(r.shape[1])):
+        # Reset at masked slots so that a row's leading zeros start from a clean state.
+        running = torch.where(valid[:, t], deltas[:, t] + gamma * lam * running, torch.zeros_like(running))
+        reversed_advantages.append(running)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)
+    returns = _zero_masked(advantages + v, mask)
+    return advantages, returns
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"gae": gae}
+
+
+def get_advantage_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The advantage estimator registered under `name` (only "gae" for now)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}, expected one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+# --------------------------------------------------------------------------------------------------------
+# PPO losses (item 18)
+# --------------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+
+    logp (B, T) from the current policy (carries the gradient), old_logp (B, T) from the rollout,
+    advantages (B, T) (already whitened if wanted), mask (B, T). eps is 0.2 in the references.
+    Returns (loss, stats): loss is a 0-dim tensor, the mean over the valid tokens of this micro-batch;
+    stats are detached 0-dim tensors: clipfrac (fraction of valid tokens where the clipped term is
+    strictly larger, i.e. active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean.
+    """
+    _check_same_shape("policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    if not clip_eps > 0:
+        raise ValueError(f"policy_loss: clip_eps must be > 0, got {clip_eps}")
+    # Zero the log-ratio before exp so that garbage in masked slots cannot give exp() = inf (and NaN grads).
+    log_ratio = _zero_masked(_upcast(logp) - _upcast(old_logp), mask)
+    adv = _zero_masked(_upcast(advantages), mask).detach()
+    ratio = torch.exp(log_ratio)
+    losses = -adv * ratio
+    losses_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * masked_mean(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)).
+
+    values (B, T) from the current critic (carries the gradient), old_values (B, T) from the rollout,
+    returns (B, T) from `gae`, mask (B, T). c is 0.2 in the references.
+    Returns (loss, stats): loss is a 0-dim tensor (mean over this micro-batch's valid tokens); stats holds
+    the detached clipfrac, the fraction of valid tokens where the clipped term is strictly larger.
+    """
+    _check_same_shape("value_loss", values=values, old_values=old_values, returns=returns, mask=mask)
+    if not clip_range > 0:
+        raise ValueError(f"value_loss: clip_range must be > 0, got {clip_range}")
+    v = _zero_masked(_upcast(values), mask)
+    v_old = _zero_masked(_upcast(old_values), mask).detach()
+    ret = _zero_masked(_upcast(returns), mask).detach()
+    v_clipped = torch.clamp(v, v_old - clip_range, v_old + clip_range)
+    losses = (v - ret) ** 2
+    losses_clipped = (v_clipped - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask)}
+    return loss, stats

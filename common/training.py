@@ -1,0 +1,101 @@
+"""Mechanics every training stage shares: seeding, data loaders, engine construction, output dirs."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from common import dist
+from common.optim import build_optimizer, build_scheduler
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def device() -> torch.device:
+    """This rank's device: its GPU under the launcher, else CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.get_local_rank())
+        return torch.device("cuda", dist.get_local_rank())
+    return torch.device("cpu")
+
+
+def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled per epoch (call `loader.sampler.set_epoch(e)`), the same order on every rank for a seed,
+    each rank a disjoint shard; every rank gets the same number of batches (ZeRO needs lock-step)."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed
+    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+
+
+class _EvalShard(Dataset):
+    """This rank's slice of an eval set, padded to the longest rank's length with placeholder items
+    (marked not real) so that every rank runs the same number of forwards and nothing is counted twice."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset = dataset
+        per_rank = math.ceil(len(dataset) / world)
+        own = list(range(rank, len(dataset), world))
+        self.items: list[int | None] = own + [None] * (per_rank - len(own))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        idx = self.items[i]
+        return (self.dataset[0 if idx is None else idx], idx is not None)
+
+
+def eval_loader(dataset: Dataset, collate: Callable, batch_size: int) -> DataLoader:
+    """Yields (batch, real) where `real` (B,) bool marks the rows that are not placeholders."""
+    shard = _EvalShard(dataset, dist.get_rank(), dist.get_world_size())
+
+    def collate_with_flags(items):
+        batch = collate([item for item, _ in items])
+        return batch, torch.tensor([real for _, real in items], dtype=torch.bool)
+
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate_with_flags)
+
+
+def init_engine(
+    model: torch.nn.Module,
+    *,
+    ds_config: dict,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    offload: bool,
+    lora_lr: float | None,
+    scheduler_type: str,
+    warmup_steps: int,
+    total_steps: int,
+):
+    """Wrap `model` in a DeepSpeed engine with our optimizer and schedule; returns the engine."""
+    import deepspeed
+
+    optimizer = build_optimizer(
+        model, lr=lr, weight_decay=weight_decay, betas=tuple(betas), offload=offload, lora_lr=lora_lr
+    )
+    scheduler = build_scheduler(scheduler_type, optimizer, warmup_steps, total_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def optimizer_steps(num_batches: int, grad_accum: int, epochs: int) -> int:
+    return math.ceil(num_batches / grad_accum) * epochs

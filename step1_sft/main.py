@@ -1,0 +1,161 @@
+"""Stage 1: supervised fine-tuning of a causal LM on prompt + chosen response.
+
+    deepspeed step1_sft/main.py --model_name_or_path facebook/opt-1.3b --data_path Dahoas/rm-static ...
+    python step1_sft/main.py --model_name_or_path out/tiny --output_dir out/sft   # one process, no launcher
+
+Reads top to bottom as the algorithm: parse flags, load tokenizer and data, build the engine, measure
+held-out perplexity, train for the given epochs (perplexity after each), save a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import deepspeed
+import torch
+
+from common import dist
+from common.args import (
+    add_data_args,
+    add_deepspeed_args,
+    add_lora_args,
+    add_model_args,
+    add_output_args,
+    add_training_args,
+    check_args,
+)
+from common.data import SFTCollator, build_stage_data, data_config_from_args
+from common.ds_config import torch_dtype, train_config
+from common.model import apply_lora, causal_lm_loss, load_causal_lm, load_tokenizer, position_ids_from_mask, save_hf_model
+from common.monitor import Monitor, progress
+from common.training import device, eval_loader, init_engine, optimizer_steps, set_seed, to_device, train_loader
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Stage 1: supervised fine-tuning")
+    add_model_args(parser)
+    add_data_args(parser, stage=1)
+    add_training_args(parser, stage=1)
+    add_lora_args(parser)
+    add_deepspeed_args(parser, stage=1)
+    add_output_args(parser)
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def forward_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean token loss of a batch and its number of target tokens."""
+    out = engine(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids_from_mask(batch["attention_mask"]),
+        use_cache=False,
+    )
+    loss = causal_lm_loss(out.logits, batch["labels"])
+    return loss, int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_perplexity(engine, loader, dev: torch.device) -> float:
+    """exp(token-weighted mean NLL) over the whole eval set, summed across ranks."""
+    engine.eval()
+    nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    tokens = torch.zeros((), dtype=torch.float64, device=dev)
+    for batch, real in loader:
+        batch = to_device(batch, dev)
+        batch["labels"][~real.to(dev)] = -100  # placeholders contribute nothing
+        loss, n = forward_loss(engine, batch)
+        if n:
+            nll_sum += loss.double() * n
+            tokens += n
+    stats = torch.stack([nll_sum, tokens])
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(stats)
+    engine.train()
+    return math.exp(min(stats[0].item() / max(stats[1].item(), 1.0), 50.0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist.init_distributed()
+    set_seed(args.seed)
+    dev = device()
+
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    data = build_stage_data(data_config_from_args(args), tokenizer, stage=1)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)
+    eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
+
+    ds_config = train_config(
+        zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, world_size=dist.get_world_size(),
+        dtype=args.dtype, offload=args.offload, gradient_clipping=args.gradient_clipping,
+    )
+    model = load_causal_lm(
+        args.model_name_or_path, tokenizer, dtype=torch_dtype(args.dtype), dropout=args.dropout,
+        ds_config=ds_config, trust_remote_code=args.trust_remote_code,
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.lora_dim > 0:
+        model = apply_lora(
+            model, lora_dim=args.lora_dim, module_name=args.lora_module_name, alpha=args.lora_alpha,
+            only_optimize_lora=args.only_optimize_lora,
+        )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
+    engine = init_engine(
+        model, ds_config=ds_config, lr=args.learning_rate, weight_decay=args.weight_decay, betas=args.adam_betas,
+        offload=args.offload, lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type, warmup_steps=args.num_warmup_steps, total_steps=total_steps,
+    )
+
+    monitor = Monitor(args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft")
+    ppl = evaluate_perplexity(engine, eval_dl, dev)
+    dist.print_rank0(f"[sft] epoch 0/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
+    monitor.log({"eval/perplexity": ppl}, 0)
+    curve = [ppl]
+    for epoch in range(args.num_train_epochs):
+        train_dl.sampler.set_epoch(epoch)
+        tick, window_tokens, window_losses = time.perf_counter(), 0, []
+        for batch in progress(train_dl, total=len(train_dl), desc=f"sft epoch {epoch + 1}"):
+            batch = to_device(batch, dev)
+            loss, _ = forward_loss(engine, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            window_tokens += int(batch["attention_mask"].sum())
+            window_losses.append(loss.detach())
+            if not boundary:
+                continue
+            mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
+            tokens_per_s = window_tokens * dist.get_world_size() / (time.perf_counter() - tick)
+            if args.print_loss:
+                dist.print_rank0(f"[sft] epoch {epoch + 1} step {engine.global_steps} loss {mean_loss:.4f}")
+            monitor.log(
+                {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s},
+                engine.global_steps,
+            )
+            tick, window_tokens, window_losses = time.perf_counter(), 0, []
+        ppl = evaluate_perplexity(engine, eval_dl, dev)
+        curve.append(ppl)
+        dist.print_rank0(f"[sft] epoch {epoch + 1}/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
+        monitor.log({"eval/perplexity": ppl}, engine.global_steps)
+
+    save_hf_model(
+        engine, args.output_dir, tokenizer, args.zero_stage,
+        extra_files={"sft_metrics.json": {"perplexity_per_epoch": curve, "optimizer_steps": engine.global_steps}},
+    )
+    dist.print_rank0(f"[sft] saved to {args.output_dir}; perplexity curve {[round(p, 3) for p in curve]}")
+    monitor.close()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
