@@ -21,35 +21,45 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
     """Data sources, split and tokenisation limits (the shared data layer, `common.data`)."""
     g = parser.add_argument_group("data")
     g.add_argument(
-        "--data_path", nargs="*", default=[BUNDLED_DATA],
+        "--data_path",
+        nargs="*",
+        default=[BUNDLED_DATA],
         help="Dataset names (DeepSpeed-Chat adapters, e.g. Dahoas/rm-static) or local files/directories in "
         "the prompt/chosen/rejected schema; several are mixed. Default: the bundled synthetic dataset.",
     )
     g.add_argument(
-        "--data_split", type=str, default="2,4,4",
+        "--data_split",
+        type=str,
+        default="2,4,4",
         help="Proportions of each dataset given to stages 1,2,3 as disjoint seeded slices, e.g. '2,4,4'.",
     )
     g.add_argument("--sft_only_data_path", nargs="*", default=[], help="Datasets used only in stage 1.")
     g.add_argument(
-        "--data_output_path", type=str, default="/tmp/data_files/",
+        "--data_output_path",
+        type=str,
+        default="/tmp/data_files/",
         help="Where the tokenized-data cache lives (keyed by file content, tokenizer and settings).",
     )
     g.add_argument(
-        "--skip_bad_rows", action="store_true",
+        "--skip_bad_rows",
+        action="store_true",
         help="Skip and count malformed dataset rows instead of stopping with an error naming them.",
     )
     if stage in (1, 2):
         g.add_argument("--max_seq_len", type=int, default=512, help="Maximum prompt+response tokens.")
     if stage == 1:
         g.add_argument(
-            "--mask_prompt", action="store_true",
+            "--mask_prompt",
+            action="store_true",
             help="Compute the SFT loss on response tokens only (labels -100 on the prompt).",
         )
     if stage == 3:
         g.add_argument("--max_prompt_seq_len", type=int, default=256, help="Maximum prompt tokens.")
         g.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum generated tokens.")
         g.add_argument(
-            "--prompt_overflow", choices=["truncate_left", "drop"], default="truncate_left",
+            "--prompt_overflow",
+            choices=["truncate_left", "drop"],
+            default="truncate_left",
             help="Prompts longer than --max_prompt_seq_len: keep their end, or drop them (counted either way).",
         )
 
@@ -58,11 +68,15 @@ def add_model_args(parser: argparse.ArgumentParser, prefix: str = "", required: 
     """Which model to load and how (dropout, gradient checkpointing)."""
     g = parser.add_argument_group(f"{prefix or 'model'} model".strip())
     g.add_argument(
-        f"--{prefix}model_name_or_path", type=str, required=required,
+        f"--{prefix}model_name_or_path",
+        type=str,
+        required=required,
         help="A Hugging Face hub id or a local directory (the same code loads both).",
     )
     g.add_argument(
-        f"--{prefix}dropout", type=float, default=None,
+        f"--{prefix}dropout",
+        type=float,
+        default=None,
         help="Override every dropout probability in the model config (default: keep the config's).",
     )
     g.add_argument(f"--{prefix}gradient_checkpointing", action="store_true", help="Trade compute for memory.")
@@ -73,16 +87,22 @@ def add_lora_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     g = parser.add_argument_group(f"{prefix}LoRA")
     g.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank; 0 disables LoRA.")
     g.add_argument(
-        f"--{prefix}lora_module_name", type=str, default="decoder.layers.",
+        f"--{prefix}lora_module_name",
+        type=str,
+        default="decoder.layers.",
         help="LoRA goes into every Linear layer whose module name contains this string (DeepSpeed-Chat "
         "semantics), e.g. 'decoder.layers.' (OPT), 'h.' (GPT-2), 'layers.' (Llama).",
     )
     g.add_argument(
-        f"--{prefix}lora_alpha", type=float, default=1.0,
+        f"--{prefix}lora_alpha",
+        type=float,
+        default=1.0,
         help="LoRA scaling numerator: scale = alpha / lora_dim (1.0 matches DeepSpeed-Chat).",
     )
     g.add_argument(
-        f"--{prefix}lora_learning_rate", type=float, default=5e-4,
+        f"--{prefix}lora_learning_rate",
+        type=float,
+        default=5e-4,
         help="Learning rate of the LoRA parameters.",
     )
 
@@ -98,8 +118,17 @@ def add_training_args(parser: argparse.ArgumentParser, stage: int) -> None:
         g.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the stage's data.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per step.")
     g.add_argument(
-        "--lr_scheduler_type", type=str, default="cosine",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        "--lr_scheduler_type",
+        type=str,
+        default="cosine",
+        choices=[
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ],
         help="Learning-rate schedule after warm-up.",
     )
     g.add_argument("--num_warmup_steps", type=int, default=0, help="Warm-up optimiser steps.")
@@ -113,14 +142,19 @@ def add_deepspeed_args(parser: argparse.ArgumentParser, stage: int) -> None:
     g = parser.add_argument_group("deepspeed")
     if stage in (1, 2):
         g.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage.")
-    g.add_argument("--offload", action="store_true", help="Offload optimizer states (and ZeRO-3 params) to CPU.")
     g.add_argument(
-        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+        "--offload", action="store_true", help="Offload optimizer states (and ZeRO-3 params) to CPU."
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
         help="Training precision; auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
     )
     g.add_argument("--gradient_clipping", type=float, default=1.0, help="Global gradient-norm clip.")
     g.add_argument(
-        "--compute_fp32_loss", action="store_true",
+        "--compute_fp32_loss",
+        action="store_true",
         help="Accepted for DeepSpeed-Chat compatibility: losses are always computed from fp32 logits here.",
     )
     g.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
@@ -132,11 +166,19 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", type=str, required=True, help="Where the trained model is saved.")
     g.add_argument("--enable_tensorboard", action="store_true", help="Write TensorBoard scalars.")
     g.add_argument(
-        "--tensorboard_path", type=str, default=None,
+        "--tensorboard_path",
+        type=str,
+        default=None,
         help="TensorBoard log directory (default: <output_dir>/tensorboard).",
     )
     g.add_argument("--print_loss", action="store_true", help="Print the loss of every step on rank 0.")
     g.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the hub (off).")
+    g.add_argument(
+        "--verify_save",
+        action="store_true",
+        help="After saving, reload the output with from_pretrained and report its largest logit difference "
+        "from the trained engine on a held-out batch.",
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -145,10 +187,32 @@ def check_args(args: argparse.Namespace) -> None:
     try:
         parts = [float(s) for s in split]
     except ValueError:
-        raise SystemExit(f"--data_split {args.data_split!r}: expected comma-separated numbers like '2,4,4'") from None
+        raise SystemExit(
+            f"--data_split {args.data_split!r}: expected comma-separated numbers like '2,4,4'"
+        ) from None
     if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise SystemExit(f"--data_split {args.data_split!r}: expected three non-negative proportions")
     if getattr(args, "only_optimize_lora", False):
         dims = [v for k, v in vars(args).items() if k.endswith("lora_dim")]
         if not any(dims):
             raise SystemExit("--only_optimize_lora needs a LoRA rank > 0 (--lora_dim / --actor_lora_dim)")
+
+
+def data_config(args: argparse.Namespace):
+    """The data layer's settings from parsed flags (fields a stage doesn't define keep their defaults)."""
+    from common.data import DataConfig
+
+    fields = (
+        "data_split",
+        "sft_only_data_path",
+        "data_output_path",
+        "max_seq_len",
+        "max_prompt_seq_len",
+        "seed",
+        "mask_prompt",
+        "prompt_overflow",
+        "skip_bad_rows",
+    )
+    return DataConfig(
+        data_path=list(args.data_path), **{f: getattr(args, f) for f in fields if hasattr(args, f)}
+    )

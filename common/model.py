@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,9 +27,18 @@ from common import dist
 PAD_TOKEN = "<pad>"
 # Config attributes that hold dropout probabilities across the architectures we support.
 _DROPOUT_ATTRS = (
-    "dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_pdrop", "embd_pdrop",
-    "resid_pdrop", "summary_first_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
-    "classifier_dropout", "layerdrop",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "summary_first_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "layerdrop",
 )
 
 
@@ -65,7 +73,7 @@ def disable_dropout(model: nn.Module) -> None:
         set_dropout(model.config, 0.0)
 
 
-class _ZeRO3Init:
+class ZeRO3Init:
     """Context in which `from_pretrained` builds a model already partitioned for ZeRO-3."""
 
     def __init__(self, ds_config: dict | None):
@@ -108,9 +116,13 @@ def load_causal_lm(
     is partitioned as it is built instead of being materialised whole on every rank.
     """
     config = load_config(name_or_path, dropout, trust_remote_code)
-    with _ZeRO3Init(ds_config):
+    with ZeRO3Init(ds_config):
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
         if len(tokenizer) > _num_embeddings(model):
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
@@ -144,7 +156,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32. logits (B, L, V), labels (B, L) with -100 = ignore."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+    )
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -175,8 +189,13 @@ def apply_lora(
     targets = lora_target_modules(model, module_name)
     fan_in_fan_out = type(model).__name__.startswith("GPT2")  # GPT-2 stores Conv1D weights transposed
     cfg = LoraConfig(
-        r=lora_dim, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
-        fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
+        r=lora_dim,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, cfg)
     if not only_optimize_lora:
@@ -200,7 +219,7 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float, f
     for key, value in state_dict.items():
         if is_lora_param(key):
             continue
-        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = key[len(prefix) :] if key.startswith(prefix) else key
         if ".base_layer." in name:
             module = name.split(".base_layer.")[0]
             suffix = name.split(".base_layer.")[1]
@@ -268,7 +287,6 @@ def save_hf_model(
     output_dir: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase | None,
     zero_stage: int,
-    extra_files: dict[str, Any] | None = None,
 ) -> None:
     """Save `model` (engine, peft model or plain model) as a Hugging Face directory on rank 0:
     config.json, generation_config.json, model*.safetensors, tokenizer files. Collective under ZeRO-3:
@@ -285,15 +303,43 @@ def save_hf_model(
         save_torch_state_dict(state_dict, out, max_shard_size="5GB", safe_serialization=True)
         config.save_pretrained(out)
         inner = _unwrap(model)
-        gen = getattr(inner.get_base_model() if hasattr(inner, "get_base_model") else inner, "generation_config", None)
+        gen = getattr(
+            inner.get_base_model() if hasattr(inner, "get_base_model") else inner, "generation_config", None
+        )
         if gen is not None:
             gen.save_pretrained(out)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-        for name, content in (extra_files or {}).items():
-            (out / name).write_text(json.dumps(content, indent=2) if not isinstance(content, str) else content)
     dist.barrier()
 
 
 def trainable_parameter_names(model: nn.Module) -> Iterable[str]:
     return [n for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def saved_logits_max_diff(
+    engine: nn.Module, output_dir: str | os.PathLike, batch: dict[str, torch.Tensor]
+) -> float | None:
+    """Reload the saved causal LM with `from_pretrained` and return max |logits - engine logits| on `batch`
+    (rank 0; None on other ranks). Collective under ZeRO-3: every rank must call it."""
+    engine.eval()
+    kwargs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": position_ids_from_mask(batch["attention_mask"]),
+        "use_cache": False,
+    }
+    reference = engine(**kwargs).logits.float()
+    diff = None
+    if dist.is_rank0():
+        reloaded = (
+            AutoModelForCausalLM.from_pretrained(output_dir, dtype=reference.dtype)
+            .to(reference.device)
+            .eval()
+        )
+        logits = reloaded(**kwargs).logits.float()
+        vocab = min(logits.shape[-1], reference.shape[-1])  # the engine may carry padded embedding rows
+        diff = (logits[..., :vocab] - reference[..., :vocab]).abs().max().item()
+    engine.train()
+    return diff

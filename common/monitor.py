@@ -39,4 +39,6 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "") -> An
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0)
+    return tqdm(
+        iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0
+    )

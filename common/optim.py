@@ -8,7 +8,15 @@ from transformers import get_scheduler
 
 from common.model import is_lora_param
 
-_NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight")
+_NO_DECAY = (
+    "bias",
+    "layer_norm.weight",
+    "layernorm.weight",
+    "norm.weight",
+    "ln_f.weight",
+    "ln_1.weight",
+    "ln_2.weight",
+)
 
 
 def param_groups(model: nn.Module, weight_decay: float, lora_lr: float | None) -> list[dict]:
@@ -30,7 +38,12 @@ def param_groups(model: nn.Module, weight_decay: float, lora_lr: float | None) -
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], offload: bool,
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    offload: bool,
     lora_lr: float | None = None,
 ) -> torch.optim.Optimizer:
     """DeepSpeed's fused Adam on GPU, its CPU Adam with offload, torch AdamW otherwise (CPU)."""
@@ -47,4 +60,6 @@ def build_optimizer(
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total_steps: int):
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+    return get_scheduler(
+        name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1)
+    )

@@ -10,6 +10,10 @@ initialisation of the critic (ppo-fidelity items 9-11, 13).
     rm.save_pretrained("out/rm", tokenizer=tok)                # one Hugging Face directory
     rm = RewardModel.from_pretrained("out/rm")                 # trunk + trained head + normalisation
 
+Training (stage 2) and the stage-3 engines go through `load_reward_model_for_training` (dropout override,
+ZeRO-3 partitioned construction, embeddings resized to the tokenizer), `apply_lora_to_backbone` and
+`save_reward_model` (collective: gathers ZeRO-3 partitions and merges LoRA before writing).
+
 On disk a reward model is a normal Hugging Face directory of the trunk (`config.json` +
 `model.safetensors`, so `AutoModel.from_pretrained(dir)` loads the trunk alone), plus
 `value_head.safetensors` and an extra `reward_model` key in `config.json` that names the head file and
@@ -30,8 +34,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
+
+from common import dist
+from common.model import (
+    ZeRO3Init,
+    align_special_tokens,
+    gathered_state_dict,
+    is_lora_param,
+    load_config,
+    lora_target_modules,
+    merge_lora_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +124,14 @@ def _output_dim(backbone: PreTrainedModel) -> int:
 
 
 def _accepts_position_ids(module: nn.Module) -> bool:
+    if hasattr(module, "get_base_model"):  # a peft wrapper forwards **kwargs to the model it wraps
+        module = module.get_base_model()
     return "position_ids" in inspect.signature(module.forward).parameters
+
+
+def _plain_backbone(backbone: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model under a peft wrapper (or the backbone itself)."""
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
 class RewardModel(nn.Module):
@@ -237,17 +259,19 @@ class RewardModel(nn.Module):
     ) -> Path:
         """Write the model to `out_dir` (created if needed) as one Hugging Face directory; returns it.
 
-        state_dict: optional full state dict with the keys of `self.state_dict()` (e.g. gathered from
-        ZeRO-3 on rank 0); its tensors are written instead of the module's own. Call on one rank only.
+        state_dict: optional full state dict in plain naming, i.e. the keys `self.state_dict()` has
+        without LoRA (e.g. gathered from ZeRO-3 and LoRA-merged on rank 0 by `reward_state_dict`); its
+        tensors are written instead of the module's own. A LoRA-wrapped backbone is merged first when no
+        state_dict is given. Call on one rank only (`save_reward_model` is the collective wrapper).
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        own_keys = set(self.state_dict().keys())
         if state_dict is None:
-            state_dict = self.state_dict()
+            state_dict = merge_backbone_lora(self, self.state_dict())
         else:
-            missing = sorted(own_keys - state_dict.keys())
-            unexpected = sorted(state_dict.keys() - own_keys)
+            expected = {_plain_key(k) for k in self.state_dict() if not is_lora_param(k)}
+            missing = sorted(expected - state_dict.keys())
+            unexpected = sorted(state_dict.keys() - expected)
             if missing or unexpected:
                 raise ValueError(
                     f"save_pretrained(state_dict=...): keys must match RewardModel.state_dict(); "
@@ -256,7 +280,9 @@ class RewardModel(nn.Module):
                 )
         prefix = "backbone."
         backbone_sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        self.backbone.save_pretrained(out, state_dict=backbone_sd)
+        # The plain HF model (under LoRA its Linear layers are wrapped, but its class, config and tied
+        # weights are the original ones, which is all save_pretrained reads when given a state dict).
+        _plain_backbone(self.backbone).save_pretrained(out, state_dict=backbone_sd)
         head = {
             "weight": state_dict["value_head.weight"].detach().cpu().contiguous(),
             "bias": state_dict["value_head.bias"].detach().cpu().contiguous(),
@@ -292,38 +318,61 @@ class RewardModel(nn.Module):
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
         backbone = AutoModel.from_pretrained(path_or_id, trust_remote_code=False, **hf_kwargs)
-        meta = getattr(backbone.config, CONFIG_KEY, None)
-        if meta is None:
-            return cls(backbone)
-        # The saved key describes the file we loaded, not this live model; drop it so it cannot go stale.
-        delattr(backbone.config, CONFIG_KEY)
-        where = f"{path_or_id}/config.json [{CONFIG_KEY}]"
-        if not isinstance(meta, dict) or "value_head" not in meta:
-            raise ValueError(f"{where}: expected a dict with a 'value_head' file name, got {meta!r}")
-
         hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
-        head_path = cached_file(str(path_or_id), meta["value_head"], **hub_kwargs)
-        if head_path is None:
-            raise FileNotFoundError(f"{where}: value head file {meta['value_head']!r} not found")
-        tensors = load_file(head_path)
-        d = _output_dim(backbone)
-        weight, bias = tensors.get("weight"), tensors.get("bias")
-        if weight is None or bias is None or tuple(weight.shape) != (1, d) or tuple(bias.shape) != (1,):
-            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-            raise ValueError(f"{head_path}: expected weight (1, {d}) and bias (1,), found {shapes}")
-        head = nn.Linear(d, 1, dtype=backbone.dtype)
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            head.bias.copy_(bias)
+        return _assemble(cls, backbone, path_or_id, hub_kwargs)
 
-        model = cls(backbone, value_head=head)
-        try:
-            model.set_normalization(
-                meta.get("gain", 1.0), meta.get("bias", 0.0), meta.get("normalization_sample", "")
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: bad normalisation: {e}") from e
-        return model
+
+def _pop_meta(config: PretrainedConfig) -> Any | None:
+    """Remove and return the `reward_model` entry of a loaded config (None for a plain checkpoint).
+
+    The saved entry describes the file that was loaded, not the live model, so it must not stay on the
+    config where a later save could write a stale copy."""
+    meta = getattr(config, CONFIG_KEY, None)
+    if meta is not None:
+        delattr(config, CONFIG_KEY)
+    return meta
+
+
+def _assemble(
+    cls: type[RewardModel], backbone: PreTrainedModel, path_or_id: str | os.PathLike, hub_kwargs: dict
+) -> RewardModel:
+    """Backbone + the saved head and normalisation named in its config, or + a fresh head."""
+    meta = _pop_meta(backbone.config)
+    if meta is None:
+        return cls(backbone)
+    where = f"{path_or_id}/config.json [{CONFIG_KEY}]"
+    if not isinstance(meta, dict) or "value_head" not in meta:
+        raise ValueError(f"{where}: expected a dict with a 'value_head' file name, got {meta!r}")
+    model = cls(backbone, value_head=_load_head(path_or_id, meta["value_head"], backbone, hub_kwargs))
+    try:
+        model.set_normalization(
+            meta.get("gain", 1.0), meta.get("bias", 0.0), meta.get("normalization_sample", "")
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad normalisation: {e}") from e
+    return model
+
+
+def _load_head(
+    path_or_id: str | os.PathLike, file_name: str, backbone: PreTrainedModel, hub_kwargs: dict
+) -> nn.Linear:
+    """The saved Linear(d, 1) head, checked against the backbone's output width, in the backbone's dtype."""
+    head_path = cached_file(str(path_or_id), file_name, **hub_kwargs)
+    if head_path is None:
+        raise FileNotFoundError(
+            f"{path_or_id}/config.json [{CONFIG_KEY}]: value head file {file_name!r} not found"
+        )
+    tensors = load_file(head_path)
+    d = _output_dim(backbone)
+    weight, bias = tensors.get("weight"), tensors.get("bias")
+    if weight is None or bias is None or tuple(weight.shape) != (1, d) or tuple(bias.shape) != (1,):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(f"{head_path}: expected weight (1, {d}) and bias (1,), found {shapes}")
+    head = nn.Linear(d, 1, dtype=backbone.dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head
 
 
 def load_reward_model(
@@ -331,3 +380,115 @@ def load_reward_model(
 ) -> RewardModel:
     """Same as `RewardModel.from_pretrained`."""
     return RewardModel.from_pretrained(path_or_id, dtype=dtype, **hf_kwargs)
+
+
+# ------------------------------------------------------------------ training: load, LoRA, save
+
+
+def load_reward_model_for_training(
+    name_or_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dtype: torch.dtype = torch.float32,
+    dropout: float | None = None,
+    ds_config: dict | None = None,
+) -> RewardModel:
+    """A RewardModel to train or to run in a DeepSpeed engine, loaded like `common.model.load_causal_lm`.
+
+    name_or_path: a hub id or directory: a causal LM (trunk + fresh head drawn from the global torch RNG,
+    so seed it identically on every rank) or a saved reward model (trunk + saved head + normalisation).
+    dropout: overrides every dropout probability of the config before the trunk is built (None keeps it).
+    ds_config: the engine's DeepSpeed config; under ZeRO-3 the trunk is built already partitioned (the
+    head is left whole: DeepSpeed partitions it when the engine is initialised).
+    The input embeddings are resized (to a multiple of 8) when the tokenizer has more tokens than rows,
+    and the trunk's config takes the tokenizer's pad/eos/bos ids.
+    """
+    config = load_config(name_or_path, dropout)
+    meta = _pop_meta(config)
+    with ZeRO3Init(ds_config):
+        backbone = AutoModel.from_pretrained(
+            name_or_path, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+        if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
+            backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    align_special_tokens(backbone, tokenizer)
+    if meta is not None:
+        setattr(backbone.config, CONFIG_KEY, meta)  # read (and removed again) by _assemble
+    return _assemble(RewardModel, backbone, name_or_path, {})
+
+
+def apply_lora_to_backbone(
+    rm: RewardModel, *, lora_dim: int, module_name: str, alpha: float = 1.0, only_optimize_lora: bool = False
+) -> RewardModel:
+    """Put peft LoRA adapters of rank `lora_dim` on every Linear of the trunk whose name contains
+    `module_name` (DeepSpeed-Chat semantics); returns `rm`, whose `backbone` is now a peft model.
+
+    The value head is never adapted and always stays trainable (with `only_optimize_lora` DeepSpeed-Chat
+    freezes it too, which leaves a randomly initialised head untrained). Without `only_optimize_lora`
+    the trunk's own weights stay trainable as well. `save_reward_model` merges the adapters.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    backbone = rm.backbone
+    cfg = LoraConfig(
+        r=lora_dim,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=lora_target_modules(backbone, module_name),
+        bias="none",
+        fan_in_fan_out=type(backbone).__name__.startswith("GPT2"),  # GPT-2 Conv1D weights are transposed
+    )
+    rm.backbone = get_peft_model(backbone, cfg)  # no task_type: a plain PeftModel passes kwargs through
+    if not only_optimize_lora:
+        for p in rm.backbone.parameters():
+            p.requires_grad_(True)
+    rm.value_head.requires_grad_(True)
+    rm._pass_position_ids = _accepts_position_ids(rm.backbone)
+    return rm
+
+
+def _plain_key(key: str) -> str:
+    """A RewardModel state-dict key under a peft-wrapped backbone -> the key without peft."""
+    prefix = "backbone.base_model.model."
+    if not key.startswith(prefix):
+        return key
+    return "backbone." + key[len(prefix) :].replace(".base_layer.", ".")
+
+
+def merge_backbone_lora(rm: RewardModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the backbone's LoRA adapters into its weights (W + alpha/r * B @ A); keys become plain
+    RewardModel keys. A state dict of a model without LoRA is returned unchanged."""
+    peft_config = getattr(rm.backbone, "peft_config", None)
+    if not peft_config:
+        return state_dict
+    cfg = peft_config["default"]
+    prefix = "backbone."
+    backbone_sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    merged = merge_lora_state_dict(backbone_sd, cfg.lora_alpha / cfg.r, cfg.fan_in_fan_out)
+    out = {f"{prefix}{k}": v for k, v in merged.items()}
+    out.update({k: v for k, v in state_dict.items() if not k.startswith(prefix)})
+    return out
+
+
+def reward_state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor] | None:
+    """Full CPU state dict of a RewardModel (or its DeepSpeed engine) on rank 0, None elsewhere, with
+    ZeRO-3 partitions gathered and LoRA merged: the keys of a plain RewardModel. Collective under ZeRO-3."""
+    rm = getattr(model, "module", model)
+    sd = gathered_state_dict(rm, zero_stage)
+    if sd is None:
+        return None
+    # Only what state_dict() would hold (gathering walks named_buffers, which includes non-persistent ones).
+    keep = set(rm.state_dict().keys())
+    return merge_backbone_lora(rm, {k: v for k, v in sd.items() if k in keep})
+
+
+def save_reward_model(
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any | None, zero_stage: int
+) -> None:
+    """Save a RewardModel or its engine (ZeRO 0-3, LoRA or not) as one directory that
+    `RewardModel.from_pretrained` loads without peft or DeepSpeed. Every rank must call it; rank 0 writes."""
+    rm = getattr(model, "module", model)
+    state_dict = reward_state_dict(rm, zero_stage)
+    if dist.is_rank0():
+        rm.save_pretrained(out_dir, tokenizer=tokenizer, state_dict=state_dict)
+    dist.barrier()

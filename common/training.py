@@ -93,7 +93,9 @@ def init_engine(
         model, lr=lr, weight_decay=weight_decay, betas=tuple(betas), offload=offload, lora_lr=lora_lr
     )
     scheduler = build_scheduler(scheduler_type, optimizer, warmup_steps, total_steps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return engine
 
 

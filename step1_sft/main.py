@@ -10,8 +10,10 @@ held-out perplexity, train for the given epochs (perplexity after each), save a 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -25,12 +27,29 @@ from common.args import (
     add_output_args,
     add_training_args,
     check_args,
+    data_config,
 )
-from common.data import SFTCollator, build_stage_data, data_config_from_args
+from common.data import SFTCollator, build_stage_data
 from common.ds_config import torch_dtype, train_config
-from common.model import apply_lora, causal_lm_loss, load_causal_lm, load_tokenizer, position_ids_from_mask, save_hf_model
+from common.model import (
+    apply_lora,
+    causal_lm_loss,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+    save_hf_model,
+    saved_logits_max_diff,
+)
 from common.monitor import Monitor, progress
-from common.training import device, eval_loader, init_engine, optimizer_steps, set_seed, to_device, train_loader
+from common.training import (
+    device,
+    eval_loader,
+    init_engine,
+    optimizer_steps,
+    set_seed,
+    to_device,
+    train_loader,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,37 +105,57 @@ def main(argv: list[str] | None = None) -> None:
     dev = device()
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    data = build_stage_data(data_config_from_args(args), tokenizer, stage=1)
+    data = build_stage_data(data_config(args), tokenizer, stage=1)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)
     eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
 
     ds_config = train_config(
-        zero_stage=args.zero_stage, micro_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, world_size=dist.get_world_size(),
-        dtype=args.dtype, offload=args.offload, gradient_clipping=args.gradient_clipping,
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=dist.get_world_size(),
+        dtype=args.dtype,
+        offload=args.offload,
+        gradient_clipping=args.gradient_clipping,
     )
     model = load_causal_lm(
-        args.model_name_or_path, tokenizer, dtype=torch_dtype(args.dtype), dropout=args.dropout,
-        ds_config=ds_config, trust_remote_code=args.trust_remote_code,
+        args.model_name_or_path,
+        tokenizer,
+        dtype=torch_dtype(args.dtype),
+        dropout=args.dropout,
+        ds_config=ds_config,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.lora_dim > 0:
         model = apply_lora(
-            model, lora_dim=args.lora_dim, module_name=args.lora_module_name, alpha=args.lora_alpha,
+            model,
+            lora_dim=args.lora_dim,
+            module_name=args.lora_module_name,
+            alpha=args.lora_alpha,
             only_optimize_lora=args.only_optimize_lora,
         )
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
     total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
     engine = init_engine(
-        model, ds_config=ds_config, lr=args.learning_rate, weight_decay=args.weight_decay, betas=args.adam_betas,
-        offload=args.offload, lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
-        scheduler_type=args.lr_scheduler_type, warmup_steps=args.num_warmup_steps, total_steps=total_steps,
+        model,
+        ds_config=ds_config,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=args.adam_betas,
+        offload=args.offload,
+        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        total_steps=total_steps,
     )
 
-    monitor = Monitor(args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft")
+    monitor = Monitor(
+        args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft"
+    )
     ppl = evaluate_perplexity(engine, eval_dl, dev)
     dist.print_rank0(f"[sft] epoch 0/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
     monitor.log({"eval/perplexity": ppl}, 0)
@@ -148,10 +187,15 @@ def main(argv: list[str] | None = None) -> None:
         dist.print_rank0(f"[sft] epoch {epoch + 1}/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
         monitor.log({"eval/perplexity": ppl}, engine.global_steps)
 
-    save_hf_model(
-        engine, args.output_dir, tokenizer, args.zero_stage,
-        extra_files={"sft_metrics.json": {"perplexity_per_epoch": curve, "optimizer_steps": engine.global_steps}},
-    )
+    metrics = {"perplexity_per_epoch": curve, "optimizer_steps": engine.global_steps}
+    save_hf_model(engine, args.output_dir, tokenizer, args.zero_stage)
+    if args.verify_save:
+        batch, _ = next(iter(eval_dl))
+        diff = saved_logits_max_diff(engine, args.output_dir, to_device(batch, dev))
+        metrics["saved_logits_max_abs_diff"] = diff
+        dist.print_rank0(f"[sft] saved model vs engine: max |logit diff| {diff}")
+    if dist.is_rank0():
+        (Path(args.output_dir) / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     dist.print_rank0(f"[sft] saved to {args.output_dir}; perplexity curve {[round(p, 3) for p in curve]}")
     monitor.close()
     dist.destroy()

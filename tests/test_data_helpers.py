@@ -10,7 +10,6 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -39,12 +38,9 @@ def _tokenizer_json() -> str:
 def make_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     """A fresh tiny tokenizer (pad "<pad>" id 0, eos "</s>" id 1); pad=False leaves pad_token unset."""
     kwargs = {"pad_token": "<pad>"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="</s>", **kwargs)
-
-
-@pytest.fixture
-def tok() -> PreTrainedTokenizerFast:
-    return make_tokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="</s>", **kwargs
+    )
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -42,7 +42,11 @@ CASES = {
         ("\n\nHuman: A?\n\nAssistant:", " B.", " C."),
     ),
     "Dahoas/synthetic-instruct-gptj-pairwise": (
-        {"prompt": "How do I boil an egg?", "chosen": "Put it in boiling water.", "rejected": "Eggs are bad."},
+        {
+            "prompt": "How do I boil an egg?",
+            "chosen": "Put it in boiling water.",
+            "rejected": "Eggs are bad.",
+        },
         ("\n\nHuman: How do I boil an egg?\n\nAssistant:", " Put it in boiling water.", " Eggs are bad."),
     ),
     "yitingxie/rlhf-reward-datasets": (
@@ -89,7 +93,11 @@ CASES = {
             "seconds_difference": 1.0,
             "score_ratio": 5.0,
         },
-        ("\n\nHuman: Why is ice slippery?\n\nAssistant:", " A thin liquid layer forms on its surface.", " It is wet."),
+        (
+            "\n\nHuman: Why is ice slippery?\n\nAssistant:",
+            " A thin liquid layer forms on its surface.",
+            " It is wet.",
+        ),
     ),
     "pvduy/sharegpt_alpaca_oa_vicuna_format": (
         {"prompt": "USER: Hi ASSISTANT: Hello!</s>USER: Name a colour. ASSISTANT:", "label": "Blue.</s>"},
@@ -109,7 +117,12 @@ CASES = {
         ("\n\nHuman: 北京在哪里?\n\nAssistant:", " 北京在中国北方。", " 上海是港口城市。"),
     ),
     "Hello-SimpleAI/HC3-Chinese": (
-        {"id": "0", "question": "什么是猫?", "human_answers": ["一种动物。"], "chatgpt_answers": ["猫是哺乳动物。"]},
+        {
+            "id": "0",
+            "question": "什么是猫?",
+            "human_answers": ["一种动物。"],
+            "chatgpt_answers": ["猫是哺乳动物。"],
+        },
         ("\n\nHuman: 什么是猫?\n\nAssistant:", " 一种动物。", None),
     ),
     "mkqa-Chinese": (
@@ -164,7 +177,10 @@ CASES = {
         ("\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Help me?\n\nAssistant:", " Sure, with what?", " No."),
     ),
 }
-CASES["mkqa-Japanese"] = (CASES["mkqa-Chinese"][0], ("\n\nHuman: エベレストの高さ\n\nAssistant:", " 8848メートル", None))
+CASES["mkqa-Japanese"] = (
+    CASES["mkqa-Chinese"][0],
+    ("\n\nHuman: エベレストの高さ\n\nAssistant:", " 8848メートル", None),
+)
 
 
 def test_every_peer_dataset_and_hh_rlhf_has_an_adapter_and_a_case():
@@ -192,7 +208,10 @@ def test_webgpt_ties_and_shp_label_order():
     assert tally.filtered == {"tied scores: no preference": 1}
 
     shp = dict(CASES["stanfordnlp/SHP"][0], labels=1)
-    assert HUB_ADAPTERS["stanfordnlp/SHP"].to_texts(shp)[1:] == (" It is wet.", " A thin liquid layer forms on its surface.")
+    assert HUB_ADAPTERS["stanfordnlp/SHP"].to_texts(shp)[1:] == (
+        " It is wet.",
+        " A thin liquid layer forms on its surface.",
+    )
 
 
 def test_mkqa_question_without_answer_is_filtered_and_counted():
@@ -207,14 +226,18 @@ def test_malformed_native_rows_raise_with_dataset_row_and_column():
     native = dict(CASES["Dahoas/rm-static"][0])
     del native["rejected"]
     bad_hh = {"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: C\n\nAssistant: D"}
-    with pytest.raises(DataError, match=r"Dahoas/rm-static split 'train' row index 1, column 'rejected': missing"):
+    with pytest.raises(
+        DataError, match=r"Dahoas/rm-static split 'train' row index 1, column 'rejected': missing"
+    ):
         convert_native_rows(HUB_ADAPTERS["Dahoas/rm-static"], [CASES["Dahoas/rm-static"][0], native], "train",
                             RowTally("x", False))  # fmt: skip
     with pytest.raises(DataError, match="different conversation prefixes"):
         convert_native_rows(HUB_ADAPTERS["Anthropic/hh-rlhf"], [bad_hh], "test", RowTally("x", False))
     empty_pos = dict(CASES["Cohere/miracl-zh-queries-22-12"][0], positive_passages=[])
     with pytest.raises(DataError, match="column 'positive_passages.0'"):
-        convert_native_rows(HUB_ADAPTERS["Cohere/miracl-zh-queries-22-12"], [empty_pos], "train", RowTally("x", False))
+        convert_native_rows(
+            HUB_ADAPTERS["Cohere/miracl-zh-queries-22-12"], [empty_pos], "train", RowTally("x", False)
+        )
     tally = RowTally("x", skip_bad_rows=True)
     assert convert_native_rows(HUB_ADAPTERS["Dahoas/rm-static"], [native, native], "train", tally) == []
     assert tally.bad == 2

@@ -89,7 +89,10 @@ def _jsonl_with_bad_line(tmp_path, bad_line: bytes):
 BAD_LINES = {
     "missing column": (json.dumps({"prompt": "p", "rejected": "r"}).encode(), "'chosen': missing column"),
     "wrong type": (json.dumps({"prompt": "p", "chosen": 3}).encode(), "'chosen': expected a string, got int"),
-    "empty text": (json.dumps({"prompt": "  \n", "chosen": "c"}).encode(), "'prompt': empty or whitespace-only"),
+    "empty text": (
+        json.dumps({"prompt": "  \n", "chosen": "c"}).encode(),
+        "'prompt': empty or whitespace-only",
+    ),
     "invalid json": (b'{"prompt": "p", "chosen": ', "invalid JSON"),
     "non-utf8": (b'{"prompt": "caf\xe9", "chosen": "c"}', "not valid UTF-8"),
     "chosen == rejected": (

@@ -16,7 +16,12 @@ from common.data.tokenize import (
     tokenize_sft,
     tokenizer_fingerprint,
 )
-from tests.test_data_helpers import encode, make_tokenizer, tok  # noqa: F401  (tok is a fixture)
+from tests.test_data_helpers import encode, make_tokenizer
+
+
+@pytest.fixture
+def tok():
+    return make_tokenizer()
 
 
 def rows_of(*triples) -> list[Row]:
@@ -81,7 +86,9 @@ def test_fit_to_length_keeps_response_and_prompt_end():
 def test_overlong_sft_rows_truncate_the_prompt_from_the_left_or_drop(tok):
     long_prompt = "\n\nHuman: " + "bread water salt " * 20 + "\n\nAssistant:"
     long_answer = " " + "flour " * 40
-    rows = rows_of((long_prompt, " Paris.", None), (ROWS[0].prompt, long_answer, None), (ROWS[2].prompt, " Paris", None))
+    rows = rows_of(
+        (long_prompt, " Paris.", None), (ROWS[0].prompt, long_answer, None), (ROWS[2].prompt, " Paris", None)
+    )
     max_len = 24
     out, counts = tokenize_sft(rows, tok, max_seq_len=max_len)
     assert counts == {"rows_in": 3, "prompt_truncated": 1, "dropped_too_long": 1, "rows_out": 2}
@@ -93,7 +100,9 @@ def test_overlong_sft_rows_truncate_the_prompt_from_the_left_or_drop(tok):
 
 
 def test_overlong_rm_pair_is_dropped_once(tok):
-    rows = rows_of((ROWS[0].prompt, " Paris", " " + "flour " * 40), (ROWS[1].prompt, ROWS[1].chosen, ROWS[1].rejected))
+    rows = rows_of(
+        (ROWS[0].prompt, " Paris", " " + "flour " * 40), (ROWS[1].prompt, ROWS[1].chosen, ROWS[1].rejected)
+    )
     out, counts = tokenize_pairs(rows, tok, max_seq_len=24)
     assert counts["dropped_too_long"] == 1 and counts["rows_out"] == 1
     assert len(out["chosen"]) == len(out["rejected"]) == 1
@@ -119,6 +128,8 @@ def test_ppo_prompt_overflow_policy(tok, policy):
 
 def test_tokenizer_fingerprint_changes_with_vocab_and_special_tokens():
     a, b = make_tokenizer(), make_tokenizer()
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    b(["some text", "more"], padding=True, truncation=True, max_length=3)  # leaves state on the backend
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     b.add_special_tokens({"pad_token": "<newpad>"})
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)

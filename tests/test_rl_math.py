@@ -43,10 +43,10 @@ def ragged_mask(lengths: list[int], T: int, starts: list[int] | None = None) -> 
 def fill_garbage(x: torch.Tensor, mask: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     """x with huge finite values at masked positions, alternating in sign (`sign` flips the pattern).
 
-    Half the dtype's largest value: finite, but any sum of two of them or square overflows to inf, so any
+    3/4 of the dtype's largest value: finite, but any sum of two of them or square overflows to inf, so any
     arithmetic on masked slots before masking (e.g. multiplying by the mask) shows up as inf or NaN.
     """
-    huge = torch.finfo(x.dtype).max / 2
+    huge = torch.finfo(x.dtype).max * 0.75
     alternating = torch.where(torch.arange(x.numel()).reshape(x.shape) % 2 == 0, 1.0, -1.0).to(x.dtype)
     return torch.where(mask.bool(), x, sign * huge * alternating)
 

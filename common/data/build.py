@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from common.data import tokenize
 from common.data.cache import build_once_per_node, cache_key
 from common.data.rows import DataError, Row
-from common.data.sources import HubSource, LocalSource, open_source
+from common.data.sources import open_source
 from common.data.splits import (
     derive_seed,
     parse_data_split,
@@ -102,20 +102,21 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     cfg.validate()
     tokenize.check_tokenizer(tokenizer)
-    sources: list[tuple[str, LocalSource | HubSource]] = []
-
-    def open_all() -> list[tuple[str, LocalSource | HubSource]]:
-        if not sources:
-            sources.extend(("data", open_source(entry)) for entry in cfg.data_path)
-            if stage == 1:
-                sources.extend(("sft_only", open_source(entry)) for entry in cfg.sft_only_data_path)
-        return sources
+    sources = [("data", open_source(entry)) for entry in cfg.data_path]
+    if stage == 1:
+        sources += [("sft_only", open_source(entry)) for entry in cfg.sft_only_data_path]
+    for _, src in sources:
+        if stage == 2 and not src.pairwise:
+            raise DataError(
+                f"{src.name} has no rejected responses, so the reward model cannot use it; "
+                "put it in sft_only_data_path"
+            )
 
     def key() -> str:
         return cache_key(
             {
                 "stage": stage,
-                "sources": [(role, src.name, src.fingerprint()) for role, src in open_all()],
+                "sources": [(role, src.name, src.fingerprint()) for role, src in sources],
                 "tokenizer": tokenize.tokenizer_fingerprint(tokenizer),
                 "data_split": cfg.data_split,
                 "seed": cfg.seed,
@@ -131,7 +132,7 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
         cfg.data_output_path,
         f"stage{stage}_{STAGE_NAMES[stage]}",
         key,
-        lambda: _build(cfg, tokenizer, stage, open_all()),
+        lambda: _build(cfg, tokenizer, stage, sources),
     )
     stats = blob["stats"]
     stats["from_cache"] = not built_now
@@ -144,11 +145,6 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
     train_rows: list[Row] = []
     eval_rows: list[Row] = []
     for role, src in sources:
-        if stage == 2 and not src.pairwise:
-            raise DataError(
-                f"{src.name} has no rejected responses, so the reward model cannot use it; "
-                "put it in sft_only_data_path"
-            )
         rows = src.read(cfg.skip_bad_rows)
         own_train, own_eval = rows.train, rows.eval
         if own_eval is None:
@@ -173,9 +169,10 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
         train_rows, stats["train_without_rejected"] = _pairs_only(train_rows)
         eval_rows, stats["eval_without_rejected"] = _pairs_only(eval_rows)
     if not train_rows:
+        why = "; stage 2 keeps only rows that have a rejected response" if stage == 2 else ""
         raise DataError(
-            f"stage {stage} has no training rows: data_split {cfg.data_split!r} gives it an empty slice of "
-            f"{[src.name for _, src in sources]}"
+            f"stage {stage} has no training rows: its data_split {cfg.data_split!r} slice of "
+            f"{[src.name for _, src in sources]} is empty{why}"
         )
     mix = seeded_permutation(len(train_rows), derive_seed(cfg.seed, "mix"))
     train_rows = [train_rows[i] for i in mix]

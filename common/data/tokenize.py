@@ -44,10 +44,16 @@ def check_tokenizer(tokenizer: Any) -> None:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 over what decides the token ids: the backend definition (vocab, merges, normaliser...) and the
-    special tokens. Falls back to the vocabulary for tokenizers without a `tokenizers` backend."""
+    special tokens. Falls back to the vocabulary for tokenizers without a `tokenizers` backend. Independent of
+    the truncation/padding settings a previous call left on the backend."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        definition = backend.to_str()
+        definition = json.loads(backend.to_str())
+        # Per-call state that the last `tokenizer(..., padding=, truncation=)` left behind: leaving it in would
+        # give ranks that tokenized different things different keys.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        definition = json.dumps(definition, sort_keys=True)
     else:
         definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = {

@@ -1,0 +1,321 @@
+"""Stage 2: train a reward model on preference pairs.
+
+    deepspeed step2_reward/main.py --model_name_or_path facebook/opt-350m --data_path Dahoas/rm-static ...
+    python step2_reward/main.py --model_name_or_path out/tiny --output_dir out/rm   # one process
+
+Reads top to bottom as the algorithm: parse flags, load tokenizer and pairs, build the engine around a
+RewardModel (trunk of any causal LM + scalar head N(0, 1/sqrt(d+1)), score at the last valid token),
+evaluate, train with the pairwise loss -logsigmoid(r_chosen - r_rejected - margin) for the given epochs
+(evaluating every --eval_interval steps), evaluate on the whole held-out set, fit the normalisation
+(step2_reward/normalize.py), save one Hugging Face directory that `RewardModel.from_pretrained` loads,
+plus rm_metrics.json (accuracy curve, final metrics, normalisation) and normalization_sample.jsonl.
+
+The OpenAI recipe (ppo-fidelity item 10) is one epoch with the learning rate annealed to 0: the
+defaults (1 epoch, cosine schedule over the run) do exactly that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+
+from common import dist
+from common.args import (
+    add_data_args,
+    add_deepspeed_args,
+    add_lora_args,
+    add_model_args,
+    add_output_args,
+    add_training_args,
+    check_args,
+    data_config,
+)
+from common.data import PairCollator, build_stage_data
+from common.ds_config import torch_dtype, train_config
+from common.model import load_tokenizer
+from common.monitor import Monitor, progress
+from common.reward_model import (
+    RewardModel,
+    apply_lora_to_backbone,
+    load_reward_model_for_training,
+    save_reward_model,
+)
+from common.training import (
+    device,
+    eval_loader,
+    init_engine,
+    optimizer_steps,
+    set_seed,
+    to_device,
+    train_loader,
+)
+from step2_reward.normalize import (
+    add_normalization_args,
+    check_normalization_args,
+    normalize_reward_model,
+    write_sample,
+)
+
+METRICS_FILE = "rm_metrics.json"
+
+
+def add_reward_args(parser: argparse.ArgumentParser) -> None:
+    """Stage-2-only flags (DeepSpeed-Chat's step-2 names where they exist)."""
+    g = parser.add_argument_group("reward model")
+    g.add_argument(
+        "--eval_interval",
+        type=int,
+        default=0,
+        help="Evaluate every this many optimizer steps (0: only before and after training).",
+    )
+    g.add_argument(
+        "--eval_iters",
+        type=int,
+        default=100,
+        help="At most this many eval batches per rank in the evaluations before and during training "
+        "(0: all). The final evaluation always covers the whole eval set.",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="Loss -logsigmoid(r_chosen - r_rejected - margin); 0 is the plain pairwise loss.",
+    )
+    g.add_argument(
+        "--num_padding_at_beginning",
+        type=int,
+        default=1,
+        help="Accepted for DeepSpeed-Chat compatibility and ignored: the score is read at the last valid "
+        "token found through the attention mask, whatever the padding.",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Stage 2: reward model")
+    add_model_args(parser)
+    add_data_args(parser, stage=2)
+    add_training_args(parser, stage=2)
+    add_lora_args(parser)
+    add_deepspeed_args(parser, stage=2)
+    add_output_args(parser)
+    add_reward_args(parser)
+    add_normalization_args(parser)
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    check_args(args)
+    if args.trust_remote_code:
+        raise SystemExit(
+            "--trust_remote_code: the reward model loads only built-in transformers architectures"
+        )
+    if args.eval_interval < 0 or args.eval_iters < 0:
+        raise SystemExit("--eval_interval and --eval_iters must be >= 0")
+    check_normalization_args(args)
+    return args
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Per-pair loss -log sigmoid(chosen - rejected - margin) in fp32; chosen, rejected (B,) -> (B,)."""
+    return -F.logsigmoid(chosen.float() - rejected.float() - margin)
+
+
+def forward_pairs(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a PairCollator batch ((2B, T): chosen rows first) -> chosen (B,), rejected (B,)."""
+    scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+@torch.no_grad()
+def evaluate(engine, loader, dev: torch.device, margin: float, max_batches: int = 0) -> dict[str, float]:
+    """Pairwise metrics over the eval set (its first `max_batches` batches per rank if > 0), summed across
+    ranks: accuracy (share of pairs with r_chosen > r_rejected), mean chosen and rejected score, mean
+    margin r_chosen - r_rejected, mean loss, and the number of pairs."""
+    engine.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=dev)  # pairs, correct, chosen, rejected, margin, loss
+    for i, (batch, real) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        chosen, rejected = forward_pairs(engine, to_device(batch, dev))
+        real = real.to(dev)  # placeholder rows (padding the shards to equal length) count for nothing
+        chosen, rejected = chosen.double()[real], rejected.double()[real]
+        sums += torch.stack(
+            [
+                real.sum().double(),
+                (chosen > rejected).double().sum(),
+                chosen.sum(),
+                rejected.sum(),
+                (chosen - rejected).sum(),
+                pairwise_loss(chosen, rejected, margin).double().sum(),
+            ]
+        )
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(sums)
+    engine.train()
+    n = max(sums[0].item(), 1.0)
+    names = ("accuracy", "chosen_mean", "rejected_mean", "margin_mean", "loss")
+    return {"pairs": int(sums[0].item()), **{k: sums[i + 1].item() / n for i, k in enumerate(names)}}
+
+
+@torch.no_grad()
+def saved_scores_max_diff(engine, output_dir: str, batch: dict[str, torch.Tensor]) -> float | None:
+    """Reload the saved model with RewardModel.from_pretrained and return max |raw score - engine raw score|
+    on `batch` (rank 0; None elsewhere). Collective under ZeRO-3: every rank must call it."""
+    engine.eval()
+    reference = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores
+    diff = None
+    if dist.is_rank0():
+        dtype = next(engine.module.value_head.parameters()).dtype
+        reloaded = RewardModel.from_pretrained(output_dir, dtype=dtype).to(reference.device).eval()
+        scores = reloaded(batch["input_ids"], batch["attention_mask"]).scores
+        diff = (scores - reference).abs().max().item()
+    engine.train()
+    return diff
+
+
+def _log_eval(tag: str, step: int, metrics: dict[str, float], monitor: Monitor) -> None:
+    dist.print_rank0(
+        f"[reward] {tag} step {step}: accuracy {metrics['accuracy']:.4f} over {metrics['pairs']} pairs, "
+        f"chosen {metrics['chosen_mean']:.4f}, rejected {metrics['rejected_mean']:.4f}, "
+        f"margin {metrics['margin_mean']:.4f}, loss {metrics['loss']:.4f}"
+    )
+    monitor.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist.init_distributed()
+    set_seed(args.seed)
+    dev = device()
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    data = build_stage_data(data_config(args), tokenizer, stage=2)
+    collate = PairCollator(tokenizer.pad_token_id)
+    train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)
+    eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
+
+    ds_config = train_config(
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=dist.get_world_size(),
+        dtype=args.dtype,
+        offload=args.offload,
+        gradient_clipping=args.gradient_clipping,
+    )
+    model = load_reward_model_for_training(
+        args.model_name_or_path,
+        tokenizer,
+        dtype=torch_dtype(args.dtype),
+        dropout=args.dropout,
+        ds_config=ds_config,
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.lora_dim > 0:
+        model = apply_lora_to_backbone(
+            model,
+            lora_dim=args.lora_dim,
+            module_name=args.lora_module_name,
+            alpha=args.lora_alpha,
+            only_optimize_lora=args.only_optimize_lora,
+        )
+        if args.gradient_checkpointing:
+            model.backbone.enable_input_require_grads()
+    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
+    engine = init_engine(
+        model,
+        ds_config=ds_config,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=args.adam_betas,
+        offload=args.offload,
+        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        total_steps=total_steps,
+    )
+
+    monitor = Monitor(
+        args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "reward"
+    )
+    curve: list[dict[str, Any]] = []
+
+    def run_eval(max_batches: int, tag: str) -> dict[str, float]:
+        metrics = evaluate(engine, eval_dl, dev, args.margin, max_batches)
+        curve.append({"step": engine.global_steps, **metrics})
+        _log_eval(tag, engine.global_steps, metrics, monitor)
+        return metrics
+
+    run_eval(args.eval_iters, "eval")
+    for epoch in range(args.num_train_epochs):
+        train_dl.sampler.set_epoch(epoch)
+        tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
+        for batch in progress(train_dl, total=len(train_dl), desc=f"reward epoch {epoch + 1}"):
+            batch = to_device(batch, dev)
+            chosen, rejected = forward_pairs(engine, batch)
+            loss = pairwise_loss(chosen, rejected, args.margin).mean()
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            window_pairs += chosen.shape[0]
+            window_losses.append(loss.detach())
+            window_correct.append((chosen > rejected).float().mean().detach())
+            if not boundary:
+                continue
+            step = engine.global_steps
+            mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
+            accuracy = dist.all_reduce_mean(torch.stack(window_correct).mean()).item()
+            pairs_per_s = window_pairs * dist.get_world_size() / (time.perf_counter() - tick)
+            if args.print_loss:
+                dist.print_rank0(
+                    f"[reward] epoch {epoch + 1} step {step} loss {mean_loss:.4f} accuracy {accuracy:.3f}"
+                )
+            monitor.log(
+                {
+                    "train/loss": mean_loss,
+                    "train/accuracy": accuracy,
+                    "train/lr": engine.get_lr()[0],
+                    "train/pairs_per_s": pairs_per_s,
+                },
+                step,
+            )
+            if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+                run_eval(args.eval_iters, "eval")
+            tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
+    final = run_eval(0, "final eval (whole eval set)")
+
+    normalization, sample = normalize_reward_model(engine, tokenizer, args, data.train, dev)
+    save_reward_model(engine, args.output_dir, tokenizer, args.zero_stage)
+    write_sample(sample, args.output_dir)
+    metrics = {
+        "eval_curve": curve,
+        "final": final,
+        "normalization": normalization,
+        "optimizer_steps": engine.global_steps,
+    }
+    if args.verify_save:
+        batch, _ = next(iter(eval_dl))
+        diff = saved_scores_max_diff(engine, args.output_dir, to_device(batch, dev))
+        metrics["saved_scores_max_abs_diff"] = diff
+        dist.print_rank0(f"[reward] saved model vs engine: max |score diff| {diff}")
+    if dist.is_rank0():
+        (Path(args.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    points = ", ".join(f"step {c['step']}: {c['accuracy']:.3f}" for c in curve)
+    dist.print_rank0(f"[reward] accuracy curve: {points}")
+    dist.print_rank0(
+        f"[reward] final held-out accuracy {final['accuracy']:.4f} ({final['pairs']} pairs); "
+        f"saved to {args.output_dir}"
+    )
+    monitor.close()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()

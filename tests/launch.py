@@ -1,0 +1,43 @@
+"""Run a stage script as a user would: under the deepspeed launcher with CPU ranks, or plain python."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> str:
+    """Run `script` (e.g. 'step1_sft/main.py') with `num_procs` CPU ranks (1 = plain python, no launcher).
+
+    Returns combined stdout+stderr; raises AssertionError with the output's tail when it fails."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if num_procs == 1:
+        cmd = [sys.executable, script, *args]
+        env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    else:
+        deepspeed = Path(sys.executable).with_name("deepspeed")
+        cmd = [
+            str(deepspeed),
+            "--num_gpus",
+            str(num_procs),
+            "--master_port",
+            str(_free_port()),
+            script,
+            *args,
+        ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

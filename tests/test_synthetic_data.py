@@ -1,0 +1,202 @@
+"""The bundled synthetic preference dataset: schema, reproducibility, level mix, learnability."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "synthetic"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "data" / "make_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ms = _load_generator()
+
+
+def _rows(split: str) -> list[dict]:
+    with (DATA / f"{split}.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, list[dict]]:
+    return {"train": _rows("train"), "test": _rows("test")}
+
+
+def test_generator_reproduces_committed_files_byte_for_byte():
+    generated = ms.generate()
+    for split in ("train", "test"):
+        assert ms.to_jsonl(generated[split]) == (DATA / f"{split}.jsonl").read_bytes(), split
+    assert ms.generate() == generated
+
+
+def test_cli_check_detects_a_modified_file(tmp_path, capsys):
+    assert ms.main(["--out", str(tmp_path), "--n_train", "40", "--n_test", "10"]) == 0
+    assert ms.main(["--out", str(tmp_path), "--n_train", "40", "--n_test", "10", "--check"]) == 0
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"Human", b"human", 1))
+    assert ms.main(["--out", str(tmp_path), "--n_train", "40", "--n_test", "10", "--check"]) == 1
+    assert "test.jsonl" in capsys.readouterr().err
+
+
+def test_sizes(rows):
+    assert len(rows["train"]) == ms.DEFAULT_N_TRAIN == 3000
+    assert len(rows["test"]) == ms.DEFAULT_N_TEST == 300
+    total = sum(p.stat().st_size for p in DATA.glob("*.jsonl"))
+    assert total < 2_000_000
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_schema_and_prompt_format(rows, split):
+    for i, row in enumerate(rows[split]):
+        where = f"{split} row {i}"
+        assert list(row) == list(ms.FIELDS), where
+        assert all(isinstance(row[k], str) and row[k] for k in ms.FIELDS), where
+        assert row["response"] == row["chosen"], where
+        assert row["chosen"] != row["rejected"], where
+        prompt = row["prompt"]
+        assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:"), where
+        # Turns alternate Human / Assistant and every turn has text.
+        turns = prompt.split("\n\n")[1:]
+        assert [t.split(":")[0] for t in turns] == ["Human", "Assistant"] * (len(turns) // 2), where
+        assert all(t.split(":", 1)[1].strip() for t in turns[:-1]), where
+        for side in ("chosen", "rejected"):
+            text = row[side]
+            assert text.startswith(" ") and not text.startswith("  ") and text == text.rstrip(), where
+            assert "\n" not in text, where
+            assert 8 <= len(text.split()) <= 30, (where, text)
+
+
+def test_multi_turn_prompts_present(rows):
+    for split, split_rows in rows.items():
+        share = sum(r["prompt"].count("\n\nHuman: ") > 1 for r in split_rows) / len(split_rows)
+        assert abs(share - ms.MULTI_TURN_SHARE) < 0.04, (split, share)
+
+
+def test_test_prompts_are_held_out(rows):
+    train_questions = {ms.last_question(r["prompt"]) for r in rows["train"]}
+    test_questions = {ms.last_question(r["prompt"]) for r in rows["test"]}
+    assert not train_questions & test_questions
+    # Every topic is asked about in both splits, with varied phrasing.
+    for split_rows in rows.values():
+        assert {ms.prompt_topic(r["prompt"]) for r in split_rows} == set(range(len(ms.TOPICS)))
+    assert len({r["prompt"] for r in rows["train"]}) > 1000
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_level_mix_as_designed(rows, split):
+    split_rows = rows[split]
+    pairs = Counter(
+        (ms.response_level(r["prompt"], r["chosen"]), ms.response_level(r["prompt"], r["rejected"]))
+        for r in split_rows
+    )
+    assert dict(pairs) == ms.pair_counts(len(split_rows))
+    assert set(pairs) == set(ms.PAIR_MIX)  # every pair ranked best > mediocre > bad, none unrecognised
+    best_chosen = sum(n for (c, _), n in pairs.items() if c == ms.BEST) / len(split_rows)
+    assert best_chosen == pytest.approx(0.35, abs=0.005)  # SFT on `chosen` sees best only ~1/3 of the time
+
+
+def test_pair_counts_exact():
+    for n in (1, 7, 300, 3000, 3001):
+        counts = ms.pair_counts(n)
+        assert sum(counts.values()) == n
+        for pair, share in ms.PAIR_MIX.items():
+            assert abs(counts[pair] - share * n) <= 1
+
+
+def test_styles_within_levels(rows):
+    """Both mediocre styles and all three bad styles occur in roughly the designed shares."""
+    mediocre, bad = Counter(), Counter()
+    for r in rows["train"]:
+        for text in (r["chosen"], r["rejected"]):
+            level = ms.response_level(r["prompt"], text)
+            if level == ms.MEDIOCRE:
+                curt = any(text == f" {tip}" for tip in ms.TOPICS[ms.prompt_topic(r["prompt"])].tips)
+                mediocre["curt" if curt else "vague"] += 1
+            elif level == ms.BAD:
+                if text.startswith(" I would rather talk about"):
+                    bad["off_topic"] += 1
+                else:
+                    bad["rude" if text.strip() in ms.RUDE else "refusal"] += 1
+    for counts, styles in ((mediocre, ms.MEDIOCRE_STYLES), (bad, ms.BAD_STYLES)):
+        total = sum(counts.values())
+        for style, share in styles:
+            assert abs(counts[style] / total - share) < 0.04, (style, counts)
+
+
+def test_response_level_oracle():
+    prompt = "\n\nHuman: Hi! How do I cook rice?\n\nAssistant:"
+    tip = ms.TOPICS[ms.prompt_topic(prompt)].tips[0]
+    assert tip.startswith("Rinse the rice")
+    assert ms.response_level(prompt, f" Good luck! {tip}") == ms.UNRECOGNISED  # closer in the wrong place
+    assert ms.response_level(prompt, f" Of course! {tip} Good luck!") == ms.BEST
+    assert ms.response_level(prompt, f"Of course! {tip} Good luck!\n") == ms.BEST  # whitespace is ignored
+    assert ms.response_level(prompt, f" {tip}") == ms.MEDIOCRE
+    assert ms.response_level(prompt, f" Of course! {ms.GENERIC[1]}") == ms.MEDIOCRE
+    assert ms.response_level(prompt, f" {ms.RUDE[0]}") == ms.BAD
+    assert ms.response_level(prompt, f" {ms.REFUSALS[0]}") == ms.BAD
+    tea = next(t for t in ms.TOPICS if t.thing == "tea")
+    rice = next(t for t in ms.TOPICS if t.thing == "rice")
+    assert ms.response_level(prompt, f" I would rather talk about tea. {tea.tips[1]}") == ms.BAD
+    # The right topic under an off-topic frame, or another topic's tip dressed up as best, is no level.
+    assert ms.response_level(prompt, f" I would rather talk about rice. {rice.tips[1]}") == ms.UNRECOGNISED
+    assert ms.response_level(prompt, f" Of course! {tea.tips[0]} Good luck!") == ms.UNRECOGNISED
+    # The topic comes from the last Human turn only.
+    multi = f"\n\nHuman: How do I make a cup of tea?\n\nAssistant: Of course! {tea.tips[0]}\n\nHuman: {prompt[9:]}"
+    assert ms.response_level(multi, f" {tip}") == ms.MEDIOCRE
+    with pytest.raises(ValueError, match="rm-static"):
+        ms.response_level("How do I cook rice?", f" {tip}")
+    with pytest.raises(ValueError, match="topic"):
+        ms.response_level("\n\nHuman: How do I juggle?\n\nAssistant:", f" {tip}")
+
+
+def _bag_of_words(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
+    x = torch.zeros(len(texts), len(vocab))
+    for i, text in enumerate(texts):
+        for word in text.lower().replace(".", " .").replace(",", " ,").replace("!", " !").split():
+            if word in vocab:
+                x[i, vocab[word]] += 1
+    return x
+
+
+def test_preference_is_visible_in_response_tokens(rows):
+    """A bag-of-words linear reward on the response alone ranks held-out pairs with accuracy >= 0.9."""
+    train, test = rows["train"], rows["test"]
+    words = sorted({w for r in train for t in (r["chosen"], r["rejected"]) for w in t.lower().split()})
+    vocab = {w: i for i, w in enumerate(words + [".", ",", "!"])}
+    feats = {
+        (split, side): _bag_of_words([r[side] for r in split_rows], vocab)
+        for split, split_rows in (("train", train), ("test", test))
+        for side in ("chosen", "rejected")
+    }
+    torch.manual_seed(0)
+    w = torch.zeros(len(vocab), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(200):
+        margin = (feats["train", "chosen"] - feats["train", "rejected"]) @ w
+        loss = -torch.nn.functional.logsigmoid(margin).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = ((feats["test", "chosen"] - feats["test", "rejected"]) @ w > 0).float().mean().item()
+    assert accuracy >= 0.9
+
+
+def test_answers_are_short_in_tiny_tokens(rows, tiny_tokenizer):
+    """Answers fit a 48-token generation budget and prompts stay well under 128 tokens."""
+    answers = [r[s] for r in rows["train"] for s in ("chosen", "rejected")]
+    prompts = [r["prompt"] for r in rows["train"]]
+    assert max(len(ids) for ids in tiny_tokenizer(answers).input_ids) + 1 <= 48  # + EOS
+    assert max(len(ids) for ids in tiny_tokenizer(prompts).input_ids) <= 128
