@@ -64,7 +64,9 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
         )
 
 
-def add_model_args(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
+def add_model_args(
+    parser: argparse.ArgumentParser, prefix: str = "", required: bool = True, dropout_default: float | None = None
+) -> None:
     """Which model to load and how (dropout, gradient checkpointing)."""
     g = parser.add_argument_group(f"{prefix or 'model'} model".strip())
     g.add_argument(
@@ -76,8 +78,9 @@ def add_model_args(parser: argparse.ArgumentParser, prefix: str = "", required: 
     g.add_argument(
         f"--{prefix}dropout",
         type=float,
-        default=None,
-        help="Override every dropout probability in the model config (default: keep the config's).",
+        default=dropout_default,
+        help="Override every dropout probability in the model config "
+        + ("(default: keep the config's)." if dropout_default is None else f"(default: {dropout_default})."),
     )
     g.add_argument(f"--{prefix}gradient_checkpointing", action="store_true", help="Trade compute for memory.")
 

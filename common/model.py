@@ -253,8 +253,10 @@ def gathered_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.T
             if out is not None:
                 out[name] = param.detach().cpu().clone()
     if out is not None:
+        persistent = set(module.state_dict().keys())  # named_buffers() also yields non-persistent ones
         for name, buf in module.named_buffers():
-            out[name] = buf.detach().cpu().clone()
+            if name in persistent:
+                out[name] = buf.detach().cpu().clone()
     return out
 
 

@@ -27,9 +27,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,9 +54,11 @@ HEAD_FILE = "value_head.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
-@dataclass
-class RewardModelOutput:
+class RewardModelOutput(NamedTuple):
     """What `RewardModel.forward` returns.
+
+    A NamedTuple, not a dataclass, so that DeepSpeed ZeRO-3 can find the tensors in it (it looks inside
+    tuples, lists and dicts only) and hook the backward pass of the module that returned them.
 
     values: (B, L) float32, the head's output at every position; 0 at positions whose mask is 0.
     scores: (B,) float32, the value at the last valid token of each row (normalised if asked for).

@@ -114,7 +114,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 def _sizes(arch: str, sizes: dict[str, int | None]) -> dict[str, int]:
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
-        raise TypeError(f"unknown size argument(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_SIZES)}")
+        raise TypeError(
+            f"unknown size argument(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_SIZES)}"
+        )
     merged = {**DEFAULT_SIZES, **{k: v for k, v in sizes.items() if v is not None}}
     if merged["ffn_size"] is None:
         h = merged["hidden_size"]

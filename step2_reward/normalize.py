@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from common import dist
 from common.args import data_config
-from common.data import PromptCollator, build_stage_data, pad_sequences
+from common.data import DataError, PromptCollator, build_stage_data, pad_sequences
 from common.data.tokenize import tokenizer_fingerprint
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
@@ -290,7 +290,13 @@ def normalize_reward_model(
     else:
         cfg = data_config(args)
         cfg.max_prompt_seq_len = args.max_seq_len - args.normalization_max_new_tokens
-        prompts = build_stage_data(cfg, tokenizer, stage=3).train
+        try:
+            prompts = build_stage_data(cfg, tokenizer, stage=3).train
+        except DataError as e:
+            raise DataError(
+                f"normalisation prompts are the stage-3 slice of --data_split {args.data_split!r}: {e}; give "
+                "stage 3 a share or use --normalization_sample chosen"
+            ) from e
         n = min(args.normalization_num_samples, len(prompts))
         records = _policy_records(engine, tokenizer, args, n, prompts, dev)
         description = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DATA = REPO / "data" / "synthetic"
 def _load_generator():
     spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "data" / "make_synthetic.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up while the class is created
     spec.loader.exec_module(module)
     return module
 

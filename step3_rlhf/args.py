@@ -1,0 +1,174 @@
+"""Stage-3 flags: the shared groups from common.args (prefixed per model) plus PPO's own.
+
+Every PPO constant DeepSpeed-Chat hard-codes is a flag here with the reference default documented
+(ppo-fidelity.md item numbers in brackets).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import deepspeed
+
+from common.args import (
+    add_data_args,
+    add_deepspeed_args,
+    add_lora_args,
+    add_model_args,
+    add_output_args,
+    add_training_args,
+    check_args,
+)
+
+
+def add_ppo_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("PPO")
+    g.add_argument(
+        "--reward_model_name_or_path",
+        type=str,
+        default=None,
+        help="Frozen reward model (default: --critic_model_name_or_path, as in DeepSpeed-Chat).",
+    )
+    g.add_argument(
+        "--per_device_generation_batch_size", type=int, default=16, help="Prompts per rank per generation."
+    )
+    g.add_argument(
+        "--per_device_training_batch_size", type=int, default=16, help="Micro-batch for PPO updates."
+    )
+    g.add_argument("--generation_batches", type=int, default=1, help="Generation batches per PPO iteration.")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="Passes over each rollout [19].")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the prompt set.")
+    g.add_argument("--actor_learning_rate", type=float, default=9.65e-6)
+    g.add_argument("--critic_learning_rate", type=float, default=5e-6)
+    g.add_argument("--actor_weight_decay", type=float, default=0.0)
+    g.add_argument("--critic_weight_decay", type=float, default=0.0)
+    # sampling [5, 6]
+    g.add_argument(
+        "--temperature", type=float, default=0.7, help="Sampling temperature; log-probs use it too."
+    )
+    g.add_argument("--top_k", type=int, default=0, help="0 = no top-k filtering (the references' setting).")
+    g.add_argument("--top_p", type=float, default=1.0, help="1.0 = no nucleus filtering.")
+    g.add_argument(
+        "--no_sample", dest="do_sample", action="store_false", help="Greedy rollouts (not advised)."
+    )
+    # reward [8, 14]
+    g.add_argument(
+        "--clip_reward_value", type=float, default=5.0, help="Clip RM scores to +-this (DS-Chat: 5)."
+    )
+    g.add_argument(
+        "--missing_eos_penalty",
+        type=float,
+        default=None,
+        help="Score given instead of the RM's to responses that hit the length limit without EOS "
+        "(the references use -1); off by default.",
+    )
+    # KL [14, 15]
+    g.add_argument(
+        "--init_kl_coef", type=float, default=0.1, help="KL coefficient beta (DS-Chat 0.1, N+ 0.05)."
+    )
+    g.add_argument(
+        "--kl_estimator", choices=["k1", "k2", "k3", "abs"], default="k1", help="Per-token KL estimator."
+    )
+    g.add_argument(
+        "--kl_clamp", type=float, default=None, help="Clamp per-token KL to +-this (OpenRLHF: 10)."
+    )
+    g.add_argument("--adaptive_kl", action="store_true", help="Ziegler's adaptive KL controller.")
+    g.add_argument(
+        "--kl_target", type=float, default=6.0, help="Adaptive controller's target KL (per sequence)."
+    )
+    g.add_argument("--kl_horizon", type=float, default=10000, help="Adaptive controller's horizon.")
+    # advantages [16, 17]
+    g.add_argument("--gamma", type=float, default=1.0)
+    g.add_argument("--lam", type=float, default=0.95)
+    g.add_argument("--whiten_advantages", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument(
+        "--whiten_rewards", action="store_true", help="Scale per-token rewards (mean kept) before GAE."
+    )
+    # losses [18]
+    g.add_argument("--cliprange", type=float, default=0.2, help="Policy ratio clip epsilon.")
+    g.add_argument("--cliprange_value", type=float, default=0.2, help="Value clip range around old values.")
+    g.add_argument("--entropy_coef", type=float, default=0.0, help="Entropy bonus coefficient.")
+    # ptx and EMA [20]
+    g.add_argument(
+        "--unsupervised_dataset_name",
+        type=str,
+        default=None,
+        help="Pretraining text (hub name or local .txt/.jsonl/.json/.parquet with a 'text' field).",
+    )
+    g.add_argument("--unsupervised_dataset_config_name", type=str, default=None)
+    g.add_argument("--unsup_coef", type=float, default=27.8, help="PPO-ptx coefficient on the LM loss.")
+    g.add_argument("--enable_ema", action="store_true", help="Keep an EMA copy of the actor and save it.")
+    g.add_argument("--ema_beta", type=float, default=0.992)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engines")
+    g.add_argument("--actor_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--critic_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--offload_reference_model", action="store_true")
+    g.add_argument("--offload_reward_model", action="store_true")
+    g.add_argument(
+        "--enable_hybrid_engine",
+        action="store_true",
+        help="DeepSpeed hybrid engine for generation (falls back to generate() where unsupported).",
+    )
+    g.add_argument("--unpin_actor_parameters", action="store_true")
+    g.add_argument("--release_inference_cache", action="store_true")
+    g.add_argument("--inference_tp_size", type=int, default=1)
+    g.add_argument("--tp_gather_partition_size", type=int, default=8)
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run control")
+    g.add_argument(
+        "--eval_interval",
+        type=int,
+        default=0,
+        help="Score held-out prompts every N iterations (0: only before and after training).",
+    )
+    g.add_argument("--eval_num_prompts", type=int, default=0, help="Held-out prompts to score (0: all).")
+    g.add_argument("--print_answers", action="store_true")
+    g.add_argument("--print_answers_interval", type=int, default=1)
+    g.add_argument("--enable_test_mode", action="store_true", help="Stop after --test_stop_step iterations.")
+    g.add_argument("--test_stop_step", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Stage 3: PPO with actor, reference, critic and reward engines"
+    )
+    add_model_args(parser, prefix="actor_", dropout_default=0.0)
+    add_model_args(parser, prefix="critic_", dropout_default=0.0)
+    add_data_args(parser, stage=3)
+    add_training_args(parser, stage=3)
+    add_lora_args(parser, prefix="actor_")
+    add_lora_args(parser, prefix="critic_")
+    add_deepspeed_args(parser, stage=3)
+    add_engine_args(parser)
+    add_ppo_args(parser)
+    add_run_args(parser)
+    add_output_args(parser)
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    check_args(args)
+    check_ppo_args(args)
+    return args
+
+
+def check_ppo_args(args: argparse.Namespace) -> None:
+    """Batch-size arithmetic and ranges, before any model is loaded."""
+    rollout = args.per_device_generation_batch_size * args.generation_batches
+    minibatch = args.per_device_training_batch_size * args.gradient_accumulation_steps
+    if rollout % minibatch:
+        raise SystemExit(
+            f"per-rank rollout size (--per_device_generation_batch_size {args.per_device_generation_batch_size} x "
+            f"--generation_batches {args.generation_batches} = {rollout}) must be a multiple of the PPO minibatch "
+            f"(--per_device_training_batch_size {args.per_device_training_batch_size} x "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = {minibatch})"
+        )
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature must be > 0 (got {args.temperature}); use --no_sample for greedy")
+    if args.max_prompt_seq_len < 1 or args.max_answer_seq_len < 1:
+        raise SystemExit("--max_prompt_seq_len and --max_answer_seq_len must be positive")
+    if args.enable_test_mode and args.test_stop_step < 1:
+        raise SystemExit("--enable_test_mode needs --test_stop_step >= 1")

@@ -1,0 +1,223 @@
+"""The four (five with EMA) DeepSpeed engines of PPO.
+
+- actor:     the policy being trained (stage-1 output), ZeRO `--actor_zero_stage`, optional LoRA,
+             gradient checkpointing and hybrid engine for generation.
+- reference: a frozen copy of the initial actor, inference config; `--offload_reference_model` keeps
+             its weights in CPU memory (ZeRO-3 parameter offload).
+- critic:    initialised from the reward model (ppo-fidelity item 13), trainable, ZeRO `--critic_zero_stage`.
+- reward:    the frozen reward model, returning normalised scores (stage-2 statistics).
+- ema:       optional exponential moving average of the actor (`--enable_ema`), saved beside it.
+
+Dropout is off in all of them (item 12): `--actor_dropout` / `--critic_dropout` default to 0 here and
+`disable_dropout` is applied on top, so no config value can switch it back on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import nn
+
+from common import dist
+from common.ds_config import eval_config, torch_dtype, train_config
+from common.model import apply_lora, disable_dropout, load_causal_lm
+from common.reward_model import apply_lora_to_backbone, load_reward_model_for_training
+from common.training import init_engine
+
+
+@dataclass
+class Engines:
+    actor: nn.Module
+    ref: nn.Module
+    critic: nn.Module
+    reward: nn.Module
+    ema: nn.Module | None
+    hybrid: bool  # whether the actor is a DeepSpeed hybrid engine
+
+
+def _hybrid_engine_config(args: argparse.Namespace) -> dict | None:
+    if not args.enable_hybrid_engine:
+        return None
+    return {
+        "enabled": True,
+        "max_out_tokens": args.max_prompt_seq_len + args.max_answer_seq_len,
+        "inference_tp_size": args.inference_tp_size,
+        "release_inference_cache": args.release_inference_cache,
+        "pin_parameters": not args.unpin_actor_parameters,
+        "tp_gather_partition_size": args.tp_gather_partition_size,
+    }
+
+
+def _frozen_engine(
+    model: nn.Module, zero_stage: int, offload: bool, micro_batch: int, dtype: str
+) -> nn.Module:
+    """Inference-only engine; offloading a frozen model means ZeRO-3 with its parameters on CPU."""
+    stage = 3 if offload else zero_stage
+    cfg = eval_config(
+        zero_stage=stage,
+        micro_batch_size=micro_batch,
+        world_size=dist.get_world_size(),
+        dtype=dtype,
+        offload=offload,
+    )
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
+def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_steps: int) -> Engines:
+    """Build every engine of stage 3 from the parsed flags. `*_steps` are optimizer steps (schedules)."""
+    world = dist.get_world_size()
+    dtype = torch_dtype(args.dtype)
+    micro = args.per_device_training_batch_size
+    gen_micro = args.per_device_generation_batch_size
+
+    # actor
+    actor_cfg = train_config(
+        zero_stage=args.actor_zero_stage,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=world,
+        dtype=args.dtype,
+        offload=args.offload,
+        gradient_clipping=args.gradient_clipping,
+        hybrid_engine=_hybrid_engine_config(args),
+    )
+
+    def new_actor_model() -> nn.Module:
+        model = load_causal_lm(
+            args.actor_model_name_or_path,
+            tokenizer,
+            dtype=dtype,
+            dropout=args.actor_dropout,
+            ds_config=actor_cfg,
+            trust_remote_code=args.trust_remote_code,
+        )
+        disable_dropout(model)
+        if args.actor_lora_dim > 0:
+            model = apply_lora(
+                model,
+                lora_dim=args.actor_lora_dim,
+                module_name=args.actor_lora_module_name,
+                alpha=args.actor_lora_alpha,
+                only_optimize_lora=args.only_optimize_lora,
+            )
+        return model
+
+    actor_model = new_actor_model()
+    if args.actor_gradient_checkpointing:
+        actor_model.gradient_checkpointing_enable()
+        if args.actor_lora_dim > 0:
+            actor_model.enable_input_require_grads()
+    actor = init_engine(
+        actor_model,
+        ds_config=actor_cfg,
+        lr=args.actor_learning_rate,
+        weight_decay=args.actor_weight_decay,
+        betas=args.adam_betas,
+        offload=args.offload,
+        lora_lr=args.actor_lora_learning_rate if args.actor_lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        total_steps=actor_steps,
+    )
+
+    # reference: the initial actor, frozen
+    ref_stage = 3 if args.actor_zero_stage == 3 else 0
+    ref_cfg = eval_config(
+        zero_stage=3 if args.offload_reference_model else ref_stage,
+        micro_batch_size=gen_micro,
+        world_size=world,
+        dtype=args.dtype,
+        offload=args.offload_reference_model,
+    )
+    ref_model = load_causal_lm(
+        args.actor_model_name_or_path,
+        tokenizer,
+        dtype=dtype,
+        dropout=0.0,
+        ds_config=ref_cfg,
+        trust_remote_code=args.trust_remote_code,
+    )
+    disable_dropout(ref_model)
+    ref = _frozen_engine(ref_model, ref_stage, args.offload_reference_model, gen_micro, args.dtype)
+
+    # EMA of the actor: same construction (LoRA included) so parameter names match one to one.
+    ema = None
+    if args.enable_ema:
+        ema = _frozen_engine(new_actor_model(), ref_stage, False, gen_micro, args.dtype)
+
+    # critic: initialised from the reward model
+    critic_cfg = train_config(
+        zero_stage=args.critic_zero_stage,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=world,
+        dtype=args.dtype,
+        offload=args.offload,
+        gradient_clipping=args.gradient_clipping,
+    )
+    critic_model = load_reward_model_for_training(
+        args.critic_model_name_or_path,
+        tokenizer,
+        dtype=dtype,
+        dropout=args.critic_dropout,
+        ds_config=critic_cfg,
+    )
+    disable_dropout(critic_model)
+    if args.critic_lora_dim > 0:
+        apply_lora_to_backbone(
+            critic_model,
+            lora_dim=args.critic_lora_dim,
+            module_name=args.critic_lora_module_name,
+            alpha=args.critic_lora_alpha,
+            only_optimize_lora=args.only_optimize_lora,
+        )
+    if args.critic_gradient_checkpointing:
+        critic_model.gradient_checkpointing_enable()
+    critic = init_engine(
+        critic_model,
+        ds_config=critic_cfg,
+        lr=args.critic_learning_rate,
+        weight_decay=args.critic_weight_decay,
+        betas=args.adam_betas,
+        offload=args.offload,
+        lora_lr=args.critic_lora_learning_rate if args.critic_lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        total_steps=critic_steps,
+    )
+
+    # reward: frozen, normalised scores
+    reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
+    reward_stage = 3 if args.critic_zero_stage == 3 else 0
+    reward_cfg = eval_config(
+        zero_stage=3 if args.offload_reward_model else reward_stage,
+        micro_batch_size=gen_micro,
+        world_size=world,
+        dtype=args.dtype,
+        offload=args.offload_reward_model,
+    )
+    reward_model = load_reward_model_for_training(
+        reward_path, tokenizer, dtype=dtype, dropout=0.0, ds_config=reward_cfg
+    )
+    disable_dropout(reward_model)
+    reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
+
+    return Engines(
+        actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=args.enable_hybrid_engine
+    )
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, actor: nn.Module, beta: float, zero3: bool) -> None:
+    """ema <- beta * ema + (1 - beta) * actor, parameter by parameter (gathered under ZeRO-3)."""
+    ema_params = dict(getattr(ema, "module", ema).named_parameters())
+    for name, p in getattr(actor, "module", actor).named_parameters():
+        q = ema_params[name]
+        with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=zero3):
+            if not zero3 or dist.is_rank0():
+                q.data.copy_(torch.lerp(p.data.to(q.dtype), q.data, beta))

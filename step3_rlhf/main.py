@@ -1,0 +1,239 @@
+"""Stage 3: PPO with actor, reference, critic and reward models as DeepSpeed engines.
+
+    deepspeed step3_rlhf/main.py --actor_model_name_or_path out/sft --critic_model_name_or_path out/rm ...
+
+One iteration: take `--generation_batches` prompt batches, make experience (sample, score with the four
+models, shape rewards, GAE), run `--ppo_epochs` of minibatch updates on actor and critic, update the KL
+controller, log. Held-out prompts are scored before training (the stage-1 policy) and after, so the run
+reports how much PPO raised the reward model's score and at what KL. Saves actor, EMA actor and critic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from common import dist
+from common.args import data_config
+from common.data import PromptCollator, build_stage_data, load_unsupervised
+from common.model import load_tokenizer, save_hf_model
+from common.monitor import Monitor, progress
+from common.reward_model import save_reward_model
+from common.rl_math import AdaptiveKLController, FixedKLController, masked_mean, masked_sum
+from common.training import device, eval_loader, set_seed, to_device, train_loader
+from step3_rlhf.args import parse_args
+from step3_rlhf.engines import build_engines
+from step3_rlhf.experience import ExperienceMaker, Rollout
+from step3_rlhf.ppo_trainer import PPOTrainer
+
+
+def check_same_tokenizer(actor_tok, critic_path: str, trust_remote_code: bool) -> None:
+    critic_tok = load_tokenizer(critic_path, trust_remote_code)
+    if critic_tok.get_vocab() != actor_tok.get_vocab():
+        raise SystemExit(
+            f"the critic/reward tokenizer ({critic_path}) differs from the actor's: the reward model would read "
+            "token ids it was not trained on. Train stage 2 from a model with the actor's tokenizer."
+        )
+
+
+def rollout_stats(r: Rollout) -> dict[str, float]:
+    """Per-iteration statistics over all ranks (means of per-rank means; every rank has equal B)."""
+    mask = r.action_mask
+    seq_kl = masked_sum(r.kl, mask, dim=1)
+    local = {
+        "score_mean": r.scores.mean(),
+        "score_sq_mean": (r.scores**2).mean(),
+        "total_reward": masked_sum(r.rewards, mask, dim=1).mean(),
+        "kl": seq_kl.mean(),  # mean over sequences of the per-sequence KL sum
+        "response_length": mask.sum(1).float().mean(),
+        "eos_fraction": r.ends_with_eos.float().mean(),
+        "value_mean": masked_mean(r.values, mask),
+        "advantage_mean": masked_mean(r.advantages, mask),
+    }
+    keys = list(local)
+    reduced = dist.all_reduce_mean(torch.stack([local[k].float() for k in keys]))
+    stats = dict(zip(keys, reduced.tolist(), strict=True))
+    stats["score_std"] = max(stats.pop("score_sq_mean") - stats["score_mean"] ** 2, 0.0) ** 0.5
+    return stats
+
+
+@torch.no_grad()
+def evaluate(maker: ExperienceMaker, loader: DataLoader, dev: torch.device, seed: int) -> dict[str, float]:
+    """Mean normalised RM score, length and EOS fraction of sampled answers to the held-out prompts.
+    Sampling uses a fixed seed so the before/after comparison differs only by the policy."""
+    score_sum = torch.zeros(3, dtype=torch.float64, device=dev)  # score, length, eos
+    count = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + dist.get_rank())
+        for batch, real in loader:
+            batch = to_device(batch, dev)
+            seq, attn, mask, ends = maker.sample(batch["input_ids"], batch["attention_mask"])
+            scores = maker.e.reward(seq, attn, normalize=True).scores.double()
+            r = real.to(dev)
+            score_sum += torch.stack([scores[r].sum(), mask.sum(1)[r].double().sum(), ends[r].double().sum()])
+            count += r.sum()
+    totals = torch.cat([score_sum, count[None]])
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(totals)
+    n = max(totals[3].item(), 1.0)
+    return {
+        "score": totals[0].item() / n,
+        "response_length": totals[1].item() / n,
+        "eos_fraction": totals[2].item() / n,
+    }
+
+
+def print_answers(tokenizer, r: Rollout, step: int) -> None:
+    if not dist.is_rank0():
+        return
+    prompt = tokenizer.decode(r.seq[0, : r.prompt_len], skip_special_tokens=True)
+    answer = tokenizer.decode(r.seq[0, r.prompt_len :][r.action_mask[0].bool()], skip_special_tokens=False)
+    print(f"--- step {step} | score {r.scores[0].item():+.3f}\n{prompt.strip()}\n>>> {answer}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist.init_distributed()
+    set_seed(args.seed)
+    dev = device()
+
+    # data
+    tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code)
+    check_same_tokenizer(
+        tokenizer, args.reward_model_name_or_path or args.critic_model_name_or_path, args.trust_remote_code
+    )
+    data = build_stage_data(data_config(args), tokenizer, stage=3)
+    collate = PromptCollator(tokenizer.pad_token_id)
+    prompts = train_loader(data.train, collate, args.per_device_generation_batch_size, args.seed)
+    eval_set = (
+        data.eval
+        if not args.eval_num_prompts
+        else Subset(data.eval, range(min(args.eval_num_prompts, len(data.eval))))
+    )
+    eval_dl = eval_loader(eval_set, collate, args.per_device_generation_batch_size)
+    ptx_batches = None
+    if args.unsupervised_dataset_name:
+        blocks = load_unsupervised(
+            args.unsupervised_dataset_name,
+            args.unsupervised_dataset_config_name,
+            tokenizer,
+            args.max_prompt_seq_len + args.max_answer_seq_len,
+            cache_dir=args.data_output_path,
+        )
+        ptx_loader = train_loader(
+            blocks, torch.utils.data.default_collate, args.per_device_training_batch_size, args.seed
+        )
+        ptx_batches = itertools.chain.from_iterable(itertools.repeat(ptx_loader))
+
+    # schedule
+    iterations_per_epoch = len(prompts) // args.generation_batches
+    iterations = iterations_per_epoch * args.num_train_epochs
+    if args.enable_test_mode:
+        iterations = min(iterations, args.test_stop_step)
+    if iterations < 1:
+        raise SystemExit(
+            f"{len(prompts)} prompt batches per rank < --generation_batches {args.generation_batches}"
+        )
+    rollout_size = args.per_device_generation_batch_size * args.generation_batches
+    minibatches = rollout_size // (args.per_device_training_batch_size * args.gradient_accumulation_steps)
+    optimizer_steps = iterations * args.ppo_epochs * minibatches
+
+    # engines
+    engines = build_engines(args, tokenizer, optimizer_steps, optimizer_steps)
+    kl_ctl = (
+        AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+        if args.adaptive_kl
+        else FixedKLController(args.init_kl_coef)
+    )
+    zero3 = args.actor_zero_stage == 3
+    maker = ExperienceMaker(engines, tokenizer, args, kl_ctl, zero3_actor=zero3)
+    trainer = PPOTrainer(engines, args, ptx_batches, zero3_actor=zero3)
+    monitor = Monitor(
+        args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "ppo"
+    )
+    torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
+
+    before = evaluate(maker, eval_dl, dev, args.seed)
+    dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {before}")
+    monitor.log({f"eval/{k}": v for k, v in before.items()}, 0)
+    history, evals = [], [{"step": 0, **before}]
+
+    step = 0
+    bar = progress(range(iterations), total=iterations, desc="ppo")
+    batches = (b for epoch in range(args.num_train_epochs) for b in _epoch(prompts, epoch))
+    for step in (s + 1 for s in bar):
+        group = [to_device(next(batches), dev) for _ in range(args.generation_batches)]
+        maker.generation_seconds = 0.0
+        start = time.perf_counter()
+        rollout = maker.make_rollout(group)
+        experience_seconds = time.perf_counter() - start
+        stats = rollout_stats(rollout)
+        kl_coef_used = kl_ctl.value
+        start = time.perf_counter()
+        train_stats = trainer.train(rollout)
+        train_seconds = time.perf_counter() - start
+        kl_ctl.update(stats["kl"], rollout_size * dist.get_world_size())
+        tokens = rollout.attention_mask.sum().item() * dist.get_world_size()
+        record = {
+            **stats,
+            **train_stats,
+            "kl_coef": kl_coef_used,
+            "generation_seconds": maker.generation_seconds,
+            "experience_seconds": experience_seconds,
+            "training_seconds": train_seconds,
+            "tokens_per_s": tokens / (experience_seconds + train_seconds),
+        }
+        history.append({"step": step, **record})
+        monitor.log(record, step)
+        dist.print_rank0(
+            f"[ppo] step {step}/{iterations} score {stats['score_mean']:+.3f} kl {stats['kl']:.3f} "
+            f"len {stats['response_length']:.1f} eos {stats['eos_fraction']:.2f} "
+            f"pg {train_stats['policy_loss']:+.4f} vf {train_stats['value_loss']:.4f}"
+        )
+        if args.print_answers and step % args.print_answers_interval == 0:
+            print_answers(tokenizer, rollout, step)
+        if args.eval_interval and step % args.eval_interval == 0 and step < iterations:
+            result = evaluate(maker, eval_dl, dev, args.seed)
+            evals.append({"step": step, **result})
+            monitor.log({f"eval/{k}": v for k, v in result.items()}, step)
+
+    after = evaluate(maker, eval_dl, dev, args.seed)
+    evals.append({"step": step, **after})
+    monitor.log({f"eval/{k}": v for k, v in after.items()}, step)
+    dist.print_rank0(f"[ppo] held-out after PPO: {after}")
+    dist.print_rank0(
+        f"[ppo] score gain {after['score'] - before['score']:+.3f} at final KL {history[-1]['kl']:.3f}"
+    )
+
+    out = Path(args.output_dir)
+    save_hf_model(engines.actor, out / "actor", tokenizer, args.actor_zero_stage)
+    if engines.ema is not None:
+        save_hf_model(engines.ema, out / "actor_ema", tokenizer, 3 if zero3 else 0)
+    save_reward_model(engines.critic, out / "critic", tokenizer, args.critic_zero_stage)
+    if dist.is_rank0():
+        metrics = {
+            "before": before,
+            "after": after,
+            "score_gain": after["score"] - before["score"],
+            "final_kl": history[-1]["kl"],
+            "evals": evals,
+            "history": history,
+        }
+        (out / "ppo_metrics.json").write_text(json.dumps(metrics, indent=2))
+    dist.print_rank0(f"[ppo] saved actor, critic{', actor_ema' if engines.ema else ''} to {out}")
+    monitor.close()
+    dist.destroy()
+
+
+def _epoch(loader: DataLoader, epoch: int):
+    loader.sampler.set_epoch(epoch)
+    yield from loader
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The PPO update: `--ppo_epochs` passes over a rollout, each a fresh permutation cut into minibatches,
+each minibatch into micro-batches of `--per_device_training_batch_size` accumulated into ONE optimizer
+step of the actor and one of the critic (ppo-fidelity item 19). Optional PPO-ptx LM loss and EMA (item 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+from common.model import causal_lm_loss, position_ids_from_mask
+from common.rl_math import (
+    entropy_from_logits,
+    masked_mean,
+    policy_loss,
+    response_logprobs,
+    response_positions,
+    value_loss,
+)
+from step3_rlhf.engines import Engines, ema_update
+from step3_rlhf.experience import Rollout
+
+
+def minibatch_schedule(
+    n: int, minibatch_size: int, micro_batch_size: int, epochs: int, generator: torch.Generator
+) -> list[list[torch.Tensor]]:
+    """Index plan of a PPO update: a list of minibatches (one optimizer step each), each a list of
+    micro-batch index tensors. Every sample appears exactly once per epoch; len = epochs * n / minibatch."""
+    if n % minibatch_size or minibatch_size % micro_batch_size:
+        raise ValueError(
+            f"rollout {n} / minibatch {minibatch_size} / micro-batch {micro_batch_size} must divide"
+        )
+    plan = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, minibatch_size):
+            mb = perm[start : start + minibatch_size]
+            plan.append(list(mb.split(micro_batch_size)))
+    return plan
+
+
+class PPOTrainer:
+    """Runs the actor and critic updates on a Rollout; returns averaged statistics."""
+
+    def __init__(
+        self, engines: Engines, args: argparse.Namespace, ptx_batches: Iterator | None, zero3_actor: bool
+    ):
+        self.e = engines
+        self.args = args
+        self.ptx_batches = ptx_batches
+        self.zero3_actor = zero3_actor
+        self.generator = torch.Generator().manual_seed(args.seed)  # same plan on every rank
+
+    def actor_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
+        a = self.args
+        mask = mb.attention_mask
+        out = self.e.actor(
+            input_ids=mb.seq, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        )
+        logp = response_logprobs(out.logits, mb.seq, mb.prompt_len, a.temperature)
+        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, a.cliprange)
+        entropy = masked_mean(
+            entropy_from_logits(response_positions(out.logits, mb.prompt_len), a.temperature), mb.action_mask
+        )
+        loss = pg_loss - a.entropy_coef * entropy
+        stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
+        if self.ptx_batches is not None:
+            ptx = next(self.ptx_batches)
+            dev = mb.seq.device
+            ptx_ids, ptx_mask = ptx["input_ids"].to(dev), ptx["attention_mask"].to(dev)
+            ptx_out = self.e.actor(
+                input_ids=ptx_ids,
+                attention_mask=ptx_mask,
+                position_ids=position_ids_from_mask(ptx_mask),
+                use_cache=False,
+            )
+            ptx_loss = causal_lm_loss(ptx_out.logits, ptx["labels"].to(dev))
+            loss = loss + a.unsup_coef * ptx_loss
+            stats["ptx_loss"] = ptx_loss.detach()
+        self.e.actor.backward(loss)
+        self.e.actor.step()
+        return stats
+
+    def critic_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
+        values = response_positions(self.e.critic(mb.seq, mb.attention_mask).values, mb.prompt_len)
+        loss, stats = value_loss(values, mb.values, mb.returns, mb.action_mask, self.args.cliprange_value)
+        self.e.critic.backward(loss)
+        self.e.critic.step()
+        return {"value_loss": loss.detach(), "value_clipfrac": stats["clipfrac"]}
+
+    def train(self, rollout: Rollout) -> dict[str, float]:
+        a = self.args
+        micro = a.per_device_training_batch_size
+        plan = minibatch_schedule(
+            len(rollout), micro * a.gradient_accumulation_steps, micro, a.ppo_epochs, self.generator
+        )
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        for minibatch in plan:
+            for idx in minibatch:  # gradient accumulation: the engines step only at the boundary
+                mb = rollout.select(idx)
+                stats = {**self.actor_step(mb), **self.critic_step(mb)}
+                for k, v in stats.items():
+                    sums[k] += float(v)
+                count += 1
+            if self.e.ema is not None:
+                ema_update(self.e.ema, self.e.actor, a.ema_beta, self.zero3_actor)
+        return {k: v / count for k, v in sums.items()} | {"optimizer_steps": len(plan)}
