@@ -250,6 +250,16 @@ class RewardModel(nn.Module):
             raise ValueError(f"normalisation needs a finite gain > 0 and a finite bias, got {gain}, {bias}")
         self.gain, self.bias, self.normalization_sample = gain, bias, str(sample_description)
 
+    @torch.no_grad()
+    def fold_normalization_into_head(self) -> None:
+        """Make raw outputs normalised: head weight *= gain, head bias = gain * bias_head + bias; then gain 1,
+        bias 0. Step 3 does this to the critic so that its initial values are in the units of the
+        (normalised) rewards it learns to predict. Call before the head is partitioned (ZeRO-3)."""
+        self.value_head.weight.mul_(self.gain)
+        self.value_head.bias.mul_(self.gain).add_(self.bias)
+        self.normalization_sample = f"folded into the head ({self.normalization_sample})"
+        self.gain, self.bias = 1.0, 0.0
+
     # ------------------------------------------------------------------ saving and loading
 
     def save_pretrained(

@@ -4,7 +4,8 @@
              gradient checkpointing and hybrid engine for generation.
 - reference: a frozen copy of the initial actor, inference config; `--offload_reference_model` keeps
              its weights in CPU memory (ZeRO-3 parameter offload).
-- critic:    initialised from the reward model (ppo-fidelity item 13), trainable, ZeRO `--critic_zero_stage`.
+- critic:    initialised from the reward model (ppo-fidelity item 13) with its normalisation folded into the
+             head, so values start in reward units; trainable, ZeRO `--critic_zero_stage`.
 - reward:    the frozen reward model, returning normalised scores (stage-2 statistics).
 - ema:       optional exponential moving average of the actor (`--enable_ema`), saved beside it.
 
@@ -167,6 +168,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dropout=args.critic_dropout,
         ds_config=critic_cfg,
     )
+    critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
     if args.critic_lora_dim > 0:
         apply_lora_to_backbone(

@@ -132,6 +132,16 @@ class ExperienceMaker:
         self.kl_ctl = kl_ctl
         self.synced_gpus = zero3_actor and dist.get_world_size() > 1
         self.generation_seconds = 0.0
+        if engines.hybrid:
+            fast = len(getattr(engines.actor, "_inference_containers", [])) > 0
+            dist.print_rank0(
+                "[ppo] hybrid engine: "
+                + (
+                    "DeepSpeed inference kernels"
+                    if fast
+                    else "no kernels for this model/device, model's own generate()"
+                )
+            )
 
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -139,10 +149,11 @@ class ExperienceMaker:
         """(B, P) left-padded prompts -> (B, P + R) sequences, R <= max_answer_seq_len. No position_ids are
         passed: generate derives them from the attention mask (item 4)."""
         a = self.args
-        model = self.e.actor if self.e.hybrid else self.e.actor.module
         start = time.perf_counter()
         self.e.actor.eval()
-        seq = model.generate(
+        # With the hybrid engine and a model it has kernels for, DeepSpeed patches `module.generate` with its
+        # inference path; otherwise (CPU, unsupported architectures) this is the model's own generate().
+        seq = self.e.actor.module.generate(
             input_ids=prompts,
             attention_mask=prompt_mask,
             max_new_tokens=a.max_answer_seq_len,
@@ -172,13 +183,10 @@ class ExperienceMaker:
         pos = position_ids_from_mask(attention_mask)
         kw = {"input_ids": seq, "attention_mask": attention_mask, "position_ids": pos, "use_cache": False}
         t = self.args.temperature
-        self.e.actor.eval()
+        # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
         logprobs = response_logprobs(self.e.actor(**kw).logits, seq, prompt_len, t)
-        self.e.actor.train()
         ref_logprobs = response_logprobs(self.e.ref(**kw).logits, seq, prompt_len, t)
-        self.e.critic.eval()
         values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
-        self.e.critic.train()
         scores = self.e.reward(seq, attention_mask, normalize=True).scores
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
 

@@ -391,3 +391,18 @@ def test_config_gradient_checkpointing_and_train_mode_determinism():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rm.backbone.parameters())
     rm.gradient_checkpointing_disable()
     assert not rm.is_gradient_checkpointing
+
+
+def test_folding_normalization_into_head_makes_raw_values_normalised():
+    """Step 3 folds gain/bias into the critic's head so its values start in reward units."""
+    rm = _tiny_rm("opt")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(4, VOCAB, (8, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    rm.set_normalization(0.3, -1.2, "hand-picked")
+    with torch.no_grad():
+        expected = rm(ids, mask, normalize=True)
+        rm.fold_normalization_into_head()
+        folded = rm(ids, mask)
+    assert (rm.gain, rm.bias) == (1.0, 0.0)
+    torch.testing.assert_close(folded.scores, expected.scores, rtol=1e-5, atol=1e-5)
