@@ -34,7 +34,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     OPTConfig,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -131,7 +131,7 @@ def _sizes(arch: str, sizes: dict[str, int | None]) -> dict[str, int]:
     return merged  # type: ignore[return-value]
 
 
-def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, **sizes: int | None) -> PretrainedConfig:
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, **sizes: int | None) -> PreTrainedConfig:
     """The model config for arch with vocab and special token ids taken from the tokenizer."""
     s = _sizes(arch, sizes)
     ids = {

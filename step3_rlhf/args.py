@@ -60,7 +60,7 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="Score given instead of the RM's to responses that hit the length limit without EOS "
-        "(the references use -1); off by default.",
+        "(the references use -1); off by default. Like RM scores it is then clipped to +-clip_reward_value.",
     )
     # KL [14, 15]
     g.add_argument(

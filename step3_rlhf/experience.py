@@ -168,9 +168,7 @@ class ExperienceMaker:
         )
         self.e.actor.train()
         self.generation_seconds += time.perf_counter() - start
-        if (
-            seq.shape[1] == prompts.shape[1]
-        ):  # nothing generated at all (cannot happen with max_new_tokens >= 1)
+        if seq.shape[1] == prompts.shape[1]:  # cannot happen with max_new_tokens >= 1
             raise RuntimeError("generate returned no new tokens")
         return seq
 
@@ -205,7 +203,8 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def make(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
-        """One generation batch -> a Rollout with rewards and (unwhitened) GAE advantages."""
+        """One generation batch -> a Rollout with log-probs, values, KL and scores (rewards, advantages and
+        returns are filled in by `shape`, over the whole rollout)."""
         a = self.args
         prompt_len = prompts.shape[1]
         seq, attention_mask, action_mask, ends = self.sample(prompts, prompt_mask)
@@ -214,10 +213,7 @@ class ExperienceMaker:
         if a.missing_eos_penalty is not None:
             scores = torch.where(ends, scores, torch.full_like(scores, a.missing_eos_penalty))
         kl = kl_penalty(s["logprobs"], s["ref_logprobs"], kind=a.kl_estimator, clamp=a.kl_clamp)
-        rewards = shape_rewards(scores, kl, action_mask, self.kl_ctl.value, clip_score=a.clip_reward_value)
-        if a.whiten_rewards:
-            rewards = masked_whiten(rewards, action_mask, shift_mean=False)
-        advantages, returns = gae(rewards, s["values"], action_mask, a.gamma, a.lam)
+        zeros = torch.zeros_like(kl)
         return Rollout(
             seq=seq,
             attention_mask=attention_mask,
@@ -226,18 +222,30 @@ class ExperienceMaker:
             ref_logprobs=s["ref_logprobs"],
             values=s["values"],
             kl=kl,
-            rewards=rewards,
-            advantages=advantages,
-            returns=returns,
+            rewards=zeros,
+            advantages=zeros,
+            returns=zeros,
             scores=scores,
             ends_with_eos=ends,
             prompt_len=prompt_len,
         )
 
+    def shape(self, r: Rollout) -> Rollout:
+        """Per-token rewards (-beta * KL + clipped score at the last token), optional reward whitening, GAE,
+        advantage whitening: all over the whole rollout of this rank (items 14, 16, 17)."""
+        a = self.args
+        rewards = shape_rewards(
+            r.scores, r.kl, r.action_mask, self.kl_ctl.value, clip_score=a.clip_reward_value
+        )
+        if a.whiten_rewards:
+            rewards = masked_whiten(rewards, r.action_mask, shift_mean=False)
+        advantages, returns = gae(rewards, r.values, r.action_mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            advantages = masked_whiten(advantages, r.action_mask, shift_mean=True)
+        r.rewards, r.advantages, r.returns = rewards, advantages, returns
+        return r
+
     def make_rollout(self, prompt_batches: list[dict[str, torch.Tensor]]) -> Rollout:
-        """Several generation batches -> one Rollout, advantages whitened over all of it (this rank's)."""
+        """Several generation batches -> one shaped Rollout."""
         parts = [self.make(b["input_ids"], b["attention_mask"]) for b in prompt_batches]
-        rollout = concat_rollouts(parts, self.tokenizer.pad_token_id)
-        if self.args.whiten_advantages:
-            rollout.advantages = masked_whiten(rollout.advantages, rollout.action_mask, shift_mean=True)
-        return rollout
+        return self.shape(concat_rollouts(parts, self.tokenizer.pad_token_id))

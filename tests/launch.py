@@ -14,7 +14,10 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     """Run `script` (e.g. 'step1_sft/main.py') with `num_procs` CPU ranks (1 = plain python, no launcher).
 
     Returns combined stdout+stderr; raises AssertionError with the output's tail when it fails."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # A test process that initialised torch.distributed itself must not hand its rank/port to the child.
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     if num_procs == 1:
         cmd = [sys.executable, script, *args]
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +84,8 @@ def _argv(root: Path, actor_dir: Path, rm_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dir, tmp_path_factory) -> Models:
+def models(tiny_dir, tmp_path_factory) -> Iterator[Models]:
+    environ = dict(os.environ)
     dist.init_distributed()
     root = tmp_path_factory.mktemp("step3")
     tok = load_tokenizer(str(tiny_dir))
@@ -105,7 +108,11 @@ def models(tiny_dir, tmp_path_factory) -> Models:
     data = build_stage_data(data_config(args), tok, stage=3)
     collate = PromptCollator(tok.pad_token_id)
     batches = [collate([data.train[i] for i in range(b * GEN_BATCH, (b + 1) * GEN_BATCH)]) for b in range(3)]
-    return Models(actor_dir=actor_dir, rm_dir=rm_dir, tok=tok, batches=batches, root=root)
+    yield Models(actor_dir=actor_dir, rm_dir=rm_dir, tok=tok, batches=batches, root=root)
+    # init_distributed's single-process defaults (RANK, MASTER_PORT of this process's store, ...) must not
+    # leak into the subprocesses later test modules launch; the process group itself stays up.
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _stage(m: Models, *extra: str, actor_dir: Path | None = None, rm_dir: Path | None = None) -> Stage:

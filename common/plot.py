@@ -1,0 +1,106 @@
+"""A PNG of the PPO curves, drawn from the `ppo_metrics.json` that stage 3 writes.
+
+    python -m common.plot OUT/ppo/ppo_metrics.json [OUT/ppo/ppo_curves.png]
+
+Three panels over PPO iterations: the reward-model score (mean normalised score of each iteration's
+rollouts, plus the held-out evaluations as markers), the KL to the reference policy (batch mean of the
+per-sequence sum, the quantity the KL controller sees) and the response length in tokens (rollouts and
+held-out). matplotlib runs with the Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+PNG_NAME = "ppo_curves.png"
+# (panel title, history key, eval key or None, y label)
+PANELS = (
+    ("reward-model score (normalised)", "score_mean", "score", "score"),
+    ("KL to the reference policy", "kl", None, "per-sequence KL"),
+    ("response length", "response_length", "response_length", "tokens"),
+)
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """Read a ppo_metrics.json; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("history"), list):
+        raise ValueError(f"{path}: no 'history' list; is this a ppo_metrics.json written by stage 3?")
+    return metrics
+
+
+def curve_series(metrics: dict[str, Any]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Per panel key, the plotted points: {"train": (steps, values), "eval": (steps, values)}.
+
+    "train" has one point per PPO iteration from `history`; "eval" one per held-out evaluation from
+    `evals` (step 0 is the stage-1 policy), for the panels that have an eval quantity."""
+    history, evals = metrics.get("history", []), metrics.get("evals", [])
+    series: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for _, key, eval_key, _ in PANELS:
+        rows = [h for h in history if key in h]
+        panel = {"train": ([float(h["step"]) for h in rows], [float(h[key]) for h in rows])}
+        if eval_key is not None:
+            points = [e for e in evals if eval_key in e]
+            panel["eval"] = ([float(e["step"]) for e in points], [float(e[eval_key]) for e in points])
+        series[key] = panel
+    return series
+
+
+def plot_ppo_curves(metrics: dict[str, Any] | str | Path, out_png: str | Path) -> Path:
+    """Draw the three PPO panels of `metrics` (a dict or a ppo_metrics.json path) into `out_png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not isinstance(metrics, dict):
+        metrics = load_metrics(metrics)
+    series = curve_series(metrics)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
+    for ax, (title, key, _, ylabel) in zip(axes, PANELS, strict=True):
+        steps, values = series[key]["train"]
+        ax.plot(steps, values, color="tab:blue", marker="o", markersize=3, linewidth=1.5, label="rollouts")
+        if "eval" in series[key]:
+            e_steps, e_values = series[key]["eval"]
+            ax.plot(
+                e_steps, e_values, color="tab:red", marker="D", markersize=7, linestyle="--", label="held-out"
+            )
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    if "score_gain" in metrics:
+        fig.suptitle(
+            f"PPO: held-out score {metrics['before']['score']:+.3f} -> {metrics['after']['score']:+.3f} "
+            f"(gain {metrics['score_gain']:+.3f}), final KL {metrics['final_kl']:.3f}"
+        )
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Plot PPO curves from ppo_metrics.json")
+    parser.add_argument("metrics", type=Path, help="ppo_metrics.json written by stage 3")
+    parser.add_argument("png", type=Path, nargs="?", help=f"output PNG (default: {PNG_NAME} beside it)")
+    args = parser.parse_args(argv)
+    try:
+        png = plot_ppo_curves(args.metrics, args.png or args.metrics.with_name(PNG_NAME))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"plot: {e}") from None
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

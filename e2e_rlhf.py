@@ -1,0 +1,510 @@
+"""The whole pipeline in one command: SFT -> reward model -> PPO, then a summary table and a plot.
+
+    python e2e_rlhf.py --tiny                      # the built-in tiny default (CPU, or one GPU when present)
+    python e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
+        --deployment-type single_gpu --output-dir out/opt-1.3b
+    python e2e_rlhf.py --actor-model meta-llama/Llama-2-7b-hf --deployment-type multi_node --step 3
+    python e2e_rlhf.py ... --dry-run               # print each stage's final command, run nothing
+
+Like DeepSpeed-Chat's e2e_rlhf.py, every stage runs through a launch script,
+`launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]]`, which holds the
+settings for that model size and hardware (see launch/lib.sh). Output layout under --output-dir:
+
+    sft/       stage-1 model (Hugging Face format), sft_metrics.json, training.log, stage_run.json
+    rm/        stage-2 reward model, rm_metrics.json, training.log, stage_run.json
+    ppo/       actor/, critic/ (and actor_ema/), ppo_metrics.json, ppo_curves.png, training.log, stage_run.json
+    tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
+
+A stage is finished when its metrics file exists: the stage scripts write it last, after the model is saved,
+so an interrupted or failed stage never counts as finished. A finished stage is skipped (--force reruns it);
+a stage that runs makes the later selected stages run too, since their input changed. Before a stage runs,
+its old metrics file and stage_run.json are removed. stage_run.json records the command and its wall time,
+which the summary shows even when the stage was skipped in this invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+LAUNCH_DIR = REPO / "launch"
+DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
+RUN_RECORD = "stage_run.json"
+STAGE_LOG = "training.log"
+# Lines of a stage's output shown on the console (everything goes to its training.log).
+CONSOLE_LINE = re.compile(r"^(\[(sft|reward|ppo|data|launch)\]|\+ |launch: )")
+
+
+@dataclass(frozen=True)
+class Stage:
+    step: int
+    name: str  # its directory under the output root
+    title: str
+    metrics: str  # written by the stage script last: its presence means "finished"
+
+    def dir(self, out: Path) -> Path:
+        return out / self.name
+
+    def metrics_path(self, out: Path) -> Path:
+        return out / self.name / self.metrics
+
+
+STAGES = {
+    1: Stage(1, "sft", "supervised fine-tuning", "sft_metrics.json"),
+    2: Stage(2, "rm", "reward model", "rm_metrics.json"),
+    3: Stage(3, "ppo", "PPO", "ppo_metrics.json"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the launch scripts know: its hub id, its launch directory and its default reward model."""
+
+    hub_id: str
+    launch_dir: str  # under launch/
+    reward_model: str
+
+    @property
+    def family(self) -> str:
+        return self.launch_dir.split("/")[0]
+
+
+MODELS = (
+    ModelSpec("tiny", "tiny", "tiny"),
+    ModelSpec("facebook/opt-1.3b", "opt/1.3b", "facebook/opt-350m"),
+    ModelSpec("facebook/opt-6.7b", "opt/6.7b", "facebook/opt-350m"),
+    ModelSpec("facebook/opt-13b", "opt/13b", "facebook/opt-350m"),
+    ModelSpec("facebook/opt-30b", "opt/30b", "facebook/opt-350m"),
+    ModelSpec("facebook/opt-66b", "opt/66b", "facebook/opt-350m"),
+    ModelSpec("meta-llama/Llama-2-7b-hf", "llama2/7b", "meta-llama/Llama-2-7b-hf"),
+    ModelSpec("meta-llama/Llama-2-13b-hf", "llama2/13b", "meta-llama/Llama-2-7b-hf"),
+    ModelSpec("meta-llama/Llama-2-70b-hf", "llama2/70b", "meta-llama/Llama-2-7b-hf"),
+    ModelSpec("Qwen/Qwen2.5-0.5B", "qwen2.5/0.5b", "Qwen/Qwen2.5-0.5B"),
+    ModelSpec("Qwen/Qwen2.5-1.5B", "qwen2.5/1.5b", "Qwen/Qwen2.5-0.5B"),
+    ModelSpec("Qwen/Qwen2.5-7B", "qwen2.5/7b", "Qwen/Qwen2.5-0.5B"),
+)
+# Reward models that are not also actors, with the family whose tokenizer they share.
+REWARD_ONLY = {"facebook/opt-350m": "opt"}
+
+
+def _aliases(hub_id: str, launch_dir: str | None = None) -> set[str]:
+    """Names accepted for a model: the hub id, its last part, the launch directory ('opt/1.3b'), and for OPT
+    the bare size as DeepSpeed-Chat accepts it ('1.3b'). Compared lower-case."""
+    names = {hub_id.lower(), hub_id.split("/")[-1].lower()}
+    if launch_dir:
+        names.add(launch_dir.lower())
+    if hub_id.startswith("facebook/opt-"):
+        names.add(hub_id.removeprefix("facebook/opt-"))
+    return names
+
+
+def resolve_actor(name: str) -> ModelSpec:
+    """The ModelSpec for an actor name (any alias); SystemExit listing the known models otherwise."""
+    for spec in MODELS:
+        if name.lower() in _aliases(spec.hub_id, spec.launch_dir):
+            return spec
+    known = ", ".join(spec.hub_id for spec in MODELS)
+    raise SystemExit(
+        f"--actor-model {name!r}: no launch scripts for it; known models: {known}. For a local copy of a "
+        "known model, pass its hub id here and ACTOR_MODEL=/path/to/it in the environment; for a new model, "
+        "copy the closest launch/<family>/<size>/ directory."
+    )
+
+
+def resolve_reward(name: str | None, actor: ModelSpec) -> str:
+    """The reward model's hub id (or path). A known model must share the actor's family (its tokenizer)."""
+    if name is None:
+        return actor.reward_model
+    if actor.hub_id == "tiny":
+        if name.lower() != "tiny":
+            raise SystemExit("--reward-model: the tiny default trains its reward model from the SFT model")
+        return "tiny"
+    for spec in MODELS:
+        if name.lower() in _aliases(spec.hub_id, spec.launch_dir):
+            family, hub_id = spec.family, spec.hub_id
+            break
+    else:
+        matches = [h for h in REWARD_ONLY if name.lower() in _aliases(h)]
+        if not matches:
+            return name  # a local path or an unknown hub id: the scripts pass it through
+        hub_id, family = matches[0], REWARD_ONLY[matches[0]]
+    if family != actor.family:
+        raise SystemExit(
+            f"--reward-model {name!r} is a {family} model but the actor {actor.hub_id} is {actor.family}: "
+            "stage 3 needs the reward model to use the actor's tokenizer"
+        )
+    return hub_id
+
+
+def launch_script(spec: ModelSpec, deployment: str) -> Path:
+    script = LAUNCH_DIR / spec.launch_dir / f"{deployment}.sh"
+    if not script.is_file():
+        available = sorted(p.stem for p in (LAUNCH_DIR / spec.launch_dir).glob("*.sh"))
+        raise SystemExit(
+            f"no launch script {script.relative_to(REPO)} for --deployment-type {deployment}; "
+            f"{spec.hub_id} has: {', '.join(available)}"
+        )
+    return script
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: Stage
+    run: bool
+    reason: str
+
+
+def is_finished(stage: Stage, out: Path) -> bool:
+    return stage.metrics_path(out).is_file()
+
+
+def plan_stages(out: Path, steps: Sequence[int], force: bool) -> list[PlannedStage]:
+    """Decide, for each selected step in order, whether it runs or is skipped, and why.
+
+    A step runs when forced, when its metrics file is missing, or when an earlier selected step runs (its
+    input changes). Every step needs the outputs of the steps before it: they must be selected or finished,
+    otherwise ValueError says which step to run first."""
+    selected = sorted(set(steps))
+    plan: list[PlannedStage] = []
+    upstream_runs = None
+    for step in selected:
+        stage = STAGES[step]
+        for earlier in range(1, step):
+            if earlier not in selected and not is_finished(STAGES[earlier], out):
+                raise ValueError(
+                    f"step {step} needs the output of step {earlier}, but "
+                    f"{STAGES[earlier].metrics_path(out)} does not exist: add {earlier} to --step"
+                )
+        if force:
+            plan.append(PlannedStage(stage, True, "--force"))
+        elif not is_finished(stage, out):
+            plan.append(PlannedStage(stage, True, f"{stage.metrics_path(out)} does not exist yet"))
+        elif upstream_runs is not None:
+            plan.append(PlannedStage(stage, True, f"step {upstream_runs} runs, so this step's input changes"))
+        else:
+            plan.append(
+                PlannedStage(stage, False, f"finished: {stage.metrics_path(out)} exists (--force reruns it)")
+            )
+        if plan[-1].run and upstream_runs is None:
+            upstream_runs = step
+    return plan
+
+
+def stale_after(out: Path, plan: Sequence[PlannedStage]) -> list[Stage]:
+    """Finished stages that are not selected but come after a stage that runs: their input changes."""
+    running = [p.stage.step for p in plan if p.run]
+    selected = {p.stage.step for p in plan}
+    if not running:
+        return []
+    return [s for n, s in STAGES.items() if n > min(running) and n not in selected and is_finished(s, out)]
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class StageRun:
+    """One stage's launch: the command, its environment and where its log goes."""
+
+    step: int
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    verbose: bool = False
+    output_tail: list[str] = field(default_factory=list)
+
+
+Runner = Callable[[StageRun], int]
+
+
+def run_subprocess(run: StageRun) -> int:
+    """Run a launch script from the repository root, echo its progress lines (all lines when verbose) and
+    keep its last lines in run.output_tail. Returns the exit status."""
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(
+        run.command, cwd=REPO, env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if run.verbose or CONSOLE_LINE.match(line):
+                print(line, flush=True)
+        status = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        status = 130
+    run.output_tail = list(tail)
+    return status
+
+
+def stage_command(
+    script: Path,
+    step: int,
+    out: Path,
+    zero_stage: str,
+    critic_zero_stage: str,
+    dry_run: bool,
+    extra: Sequence[str],
+) -> list[str]:
+    """`bash SCRIPT STEP OUT [ZERO [CRITIC_ZERO]] [--dry-run] [-- EXTRA...]` ('' ZeRO = the script's value)."""
+    command = ["bash", str(script), str(step), str(out), zero_stage]
+    if step == 3:
+        command.append(critic_zero_stage)
+    if dry_run:
+        command.append("--dry-run")
+    if extra:
+        command += ["--", *extra]
+    return command
+
+
+def stage_env(actor: ModelSpec, reward_model: str) -> dict[str, str]:
+    """The environment of a launch script: this interpreter's directory first on PATH (so the scripts'
+    `python` and `deepspeed` are this environment's), REWARD_MODEL when it is not the script's default."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    if reward_model not in (actor.reward_model, "tiny"):
+        env["REWARD_MODEL"] = reward_model
+    return env
+
+
+def failure_help(stage: Stage, out: Path, run: StageRun, status: int) -> str:
+    lines = [
+        f"step {stage.step} ({stage.title}) failed with exit status {status}.",
+        f"command: {shlex.join(run.command)}",
+        f"full log: {run.log_path}",
+        "last lines of its output:",
+        *("    " + line for line in run.output_tail[-25:]),
+        "If it ran out of memory: lower the per-device batch sizes (raise --gradient_accumulation_steps to keep the",
+        "effective batch), raise the ZeRO stage (--actor-zero-stage / --reward-zero-stage), add --offload,",
+        "gradient checkpointing or LoRA; see the README's troubleshooting section.",
+    ]
+    return "\n".join(lines)
+
+
+def write_run_record(stage: Stage, out: Path, command: Sequence[str], seconds: float) -> None:
+    record = {
+        "step": stage.step,
+        "seconds": round(seconds, 1),
+        "command": list(command),
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    (stage.dir(out) / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e})") from None
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{int(round(seconds))} s ({m}:{s:02d})"
+
+
+def summary_rows(out: Path, ran: set[int] | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows from the stages' metrics files and run records under `out`; `ran` marks the
+    steps that ran in this invocation (the others' wall time is from an earlier run)."""
+    sft = _load(STAGES[1].metrics_path(out))
+    rm = _load(STAGES[2].metrics_path(out))
+    ppo = _load(STAGES[3].metrics_path(out))
+    rows: list[tuple[str, str]] = []
+    if sft:
+        ppl = sft["perplexity_per_epoch"]
+        rows.append(("stage 1: held-out perplexity before -> after", f"{ppl[0]:.2f} -> {ppl[-1]:.2f}"))
+    if rm:
+        final = rm["final"]
+        rows.append(
+            ("stage 2: held-out pairwise accuracy", f"{final['accuracy']:.3f} ({final['pairs']} pairs)")
+        )
+    if ppo:
+        before, after = ppo["before"]["score"], ppo["after"]["score"]
+        rows.append(("stage 3: held-out RM score, stage-1 policy", f"{before:+.3f}"))
+        rows.append(("stage 3: held-out RM score, PPO policy", f"{after:+.3f}"))
+        verdict = "yes" if after > before else "NO"
+        rows.append(
+            ("stage 3: PPO policy scores higher", f"{verdict} ({ppo['score_gain']:+.3f} normalised units)")
+        )
+        rows.append(("stage 3: final KL to the reference (per sequence)", f"{ppo['final_kl']:.3f}"))
+    total = 0.0
+    for step, stage in STAGES.items():
+        record = _load(stage.dir(out) / RUN_RECORD)
+        if record:
+            total += record["seconds"]
+            when = "" if ran is None or step in ran else "  (earlier run)"
+            rows.append((f"wall time: step {step} ({stage.title})", _duration(record["seconds"]) + when))
+    if total:
+        rows.append(("wall time: all stages", _duration(total)))
+    return rows
+
+
+def format_table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    rule = "=" * (width + 36)
+    return "\n".join([rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule])
+
+
+def report(out: Path, ran: set[int]) -> None:
+    """Plot the PPO curves (when stage 3 has finished) and print the summary table and where things are."""
+    ppo_metrics = STAGES[3].metrics_path(out)
+    png = None
+    if ppo_metrics.is_file():
+        from common.plot import PNG_NAME, plot_ppo_curves
+
+        png = plot_ppo_curves(ppo_metrics, ppo_metrics.with_name(PNG_NAME))
+    rows = summary_rows(out, ran)
+    if rows:
+        print("\n" + format_table(rows))
+    print(f"outputs:       {out}")
+    print(f"stage logs:    {out}/{{sft,rm,ppo}}/{STAGE_LOG}")
+    if (out / "tensorboard").is_dir():
+        print(f"TensorBoard:   tensorboard --logdir {out / 'tensorboard'}")
+    if png is not None:
+        print(f"PPO curves:    {png}")
+    if (out / "ppo" / "actor").is_dir():
+        print(f"chat with it:  python chat.py --path {out / 'ppo' / 'actor'}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run SFT -> reward model -> PPO through the launch scripts; skip finished stages.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="The built-in tiny default (= --actor-model tiny)."
+    )
+    parser.add_argument(
+        "--actor-model",
+        default="tiny",
+        help="Actor (stage 1) model: a hub id of a model with launch scripts, e.g. facebook/opt-1.3b, "
+        "meta-llama/Llama-2-7b-hf, Qwen/Qwen2.5-7B (also 'opt-1.3b', '1.3b' for OPT, 'opt/1.3b'), or 'tiny'.",
+    )
+    parser.add_argument(
+        "--reward-model",
+        default=None,
+        help="Reward model (stage 2) base: default the family's (facebook/opt-350m for OPT, Llama-2-7b for "
+        "Llama-2, Qwen2.5-0.5B for Qwen2.5). Must share the actor's tokenizer.",
+    )
+    parser.add_argument("--deployment-type", choices=DEPLOYMENTS, default="single_gpu")
+    parser.add_argument(
+        "--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="Steps to run."
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="Output root (default: output/<actor model name>)."
+    )
+    zero = ("", "0", "1", "2", "3")
+    parser.add_argument(
+        "--actor-zero-stage",
+        default="",
+        choices=zero,
+        help="ZeRO stage of steps 1 and 3 (actor); '' = script's.",
+    )
+    parser.add_argument(
+        "--reward-zero-stage", default="", choices=zero, help="ZeRO stage of step 2 and the step-3 critic."
+    )
+    parser.add_argument("--force", action="store_true", help="Rerun selected steps even when finished.")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Print each stage's final command; run nothing."
+    )
+    parser.add_argument("--verbose", action="store_true", help="Echo every line of the stages' output.")
+    for step in (1, 2, 3):
+        parser.add_argument(
+            f"--step{step}-args",
+            default="",
+            metavar="FLAGS",
+            help=f"Extra flags for step {step}, appended to the script's (write --step{step}-args='--flag v').",
+        )
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.actor_model = "tiny"
+    return args
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
+    args = parse_args(argv)
+    actor = resolve_actor(args.actor_model)
+    reward_model = resolve_reward(args.reward_model, actor)
+    script = launch_script(actor, args.deployment_type)
+    out = (args.output_dir or REPO / "output" / actor.hub_id.split("/")[-1]).resolve()
+    try:
+        plan = plan_stages(out, args.step, args.force)
+    except ValueError as e:
+        if not args.dry_run:
+            raise SystemExit(f"e2e_rlhf: {e}") from None
+        print(f"note: {e}")
+        plan = [PlannedStage(STAGES[s], True, "dry run") for s in sorted(set(args.step))]
+    print(
+        f"pipeline: actor {actor.hub_id}, reward model {reward_model}, {args.deployment_type}, output {out}"
+    )
+    env = stage_env(actor, reward_model)
+    ran: set[int] = set()
+    started = time.perf_counter()
+    for planned in plan:
+        stage = planned.stage
+        header = f"== step {stage.step}: {stage.title}"
+        if not planned.run:
+            print(f"{header}: skipped, {planned.reason}")
+            continue
+        zero = args.actor_zero_stage if stage.step in (1, 3) else args.reward_zero_stage
+        extra = shlex.split(getattr(args, f"step{stage.step}_args"))
+        command = stage_command(script, stage.step, out, zero, args.reward_zero_stage, args.dry_run, extra)
+        print(f"{header} ({planned.reason})\n   {shlex.join(command)}", flush=True)
+        run = StageRun(
+            stage.step, command, env, stage.dir(out) / STAGE_LOG, verbose=args.verbose or args.dry_run
+        )
+        if not args.dry_run:
+            stage.metrics_path(out).unlink(missing_ok=True)  # an interrupted rerun must not look finished
+            (stage.dir(out) / RUN_RECORD).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        status = runner(run)
+        seconds = time.perf_counter() - t0
+        if status != 0:
+            print(failure_help(stage, out, run, status), file=sys.stderr)
+            return status
+        if args.dry_run:
+            continue
+        if not is_finished(stage, out):
+            print(f"step {stage.step} exited 0 but wrote no {stage.metrics_path(out)}; log: {run.log_path}")
+            return 1
+        write_run_record(stage, out, command, seconds)
+        ran.add(stage.step)
+        print(f"{header}: done in {_duration(seconds)}", flush=True)
+    if args.dry_run:
+        return 0
+    for stage in stale_after(out, plan):
+        print(
+            f"note: {stage.dir(out)} was made from the previous outputs of earlier steps; rerun it with "
+            f"--step {stage.step} --force"
+        )
+    report(out, ran)
+    print(f"this invocation: {_duration(time.perf_counter() - started)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+# Shared body of every launch script; sourced first, with the script's arguments:
+#     source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"
+# then the script sets its configuration (variables below) and calls `launch`.
+#
+# Usage of a launch script (one script per model size and deployment, one stage per call):
+#     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
+#   STEP               1 (SFT), 2 (reward model) or 3 (PPO)
+#   OUTPUT             the pipeline's output root: models in OUTPUT/sft, OUTPUT/rm, OUTPUT/ppo, each stage's
+#                      log in its directory (training.log), TensorBoard in OUTPUT/tensorboard/<stage>,
+#                      tokenised-data cache in OUTPUT/data_cache
+#   ZERO_STAGE         overrides the script's ZeRO stage of the trained model (step 1: the SFT model,
+#                      step 2: the reward model, step 3: the actor); '' keeps the script's value
+#   CRITIC_ZERO_STAGE  step 3 only: overrides the critic's ZeRO stage
+#   --dry-run          print the final command(s), prefixed '+ ', and run nothing (also DRY_RUN=1)
+#   -- FLAGS...        appended to the stage's command; a flag given twice takes the later value
+# Environment: ACTOR_MODEL / REWARD_MODEL replace the scripts' hub ids (e.g. with local copies),
+# NUM_GPUS (single_node, default 8), HOSTFILE (multi_node, default /job/hostfile), MASTER_PORT (29500).
+#
+# Configuration a script sets before `launch`:
+#   DEPLOYMENT      process (plain python: CPU or one GPU) | single_gpu | single_node | multi_node
+#   ACTOR_MODEL     stage-1 base model;   REWARD_MODEL  stage-2 base model
+#   DATA            array: --data_path ... --data_split ...
+#   STEP1_ZERO STEP2_ZERO STEP3_ACTOR_ZERO STEP3_CRITIC_ZERO   default ZeRO stages
+#   STEP1_ARGS STEP2_ARGS STEP3_ARGS                          arrays of the stages' other flags
+#   PREPARE         optional array, a command run before step 1 unless PREPARE_CREATES exists
+
+set -euo pipefail
+
+LAUNCH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LAUNCH_SCRIPT="${BASH_SOURCE[1]:-$0}"
+
+launch_usage() {
+    echo "usage: bash $LAUNCH_SCRIPT STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]" >&2
+    echo "  $*" >&2
+    exit 2
+}
+
+# ---- arguments
+DRY_RUN="${DRY_RUN:-0}"
+EXTRA=()
+_positional=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY_RUN=1 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) launch_usage "see the comment at the top of launch/lib.sh" ;;
+        -*) launch_usage "unknown option $1 (stage flags go after --)" ;;
+        *) _positional+=("$1") ;;
+    esac
+    shift
+done
+[ "${#_positional[@]}" -ge 2 ] || launch_usage "STEP and OUTPUT are required"
+[ "${#_positional[@]}" -le 4 ] || launch_usage "too many arguments: ${_positional[*]}"
+STEP="${_positional[0]}"
+OUTPUT="${_positional[1]}"
+ZERO_OVERRIDE="${_positional[2]:-}"
+CRITIC_ZERO_OVERRIDE="${_positional[3]:-}"
+case "$STEP" in 1|2|3) ;; *) launch_usage "STEP must be 1, 2 or 3, got '$STEP'" ;; esac
+for _z in "$ZERO_OVERRIDE" "$CRITIC_ZERO_OVERRIDE"; do
+    case "$_z" in ''|0|1|2|3) ;; *) launch_usage "a ZeRO stage must be 0, 1, 2 or 3, got '$_z'" ;; esac
+done
+[ -z "$CRITIC_ZERO_OVERRIDE" ] || [ "$STEP" = 3 ] || launch_usage "CRITIC_ZERO_STAGE applies to step 3 only"
+case "$OUTPUT" in /*) ;; *) OUTPUT="$PWD/$OUTPUT" ;; esac
+OUTPUT="${OUTPUT%/}"
+
+# ---- defaults a script may override
+DATA=()
+STEP1_ARGS=()
+STEP2_ARGS=()
+STEP3_ARGS=()
+PREPARE=()
+PREPARE_CREATES=""
+
+_launcher() {
+    case "$DEPLOYMENT" in
+        process) LAUNCHER=(python) ;;
+        single_gpu) LAUNCHER=(deepspeed --num_gpus 1 --master_port "${MASTER_PORT:-29500}") ;;
+        single_node) LAUNCHER=(deepspeed --num_gpus "${NUM_GPUS:-8}" --master_port "${MASTER_PORT:-29500}") ;;
+        multi_node)
+            LAUNCHER=(deepspeed --hostfile "${HOSTFILE:-/job/hostfile}" --master_port "${MASTER_PORT:-29500}") ;;
+        *) echo "launch: unknown DEPLOYMENT '$DEPLOYMENT' in $LAUNCH_SCRIPT" >&2; exit 2 ;;
+    esac
+}
+
+_print_cmd() {  # one line, '+ ' then the words, shell-quoted where needed
+    local line="+" word
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then line+=" $word"; else line+=" $(printf '%q' "$word")"; fi
+    done
+    printf '%s\n' "$line"
+}
+
+_require() {  # _require PATH WHAT: a stage input that must exist (real runs only)
+    if [ ! -e "$1" ]; then
+        echo "launch: step $STEP needs $2 at $1, which does not exist: run the earlier step first" >&2
+        exit 1
+    fi
+}
+
+# Build the stage's command into CMD and its output directory into STAGE_DIR.
+_stage_command() {
+    _launcher
+    case "$STEP" in
+        1)
+            STAGE_DIR="$OUTPUT/sft"
+            CMD=("${LAUNCHER[@]}" step1_sft/main.py --model_name_or_path "$ACTOR_MODEL" "${DATA[@]}"
+                --data_output_path "$OUTPUT/data_cache" --zero_stage "${ZERO_OVERRIDE:-$STEP1_ZERO}"
+                "${STEP1_ARGS[@]}" --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/sft"
+                --output_dir "$STAGE_DIR") ;;
+        2)
+            STAGE_DIR="$OUTPUT/rm"
+            CMD=("${LAUNCHER[@]}" step2_reward/main.py --model_name_or_path "$REWARD_MODEL" "${DATA[@]}"
+                --data_output_path "$OUTPUT/data_cache" --zero_stage "${ZERO_OVERRIDE:-$STEP2_ZERO}"
+                --normalization_policy_path "$OUTPUT/sft" "${STEP2_ARGS[@]}"
+                --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/rm" --output_dir "$STAGE_DIR") ;;
+        3)
+            STAGE_DIR="$OUTPUT/ppo"
+            CMD=("${LAUNCHER[@]}" step3_rlhf/main.py --actor_model_name_or_path "$OUTPUT/sft"
+                --critic_model_name_or_path "$OUTPUT/rm" "${DATA[@]}" --data_output_path "$OUTPUT/data_cache"
+                --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}"
+                --critic_zero_stage "${CRITIC_ZERO_OVERRIDE:-$STEP3_CRITIC_ZERO}" "${STEP3_ARGS[@]}"
+                --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/ppo" --output_dir "$STAGE_DIR") ;;
+    esac
+    CMD+=("${EXTRA[@]}")
+}
+
+# Run (or print) the configured stage. Output goes to the terminal and to STAGE_DIR/training.log.
+launch() {
+    _stage_command
+    local prepare=0
+    if [ "$STEP" = 1 ] && [ "${#PREPARE[@]}" -gt 0 ] && [ ! -e "$PREPARE_CREATES" ]; then prepare=1; fi
+    if [ "$DRY_RUN" = 1 ]; then
+        [ "$prepare" = 0 ] || _print_cmd "${PREPARE[@]}"
+        _print_cmd "${CMD[@]}"
+        return 0
+    fi
+    case "$STEP" in
+        2) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
+        3) _require "$OUTPUT/sft/config.json" "the stage-1 model"
+           _require "$OUTPUT/rm/config.json" "the stage-2 reward model" ;;
+    esac
+    if [ "$DEPLOYMENT" = multi_node ] && [ ! -f "${HOSTFILE:-/job/hostfile}" ]; then
+        echo "launch: hostfile ${HOSTFILE:-/job/hostfile} not found: write one line per node, e.g." \
+            "'worker-1 slots=8', and pass HOSTFILE=path (see the README, 'Running on a cluster')" >&2
+        exit 1
+    fi
+    mkdir -p "$STAGE_DIR"
+    local log="$STAGE_DIR/training.log"
+    cd "$LAUNCH_ROOT"
+    export PYTHONUNBUFFERED=1
+    export PYTHONPATH="$LAUNCH_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the stages import common/ from the checkout
+    local status=0
+    {
+        echo "[launch] $(date '+%Y-%m-%d %H:%M:%S') $LAUNCH_SCRIPT step $STEP"
+        if [ "$prepare" = 1 ]; then _print_cmd "${PREPARE[@]}"; "${PREPARE[@]}"; fi
+        _print_cmd "${CMD[@]}"
+        "${CMD[@]}"
+    } 2>&1 | tee "$log" || status=$?
+    [ "$status" = 0 ] || echo "launch: step $STEP failed (exit $status); its log: $log" >&2
+    return "$status"
+}
