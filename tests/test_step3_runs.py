@@ -125,10 +125,16 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     assert RewardModel.from_pretrained(out / "critic") is not None
 
 
-def test_lora_actor_with_ema_saves_loadable_models(sft_and_rm, tmp_path):
+def test_lora_ema_ptx_hybrid_engine_run_saves_loadable_models(sft_and_rm, tmp_path):
+    """One short run with every optional feature on (plain python, one process): LoRA actor and critic,
+    EMA, PPO-ptx on a local text file, hybrid engine (on CPU it falls back to the model's generate)."""
     root = sft_and_rm
-    out = tmp_path / "ppo_lora_ema"
-    run_stage(
+    text = tmp_path / "pretrain.txt"
+    text.write_text(
+        "\n".join(f"Plain pretraining text number {i} about bread, chess and gardens." for i in range(200))
+    )
+    out = tmp_path / "ppo_features"
+    log = run_stage(
         "step3_rlhf/main.py",
         [
             "--actor_model_name_or_path",
@@ -149,47 +155,6 @@ def test_lora_actor_with_ema_saves_loadable_models(sft_and_rm, tmp_path):
             "--critic_lora_module_name",
             "self_attn.",
             "--enable_ema",
-            "--per_device_generation_batch_size",
-            "8",
-            *PPO_SHAPE,
-            "--enable_test_mode",
-            "--test_stop_step",
-            "2",
-            "--eval_num_prompts",
-            "8",
-        ],
-        num_procs=1,
-    )
-    actor = AutoModelForCausalLM.from_pretrained(out / "actor")
-    ema = AutoModelForCausalLM.from_pretrained(out / "actor_ema")
-    sft = AutoModelForCausalLM.from_pretrained(root / "sft")
-    key = "model.decoder.layers.0.self_attn.q_proj.weight"
-    w_sft, w_actor, w_ema = (m.state_dict()[key] for m in (sft, actor, ema))
-    assert not torch.equal(w_actor, w_sft), "the LoRA actor did not move"
-    # EMA with beta 0.992 after a couple of steps sits between the start and the actor, close to the start.
-    assert (w_ema - w_sft).norm() < (w_actor - w_sft).norm()
-    assert not any("lora" in k for k in actor.state_dict())
-    assert RewardModel.from_pretrained(out / "critic") is not None
-
-
-def test_ptx_and_hybrid_engine_run(sft_and_rm, tmp_path):
-    root = sft_and_rm
-    text = tmp_path / "pretrain.txt"
-    text.write_text(
-        "\n".join(f"Plain pretraining text number {i} about bread, chess and gardens." for i in range(200))
-    )
-    out = tmp_path / "ppo_ptx"
-    log = run_stage(
-        "step3_rlhf/main.py",
-        [
-            "--actor_model_name_or_path",
-            str(root / "sft"),
-            "--critic_model_name_or_path",
-            str(root / "rm"),
-            "--output_dir",
-            str(out),
-            "--data_output_path",
-            str(root / "cache"),
             "--unsupervised_dataset_name",
             str(text),
             "--unsup_coef",
@@ -206,7 +171,18 @@ def test_ptx_and_hybrid_engine_run(sft_and_rm, tmp_path):
         ],
         num_procs=1,
     )
+    assert "[ppo] step 2/2" in log and "hybrid engine:" in log
     metrics = json.loads((out / "ppo_metrics.json").read_text())
-    assert all("ptx_loss" in h and h["ptx_loss"] > 0 for h in metrics["history"])
-    assert AutoModelForCausalLM.from_pretrained(out / "actor") is not None
-    assert "[ppo] step 2/2" in log
+    assert all(h["ptx_loss"] > 0 for h in metrics["history"])
+    actor = AutoModelForCausalLM.from_pretrained(out / "actor")
+    ema = AutoModelForCausalLM.from_pretrained(out / "actor_ema")
+    sft = AutoModelForCausalLM.from_pretrained(root / "sft")
+    key = "model.decoder.layers.0.self_attn.q_proj.weight"
+    w_sft, w_actor, w_ema = (m.state_dict()[key] for m in (sft, actor, ema))
+    assert not torch.equal(w_actor, w_sft), "the LoRA actor did not move"
+    # EMA with beta 0.992 after a couple of steps sits between the start and the actor, close to the start.
+    assert 0 < (w_ema - w_sft).norm() < (w_actor - w_sft).norm()
+    untouched = "model.decoder.layers.0.fc1.weight"  # not a LoRA target: --only_optimize_lora keeps it
+    assert torch.equal(actor.state_dict()[untouched], sft.state_dict()[untouched])
+    assert not any("lora" in k for k in actor.state_dict())
+    assert RewardModel.from_pretrained(out / "critic") is not None

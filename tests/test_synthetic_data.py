@@ -163,10 +163,16 @@ def test_response_level_oracle():
         ms.response_level("\n\nHuman: How do I juggle?\n\nAssistant:", f" {tip}")
 
 
+def _words(text: str) -> list[str]:
+    for mark in ".,!?":
+        text = text.replace(mark, f" {mark}")
+    return text.lower().split()
+
+
 def _bag_of_words(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
     x = torch.zeros(len(texts), len(vocab))
     for i, text in enumerate(texts):
-        for word in text.lower().replace(".", " .").replace(",", " ,").replace("!", " !").split():
+        for word in _words(text):
             if word in vocab:
                 x[i, vocab[word]] += 1
     return x
@@ -175,24 +181,22 @@ def _bag_of_words(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
 def test_preference_is_visible_in_response_tokens(rows):
     """A bag-of-words linear reward on the response alone ranks held-out pairs with accuracy >= 0.9."""
     train, test = rows["train"], rows["test"]
-    words = sorted({w for r in train for t in (r["chosen"], r["rejected"]) for w in t.lower().split()})
-    vocab = {w: i for i, w in enumerate(words + [".", ",", "!"])}
-    feats = {
-        (split, side): _bag_of_words([r[side] for r in split_rows], vocab)
+    words = sorted({w for r in train for side in ("chosen", "rejected") for w in _words(r[side])})
+    vocab = {w: i for i, w in enumerate(words)}
+    diff = {
+        split: _bag_of_words([r["chosen"] for r in split_rows], vocab)
+        - _bag_of_words([r["rejected"] for r in split_rows], vocab)
         for split, split_rows in (("train", train), ("test", test))
-        for side in ("chosen", "rejected")
     }
-    torch.manual_seed(0)
     w = torch.zeros(len(vocab), requires_grad=True)
-    opt = torch.optim.Adam([w], lr=0.05)
-    for _ in range(200):
-        margin = (feats["train", "chosen"] - feats["train", "rejected"]) @ w
-        loss = -torch.nn.functional.logsigmoid(margin).mean()
+    opt = torch.optim.Adam([w], lr=0.1)
+    for _ in range(60):
+        loss = -torch.nn.functional.logsigmoid(diff["train"] @ w).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        accuracy = ((feats["test", "chosen"] - feats["test", "rejected"]) @ w > 0).float().mean().item()
+        accuracy = (diff["test"] @ w > 0).float().mean().item()
     assert accuracy >= 0.9
 
 

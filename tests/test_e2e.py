@@ -1,0 +1,285 @@
+"""The orchestrator e2e_rlhf.py: which stages run or are skipped (with an injected runner that plays the
+stages), the commands it hands the launch scripts, the summary table, and one real run of the tiny default
+through the real launch script: finished stages are then skipped without starting a process, and --force
+--step 1 reruns step 1 alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import e2e_rlhf
+from e2e_rlhf import STAGES, StageRun
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SCRIPT = REPO / "launch" / "tiny" / "single_gpu.sh"
+
+FAKE_METRICS = {
+    1: {"perplexity_per_epoch": [120.5, 30.25, 18.0], "optimizer_steps": 9},
+    2: {
+        "eval_curve": [
+            {"step": 0, "accuracy": 0.5, "pairs": 300},
+            {"step": 4, "accuracy": 0.8, "pairs": 300},
+        ],
+        "final": {"accuracy": 0.8, "pairs": 300},
+    },
+    3: {
+        "before": {"score": 0.25, "response_length": 12.0, "eos_fraction": 1.0},
+        "after": {"score": 1.5, "response_length": 20.0, "eos_fraction": 0.9},
+        "score_gain": 1.25,
+        "final_kl": 4.5,
+        "evals": [
+            {"step": 0, "score": 0.25, "response_length": 12.0},
+            {"step": 2, "score": 1.5, "response_length": 20.0},
+        ],
+        "history": [
+            {"step": 1, "score_mean": 0.3, "kl": 0.0, "response_length": 13.0},
+            {"step": 2, "score_mean": 1.1, "kl": 4.5, "response_length": 18.0},
+        ],
+    },
+}
+
+
+class FakeStages:
+    """Plays the launch scripts: records each call and, unless told to fail, writes the step's metrics file
+    as the real stage does when it finishes (nothing in dry-run mode)."""
+
+    def __init__(self, out: Path, fail_step: int | None = None, status: int = 3, write_metrics: bool = True):
+        self.out, self.fail_step, self.status, self.write_metrics = out, fail_step, status, write_metrics
+        self.calls: list[tuple[int, list[str], bool]] = []  # step, command, metrics existed at call time
+
+    def __call__(self, run: StageRun) -> int:
+        stage = STAGES[run.step]
+        self.calls.append((run.step, run.command, stage.metrics_path(self.out).exists()))
+        if run.step == self.fail_step:
+            run.output_tail = ["Traceback (most recent call last):", "RuntimeError: CUDA out of memory"]
+            return self.status
+        if "--dry-run" not in run.command:
+            stage.dir(self.out).mkdir(parents=True, exist_ok=True)
+            (stage.dir(self.out) / "training.log").write_text(f"step {run.step}\n")
+            if self.write_metrics:
+                stage.metrics_path(self.out).write_text(json.dumps(FAKE_METRICS[run.step]))
+        return 0
+
+    @property
+    def steps(self) -> list[int]:
+        return [step for step, _, _ in self.calls]
+
+
+def run_main(out: Path, *flags: str, fake: FakeStages | None = None) -> tuple[int, FakeStages]:
+    fake = fake or FakeStages(out)
+    return e2e_rlhf.main(["--tiny", "--output-dir", str(out), *flags], runner=fake), fake
+
+
+def test_fresh_run_runs_every_step_then_a_rerun_skips_them(tmp_path, capsys):
+    status, fake = run_main(tmp_path)
+    assert status == 0 and fake.steps == [1, 2, 3]
+    assert not any(existed for _, _, existed in fake.calls)
+    for step, command, _ in fake.calls:
+        assert command[:4] == ["bash", str(TINY_SCRIPT), str(step), str(tmp_path)]
+        record = json.loads((STAGES[step].dir(tmp_path) / e2e_rlhf.RUN_RECORD).read_text())
+        assert record["command"] == command and record["seconds"] >= 0
+    assert (tmp_path / "ppo" / "ppo_curves.png").is_file()
+    first = capsys.readouterr().out
+    assert "stage 1: held-out perplexity before -> after       120.50 -> 18.00" in first
+    assert "PPO curves:    " + str(tmp_path / "ppo" / "ppo_curves.png") in first
+
+    status, fake = run_main(tmp_path)
+    assert status == 0 and fake.steps == []  # no stage process started
+    second = capsys.readouterr().out
+    for stage in STAGES.values():
+        assert f"skipped, finished: {stage.metrics_path(tmp_path)} exists (--force reruns it)" in second
+    assert "(earlier run)" in second and "stage 3: PPO policy scores higher" in second
+
+
+def test_force_reruns_the_selected_step_only_and_flags_later_outputs(tmp_path, capsys):
+    run_main(tmp_path)
+    record_2 = (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).read_text()
+    capsys.readouterr()
+    status, fake = run_main(tmp_path, "--force", "--step", "1")
+    assert status == 0 and fake.steps == [1]
+    assert fake.calls[0][2] is False  # the old metrics file was removed before the rerun
+    assert (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).read_text() == record_2
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'rm'} was made from the previous outputs" in out
+    assert f"note: {tmp_path / 'ppo'} was made from the previous outputs" in out
+
+
+def test_a_step_that_runs_makes_the_later_selected_steps_run(tmp_path, capsys):
+    run_main(tmp_path)
+    (tmp_path / "sft" / "sft_metrics.json").unlink()
+    status, fake = run_main(tmp_path)
+    assert status == 0 and fake.steps == [1, 2, 3]
+    out = capsys.readouterr().out
+    assert "step 1 runs, so this step's input changes" in out
+    # a later step alone, with earlier ones finished, runs alone
+    (tmp_path / "ppo" / "ppo_metrics.json").unlink()
+    status, fake = run_main(tmp_path)
+    assert fake.steps == [3]
+
+
+def test_a_step_needs_the_earlier_outputs(tmp_path, capsys):
+    fake = FakeStages(tmp_path)
+    with pytest.raises(
+        SystemExit, match=r"step 3 needs the output of step 1, but .*sft_metrics.json does not exist"
+    ):
+        run_main(tmp_path, "--step", "3", fake=fake)
+    assert fake.steps == []
+    run_main(tmp_path, "--step", "1", fake=fake)
+    with pytest.raises(SystemExit, match="step 3 needs the output of step 2"):
+        run_main(tmp_path, "--step", "3", fake=fake)
+    status, fake = run_main(tmp_path, "--step", "2", "3")
+    assert status == 0 and fake.steps == [2, 3]
+
+
+def test_a_failed_step_stops_the_pipeline_and_says_where_to_look(tmp_path, capsys):
+    status, fake = run_main(tmp_path, fake=FakeStages(tmp_path, fail_step=2, status=7))
+    assert status == 7 and fake.steps == [1, 2]
+    err = capsys.readouterr().err
+    assert "step 2 (reward model) failed with exit status 7." in err
+    assert f"full log: {tmp_path / 'rm' / 'training.log'}" in err
+    assert "RuntimeError: CUDA out of memory" in err
+    assert not (tmp_path / "rm" / "rm_metrics.json").exists()
+    assert not (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).exists()
+    status, fake = run_main(tmp_path)  # the next run resumes at step 2
+    assert status == 0 and fake.steps == [2, 3]
+
+
+def test_a_step_that_exits_0_without_metrics_is_an_error(tmp_path, capsys):
+    status, fake = run_main(tmp_path, fake=FakeStages(tmp_path, write_metrics=False))
+    assert status == 1 and fake.steps == [1]
+    assert "exited 0 but wrote no" in capsys.readouterr().out
+
+
+def test_commands_carry_zero_stages_extra_flags_and_dry_run(tmp_path, capsys):
+    fake = FakeStages(tmp_path)
+    status = e2e_rlhf.main(
+        [
+            "--actor-model", "1.3b", "--output-dir", str(tmp_path), "--dry-run", "--actor-zero-stage", "3",
+            "--reward-zero-stage", "1", "--step2-args=--print_loss --eval_interval 5",
+        ],
+        runner=fake,
+    )  # fmt: skip
+    script = str(REPO / "launch" / "opt" / "1.3b" / "single_gpu.sh")
+    assert status == 0
+    assert [c for _, c, _ in fake.calls] == [
+        ["bash", script, "1", str(tmp_path), "3", "--dry-run"],
+        ["bash", script, "2", str(tmp_path), "1", "--dry-run", "--", "--print_loss", "--eval_interval", "5"],
+        ["bash", script, "3", str(tmp_path), "3", "1", "--dry-run"],
+    ]
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_model_names_and_reward_models():
+    spec = e2e_rlhf.resolve_actor("facebook/opt-1.3b")
+    for alias in ("1.3b", "opt-1.3b", "FACEBOOK/OPT-1.3B", "opt/1.3b"):
+        assert e2e_rlhf.resolve_actor(alias) == spec
+    assert e2e_rlhf.resolve_actor("Llama-2-13b-hf").launch_dir == "llama2/13b"
+    assert e2e_rlhf.resolve_actor("qwen/qwen2.5-7b").reward_model == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(SystemExit, match="no launch scripts for it"):
+        e2e_rlhf.resolve_actor("gpt2")
+
+    assert e2e_rlhf.resolve_reward(None, spec) == "facebook/opt-350m"
+    assert e2e_rlhf.resolve_reward("350m", spec) == "facebook/opt-350m"
+    assert e2e_rlhf.resolve_reward("opt-1.3b", spec) == "facebook/opt-1.3b"
+    assert e2e_rlhf.resolve_reward("/models/my-rm", spec) == "/models/my-rm"
+    with pytest.raises(SystemExit, match="stage 3 needs the reward model to use the actor's tokenizer"):
+        e2e_rlhf.resolve_reward("Qwen/Qwen2.5-0.5B", spec)
+    with pytest.raises(SystemExit, match="tiny default trains its reward model from the SFT model"):
+        e2e_rlhf.resolve_reward("opt-350m", e2e_rlhf.resolve_actor("tiny"))
+
+    assert "REWARD_MODEL" not in e2e_rlhf.stage_env(spec, "facebook/opt-350m")
+    env = e2e_rlhf.stage_env(spec, "/models/my-rm")
+    assert env["REWARD_MODEL"] == "/models/my-rm"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    with pytest.raises(SystemExit, match="no launch script launch/tiny/multi_node.sh"):
+        e2e_rlhf.launch_script(e2e_rlhf.resolve_actor("tiny"), "multi_node")
+
+
+def test_summary_rows(tmp_path):
+    for step, stage in STAGES.items():
+        stage.dir(tmp_path).mkdir()
+        stage.metrics_path(tmp_path).write_text(json.dumps(FAKE_METRICS[step]))
+    (tmp_path / "sft" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 61.4}))
+    (tmp_path / "ppo" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 125.0}))
+    rows = dict(e2e_rlhf.summary_rows(tmp_path, ran={3}))
+    assert rows == {
+        "stage 1: held-out perplexity before -> after": "120.50 -> 18.00",
+        "stage 2: held-out pairwise accuracy": "0.800 (300 pairs)",
+        "stage 3: held-out RM score, stage-1 policy": "+0.250",
+        "stage 3: held-out RM score, PPO policy": "+1.500",
+        "stage 3: PPO policy scores higher": "yes (+1.250 normalised units)",
+        "stage 3: final KL to the reference (per sequence)": "4.500",
+        "wall time: step 1 (supervised fine-tuning)": "61 s (1:01)  (earlier run)",
+        "wall time: step 3 (PPO)": "125 s (2:05)",
+        "wall time: all stages": "186 s (3:06)",
+    }
+    worse = {**FAKE_METRICS[3], "after": {"score": 0.0}, "score_gain": -0.25}
+    STAGES[3].metrics_path(tmp_path).write_text(json.dumps(worse))
+    assert (
+        dict(e2e_rlhf.summary_rows(tmp_path))["stage 3: PPO policy scores higher"]
+        == "NO (-0.250 normalised units)"
+    )
+
+
+# ------------------------------------------------------------------ one real run of the tiny default
+
+SMALL_BUDGET = [
+    "--step1-args=--data_split 1,1,98 --num_train_epochs 1 --max_seq_len 64",
+    "--step2-args=--data_split 1,1,98 --max_seq_len 64 --eval_iters 1 --normalization_num_samples 8 "
+    "--normalization_max_new_tokens 8",
+    "--step3-args=--test_stop_step 1 --eval_num_prompts 8 --per_device_generation_batch_size 8 "
+    "--per_device_training_batch_size 4 --max_prompt_seq_len 32 --max_answer_seq_len 8",
+]
+
+
+def e2e(out: Path, *flags: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    proc = subprocess.run(
+        [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *SMALL_BUDGET, *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_real_tiny_pipeline_then_skip_then_force_step_1(tmp_path):
+    out = tmp_path / "pipeline"
+    first = e2e(out)
+    for label in (
+        "stage 1: held-out perplexity before -> after",
+        "stage 2: held-out pairwise accuracy",
+        "stage 3: held-out RM score, stage-1 policy",
+        "stage 3: held-out RM score, PPO policy",
+        "stage 3: final KL to the reference (per sequence)",
+        "wall time: step 3 (PPO)",
+    ):
+        assert label in first
+    # each stage's log in its directory, TensorBoard events per stage, the PNG, the models
+    for name, tag in (("sft", "[sft]"), ("rm", "[reward]"), ("ppo", "[ppo]")):
+        assert tag in (out / name / "training.log").read_text()
+        assert list((out / "tensorboard" / name).glob("events.out.tfevents.*")), name
+    png = out / "ppo" / "ppo_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for model_dir in ("sft", "rm", "ppo/actor", "ppo/critic"):
+        assert (out / model_dir / "model.safetensors").is_file(), model_dir
+
+    logs = {name: (out / name / "training.log").stat().st_mtime_ns for name in ("sft", "rm", "ppo")}
+    records = {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in ("sft", "rm", "ppo")}
+    second = e2e(out)
+    assert second.count("skipped, finished") == 3 and "[launch]" not in second  # no stage started
+    assert {name: (out / name / "training.log").stat().st_mtime_ns for name in logs} == logs
+    assert {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in records} == records
+
+    third = e2e(out, "--force", "--step", "1")
+    assert "[sft] saved to" in third and "[reward]" not in third and "[ppo]" not in third
+    assert (out / "sft" / "training.log").stat().st_mtime_ns != logs["sft"]
+    assert (out / "sft" / e2e_rlhf.RUN_RECORD).read_text() != records["sft"]
+    assert (out / "rm" / "training.log").stat().st_mtime_ns == logs["rm"]
+    assert (out / "ppo" / e2e_rlhf.RUN_RECORD).read_text() == records["ppo"]
+    assert f"note: {out / 'rm'} was made from the previous outputs" in third
