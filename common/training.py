@@ -101,3 +101,36 @@ def init_engine(
 
 def optimizer_steps(num_batches: int, grad_accum: int, epochs: int) -> int:
     return math.ceil(num_batches / grad_accum) * epochs
+
+
+def stage_ds_config(args) -> dict:
+    """DeepSpeed config of the trained model of stage 1 or 2, from the shared flags."""
+    from common.ds_config import train_config
+
+    return train_config(
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=dist.get_world_size(),
+        dtype=args.dtype,
+        offload=args.offload,
+        gradient_clipping=args.gradient_clipping,
+    )
+
+
+def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoch: int):
+    """The DeepSpeed engine of stage 1 or 2: optimizer and schedule from the shared flags."""
+    return init_engine(
+        model,
+        ds_config=ds_config,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=args.adam_betas,
+        offload=args.offload,
+        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
+        scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.num_warmup_steps,
+        total_steps=optimizer_steps(
+            batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs
+        ),
+    )

@@ -30,7 +30,7 @@ from common.args import (
     data_config,
 )
 from common.data import SFTCollator, build_stage_data
-from common.ds_config import torch_dtype, train_config
+from common.ds_config import torch_dtype
 from common.model import (
     apply_lora,
     causal_lm_loss,
@@ -44,9 +44,9 @@ from common.monitor import Monitor, progress
 from common.training import (
     device,
     eval_loader,
-    init_engine,
-    optimizer_steps,
     set_seed,
+    stage_ds_config,
+    stage_engine,
     to_device,
     train_loader,
 )
@@ -110,15 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)
     eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
 
-    ds_config = train_config(
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        world_size=dist.get_world_size(),
-        dtype=args.dtype,
-        offload=args.offload,
-        gradient_clipping=args.gradient_clipping,
-    )
+    ds_config = stage_ds_config(args)
     model = load_causal_lm(
         args.model_name_or_path,
         tokenizer,
@@ -139,19 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
-    engine = init_engine(
-        model,
-        ds_config=ds_config,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        betas=args.adam_betas,
-        offload=args.offload,
-        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
-        scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.num_warmup_steps,
-        total_steps=total_steps,
-    )
+    engine = stage_engine(model, args, ds_config, len(train_dl))
 
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft"

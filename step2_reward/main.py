@@ -38,7 +38,7 @@ from common.args import (
     data_config,
 )
 from common.data import PairCollator, build_stage_data
-from common.ds_config import torch_dtype, train_config
+from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 from common.monitor import Monitor, progress
 from common.reward_model import (
@@ -50,9 +50,10 @@ from common.reward_model import (
 from common.training import (
     device,
     eval_loader,
-    init_engine,
     optimizer_steps,
     set_seed,
+    stage_ds_config,
+    stage_engine,
     to_device,
     train_loader,
 )
@@ -200,15 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)
     eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
 
-    ds_config = train_config(
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        world_size=dist.get_world_size(),
-        dtype=args.dtype,
-        offload=args.offload,
-        gradient_clipping=args.gradient_clipping,
-    )
+    ds_config = stage_ds_config(args)
     model = load_reward_model_for_training(
         args.model_name_or_path,
         tokenizer,
@@ -228,19 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.gradient_checkpointing:
             model.backbone.enable_input_require_grads()
+    engine = stage_engine(model, args, ds_config, len(train_dl))
     total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
-    engine = init_engine(
-        model,
-        ds_config=ds_config,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        betas=args.adam_betas,
-        offload=args.offload,
-        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
-        scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.num_warmup_steps,
-        total_steps=total_steps,
-    )
 
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "reward"

@@ -229,19 +229,33 @@ def test_summary_rows(tmp_path):
 
 # ------------------------------------------------------------------ one real run of the tiny default
 
-SMALL_BUDGET = [
-    "--step1-args=--data_split 1,1,98 --num_train_epochs 1 --max_seq_len 64",
-    "--step2-args=--data_split 1,1,98 --max_seq_len 64 --eval_iters 1 --normalization_num_samples 8 "
-    "--normalization_max_new_tokens 8",
-    "--step3-args=--test_stop_step 1 --eval_num_prompts 8 --per_device_generation_batch_size 8 "
-    "--per_device_training_batch_size 4 --max_prompt_seq_len 32 --max_answer_seq_len 8",
-]
+
+def small_budget(data: Path) -> list[str]:
+    """A few optimizer steps per stage on a small slice of the bundled data (300 train / 16 test rows): the
+    stages evaluate on the whole test split, so a small one keeps the run short."""
+    return [
+        f"--step1-args=--data_path {data} --num_train_epochs 1 --max_seq_len 64",
+        f"--step2-args=--data_path {data} --max_seq_len 64 --eval_iters 1 --normalization_num_samples 8 "
+        "--normalization_max_new_tokens 8",
+        f"--step3-args=--data_path {data} --test_stop_step 1 --eval_num_prompts 8 "
+        "--per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_prompt_seq_len 32 "
+        "--max_answer_seq_len 8",
+    ]
 
 
-def e2e(out: Path, *flags: str) -> str:
+def small_dataset(root: Path) -> Path:
+    bundled = REPO / "data" / "synthetic"
+    root.mkdir()
+    for split, rows in (("train", 300), ("test", 16)):
+        lines = (bundled / f"{split}.jsonl").read_text().splitlines(keepends=True)[:rows]
+        (root / f"{split}.jsonl").write_text("".join(lines))
+    return root
+
+
+def e2e(out: Path, data: Path, *flags: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     proc = subprocess.run(
-        [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *SMALL_BUDGET, *flags],
+        [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *small_budget(data), *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -249,8 +263,8 @@ def e2e(out: Path, *flags: str) -> str:
 
 
 def test_real_tiny_pipeline_then_skip_then_force_step_1(tmp_path):
-    out = tmp_path / "pipeline"
-    first = e2e(out)
+    out, data = tmp_path / "pipeline", small_dataset(tmp_path / "data")
+    first = e2e(out, data)
     for label in (
         "stage 1: held-out perplexity before -> after",
         "stage 2: held-out pairwise accuracy",
@@ -271,12 +285,12 @@ def test_real_tiny_pipeline_then_skip_then_force_step_1(tmp_path):
 
     logs = {name: (out / name / "training.log").stat().st_mtime_ns for name in ("sft", "rm", "ppo")}
     records = {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in ("sft", "rm", "ppo")}
-    second = e2e(out)
+    second = e2e(out, data)
     assert second.count("skipped, finished") == 3 and "[launch]" not in second  # no stage started
     assert {name: (out / name / "training.log").stat().st_mtime_ns for name in logs} == logs
     assert {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in records} == records
 
-    third = e2e(out, "--force", "--step", "1")
+    third = e2e(out, data, "--force", "--step", "1")
     assert "[sft] saved to" in third and "[reward]" not in third and "[ppo]" not in third
     assert (out / "sft" / "training.log").stat().st_mtime_ns != logs["sft"]
     assert (out / "sft" / e2e_rlhf.RUN_RECORD).read_text() != records["sft"]
