@@ -53,8 +53,8 @@ def fit_conversation(
 
 class AnswerStreamer(TextStreamer):
     """Writes the answer to `out` as words are completed, stopping before STOP_TEXT, so the streamed text is
-    exactly the answer that goes into the history. Text that could be the start of STOP_TEXT is held back
-    until the next words show whether it is."""
+    exactly the answer that goes into the history. Text that could be the start of STOP_TEXT, and trailing
+    whitespace, are held back until the next words show whether they belong to the answer."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -66,14 +66,12 @@ class AnswerStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.text += text
         visible = self.text.split(STOP_TEXT, 1)[0]
-        end = len(visible)
-        if stream_end or STOP_TEXT in self.text:
-            end = len(visible.rstrip())
-        else:
+        if not stream_end and STOP_TEXT not in self.text:
             for k in range(min(len(STOP_TEXT), len(visible)), 0, -1):  # hold back a partial STOP_TEXT
                 if visible.endswith(STOP_TEXT[:k]):
-                    end -= k
+                    visible = visible[:-k]
                     break
+        end = len(visible.rstrip())  # trailing whitespace waits for more text: the stored answer is stripped
         if end > self.shown:
             self.out.write(visible[self.shown : end])
             self.out.flush()

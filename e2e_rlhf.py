@@ -285,7 +285,7 @@ def stage_env(actor: ModelSpec, reward_model: str) -> dict[str, str]:
     return env
 
 
-def failure_help(stage: Stage, out: Path, run: StageRun, status: int) -> str:
+def failure_help(stage: Stage, run: StageRun, status: int) -> str:
     lines = [
         f"step {stage.step} ({stage.title}) failed with exit status {status}.",
         f"command: {shlex.join(run.command)}",
@@ -373,7 +373,10 @@ def report(out: Path, ran: set[int]) -> None:
     if ppo_metrics.is_file():
         from common.plot import PNG_NAME, plot_ppo_curves
 
-        png = plot_ppo_curves(ppo_metrics, ppo_metrics.with_name(PNG_NAME))
+        try:
+            png = plot_ppo_curves(ppo_metrics, ppo_metrics.with_name(PNG_NAME))
+        except ValueError as e:
+            print(f"note: no PPO plot: {e}")
     rows = summary_rows(out, ran)
     if rows:
         print("\n" + format_table(rows))
@@ -392,8 +395,7 @@ def report(out: Path, ran: set[int]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Run SFT -> reward model -> PPO through the launch scripts; skip finished stages.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run SFT -> reward model -> PPO through the launch scripts; skip finished stages."
     )
     parser.add_argument(
         "--tiny", action="store_true", help="The built-in tiny default (= --actor-model tiny)."
@@ -402,7 +404,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--actor-model",
         default="tiny",
         help="Actor (stage 1) model: a hub id of a model with launch scripts, e.g. facebook/opt-1.3b, "
-        "meta-llama/Llama-2-7b-hf, Qwen/Qwen2.5-7B (also 'opt-1.3b', '1.3b' for OPT, 'opt/1.3b'), or 'tiny'.",
+        "meta-llama/Llama-2-7b-hf, Qwen/Qwen2.5-7B (also 'opt-1.3b', '1.3b' for OPT, 'opt/1.3b'), or 'tiny' (the default).",
     )
     parser.add_argument(
         "--reward-model",
@@ -410,9 +412,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Reward model (stage 2) base: default the family's (facebook/opt-350m for OPT, Llama-2-7b for "
         "Llama-2, Qwen2.5-0.5B for Qwen2.5). Must share the actor's tokenizer.",
     )
-    parser.add_argument("--deployment-type", choices=DEPLOYMENTS, default="single_gpu")
     parser.add_argument(
-        "--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="Steps to run."
+        "--deployment-type",
+        choices=DEPLOYMENTS,
+        default="single_gpu",
+        help="Which launch script (single_gpu).",
+    )
+    parser.add_argument(
+        "--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="Steps to run (all)."
     )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="Output root (default: output/<actor model name>)."
@@ -484,7 +491,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
         status = runner(run)
         seconds = time.perf_counter() - t0
         if status != 0:
-            print(failure_help(stage, out, run, status), file=sys.stderr)
+            print(failure_help(stage, run, status), file=sys.stderr)
             return status
         if args.dry_run:
             continue

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Llama-2-70b actor + Llama-2-7b reward model on one GPU with 24 GB.
-# Estimated peak memory, steps 1 / 2 / 3: GPU 1.6 / 1.5 / 3.3 GB, CPU RAM 164.5 / 18.6 / 334.5 GB (the arithmetic: README).
+# Estimated peak memory, steps 1 / 2 / 3: GPU 2.3 / 1.5 / 4.8 GB, CPU RAM 164.5 / 18.6 / 334.5 GB (the arithmetic: README).
 #     bash launch/llama2/70b/single_gpu.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
 # Arguments, environment and output layout: launch/lib.sh. The whole pipeline: python e2e_rlhf.py --help.
 source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # OPT-13b actor + OPT-350m reward model on one GPU with 24 GB.
-# Estimated peak memory, steps 1 / 2 / 3: GPU 1.7 / 2.3 / 4.2 GB, CPU RAM 33.3 / 4.0 / 62.9 GB (the arithmetic: README).
+# Estimated peak memory, steps 1 / 2 / 3: GPU 2.1 / 2.3 / 5.1 GB, CPU RAM 33.3 / 4.0 / 62.9 GB (the arithmetic: README).
 #     bash launch/opt/13b/single_gpu.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
 # Arguments, environment and output layout: launch/lib.sh. The whole pipeline: python e2e_rlhf.py --help.
 source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"

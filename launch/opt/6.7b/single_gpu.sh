@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # OPT-6.7b actor + OPT-350m reward model on one GPU with 24 GB.
-# Estimated peak memory, steps 1 / 2 / 3: GPU 16.5 / 17.6 / 18.9 GB, CPU RAM 3.6 / 4.0 / 20.9 GB (the arithmetic: README).
+# Estimated peak memory, steps 1 / 2 / 3: GPU 16.5 / 17.6 / 19.2 GB, CPU RAM 3.6 / 4.0 / 20.9 GB (the arithmetic: README).
 #     bash launch/opt/6.7b/single_gpu.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
 # Arguments, environment and output layout: launch/lib.sh. The whole pipeline: python e2e_rlhf.py --help.
 source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"
