@@ -118,6 +118,30 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp_gather_partition_size", type=int, default=8)
 
 
+def add_compat_args(parser: argparse.ArgumentParser) -> None:
+    """DeepSpeed-Chat step-3 flags whose purpose is always met here, so its scripts carry over, and the
+    two it has that this project does not implement (refused with a message rather than ignored)."""
+    g = parser.add_argument_group("DeepSpeed-Chat compatibility")
+    g.add_argument(
+        "--num_padding_at_beginning",
+        type=int,
+        default=1,
+        help="Ignored: scores are read at the last valid token found through the attention mask.",
+    )
+    g.add_argument(
+        "--disable_actor_dropout",
+        action="store_true",
+        help="Ignored: dropout is always off in PPO (--actor_dropout defaults to 0).",
+    )
+    g.add_argument(
+        "--disable_critic_dropout",
+        action="store_true",
+        help="Ignored: dropout is always off in PPO (--critic_dropout defaults to 0).",
+    )
+    g.add_argument("--enable_mixed_precision_lora", action="store_true", help="Not implemented (refused).")
+    g.add_argument("--align_overflow", action="store_true", help="Not implemented (refused).")
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run control")
     g.add_argument(
@@ -147,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser)
     add_ppo_args(parser)
     add_run_args(parser)
+    add_compat_args(parser)
     add_output_args(parser)
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -170,5 +195,10 @@ def check_ppo_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--temperature must be > 0 (got {args.temperature}); use --no_sample for greedy")
     if args.max_prompt_seq_len < 1 or args.max_answer_seq_len < 1:
         raise SystemExit("--max_prompt_seq_len and --max_answer_seq_len must be positive")
+    for flag in ("enable_mixed_precision_lora", "align_overflow"):
+        if getattr(args, flag):
+            raise SystemExit(
+                f"--{flag} (DeepSpeed-Chat, fp16/quantised LoRA on GPUs) is not implemented here"
+            )
     if args.enable_test_mode and args.test_stop_step < 1:
         raise SystemExit("--enable_test_mode needs --test_stop_step >= 1")
