@@ -66,7 +66,8 @@ def test_sft_learns_and_saves_on_two_ranks(tiny_dir, tmp_path, zero_stage):
 
 
 def test_lora_changes_only_lora_weights_and_saves_merged(tiny_dir, tmp_path):
-    """Plain `python step1_sft/main.py` (no launcher) with LoRA on the attention projections only."""
+    """Plain `python step1_sft/main.py` (no launcher) with LoRA on the attention projections only, and
+    gradient checkpointing (which LoRA needs input gradients for)."""
     out = tmp_path / "sft_lora"
     rank = 4
     run_stage(
@@ -85,6 +86,7 @@ def test_lora_changes_only_lora_weights_and_saves_merged(tiny_dir, tmp_path):
             "--only_optimize_lora",
             "--lora_learning_rate",
             "5e-3",
+            "--gradient_checkpointing",
             "--lora_alpha",
             "8",
             *COMMON,
