@@ -51,6 +51,12 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no_sample", dest="do_sample", action="store_false", help="Greedy rollouts (not advised)."
     )
+    g.add_argument(
+        "--generation_use_cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="KV cache during generation (--no-generation_use_cache exists for benchmarks).",
+    )
     # reward [8, 14]
     g.add_argument(
         "--clip_reward_value", type=float, default=5.0, help="Clip RM scores to +-this (DS-Chat: 5)."

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -131,7 +133,7 @@ class ExperienceMaker:
         self.args = args
         self.kl_ctl = kl_ctl
         self.synced_gpus = zero3_actor and dist.get_world_size() > 1
-        self.generation_seconds = 0.0
+        self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase, reset by the caller
         if engines.hybrid:
             fast = len(getattr(engines.actor, "_inference_containers", [])) > 0
             dist.print_rank0(
@@ -143,31 +145,41 @@ class ExperienceMaker:
                 )
             )
 
+    @contextmanager
+    def _timed(self, phase: str):
+        """Accumulate the wall time of a phase (synchronising the GPU so the time is the work's)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[phase] += time.perf_counter() - start
+
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(B, P) left-padded prompts -> (B, P + R) sequences, R <= max_answer_seq_len. No position_ids are
         passed: generate derives them from the attention mask (item 4)."""
         a = self.args
-        start = time.perf_counter()
         self.e.actor.eval()
         # With the hybrid engine and a model it has kernels for, DeepSpeed patches `module.generate` with its
         # inference path; otherwise (CPU, unsupported architectures) this is the model's own generate().
-        seq = self.e.actor.module.generate(
-            input_ids=prompts,
-            attention_mask=prompt_mask,
-            max_new_tokens=a.max_answer_seq_len,
-            do_sample=a.do_sample,
-            temperature=a.temperature if a.do_sample else None,
-            top_k=a.top_k if a.do_sample else None,
-            top_p=a.top_p if a.do_sample else None,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            synced_gpus=self.synced_gpus,
-            use_cache=True,
-        )
+        with self._timed("generation"):
+            seq = self.e.actor.module.generate(
+                input_ids=prompts,
+                attention_mask=prompt_mask,
+                max_new_tokens=a.max_answer_seq_len,
+                do_sample=a.do_sample,
+                temperature=a.temperature if a.do_sample else None,
+                top_k=a.top_k if a.do_sample else None,
+                top_p=a.top_p if a.do_sample else None,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                synced_gpus=self.synced_gpus,
+                use_cache=a.generation_use_cache,
+            )
         self.e.actor.train()
-        self.generation_seconds += time.perf_counter() - start
         if seq.shape[1] == prompts.shape[1]:  # cannot happen with max_new_tokens >= 1
             raise RuntimeError("generate returned no new tokens")
         return seq
@@ -182,10 +194,14 @@ class ExperienceMaker:
         kw = {"input_ids": seq, "attention_mask": attention_mask, "position_ids": pos, "use_cache": False}
         t = self.args.temperature
         # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
-        logprobs = response_logprobs(self.e.actor(**kw).logits, seq, prompt_len, t)
-        ref_logprobs = response_logprobs(self.e.ref(**kw).logits, seq, prompt_len, t)
-        values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
-        scores = self.e.reward(seq, attention_mask, normalize=True).scores
+        with self._timed("actor_forward"):
+            logprobs = response_logprobs(self.e.actor(**kw).logits, seq, prompt_len, t)
+        with self._timed("reference_forward"):
+            ref_logprobs = response_logprobs(self.e.ref(**kw).logits, seq, prompt_len, t)
+        with self._timed("critic_forward"):
+            values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
+        with self._timed("reward_forward"):
+            scores = self.e.reward(seq, attention_mask, normalize=True).scores
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
 
     @torch.no_grad()

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = (b for epoch in range(args.num_train_epochs) for b in _epoch(prompts, epoch))
     for step in (s + 1 for s in bar):
         group = [to_device(next(batches), dev) for _ in range(args.generation_batches)]
-        maker.generation_seconds = 0.0
+        maker.seconds.clear()
         start = time.perf_counter()
         rollout = maker.make_rollout(group)
         experience_seconds = time.perf_counter() - start
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             **stats,
             **train_stats,
             "kl_coef": kl_coef_used,
-            "generation_seconds": maker.generation_seconds,
+            **{f"{phase}_seconds": secs for phase, secs in maker.seconds.items()},
             "experience_seconds": experience_seconds,
             "training_seconds": train_seconds,
             "tokens_per_s": tokens / (experience_seconds + train_seconds),
