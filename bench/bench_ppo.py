@@ -147,22 +147,11 @@ def naive_experience(
         engines.reward(s, m, normalize=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", *CONFIGS], default="tiny")
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--answer_len", type=int, default=64)
-    p.add_argument(
-        "--batch", type=int, default=8, help="Prompts per generation batch (= training micro-batch)."
-    )
-    p.add_argument("--iterations", type=int, default=3, help="Measured PPO iterations (after one warm-up).")
-    p.add_argument("--actor_zero_stage", type=int, default=0)
-    p.add_argument("--compare", action="store_true")
-    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rlhf-bench-models")
-    p.add_argument("--results", type=Path, default=REPO / "bench" / "results.jsonl")
-    a = p.parse_args()
-
-    from common import dist
+def measure(
+    a: argparse.Namespace, actor_dir: Path, rm_dir: Path, actor_zero_stage: int, compare: bool
+) -> dict:
+    """Build the stage-3 engines (actor at `actor_zero_stage`) and time warm-up + `a.iterations` PPO
+    iterations on fixed synthetic prompts; with `compare`, also the KV-cache and naive-loop comparisons."""
     from common.model import load_tokenizer
     from common.rl_math import FixedKLController
     from step3_rlhf.args import parse_args
@@ -170,10 +159,6 @@ def main() -> None:
     from step3_rlhf.experience import ExperienceMaker
     from step3_rlhf.ppo_trainer import PPOTrainer
 
-    dist.init_distributed()
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    actor_dir = write_model(a.model, a.workdir)
-    rm_dir = make_reward_model(write_model(CRITIC_FOR[a.model], a.workdir), a.workdir)
     args = parse_args(
         [
             "--actor_model_name_or_path",
@@ -191,7 +176,7 @@ def main() -> None:
             "--max_answer_seq_len",
             str(a.answer_len),
             "--actor_zero_stage",
-            str(a.actor_zero_stage),
+            str(actor_zero_stage),
             "--actor_learning_rate",
             "1e-6",
             "--critic_learning_rate",
@@ -200,9 +185,10 @@ def main() -> None:
     )
     tok = load_tokenizer(str(actor_dir))
     engines = build_engines(args, tok, 100, 100)
-    maker = ExperienceMaker(engines, tok, args, FixedKLController(args.init_kl_coef), a.actor_zero_stage == 3)
-    trainer = PPOTrainer(engines, args, None, a.actor_zero_stage == 3)
-    dev = next(engines.actor.module.parameters()).device
+    zero3 = actor_zero_stage == 3
+    maker = ExperienceMaker(engines, tok, args, FixedKLController(args.init_kl_coef), zero3)
+    trainer = PPOTrainer(engines, args, None, zero3)
+    dev = next(engines.critic.module.parameters()).device
     gen = torch.Generator().manual_seed(0)
     low = max(tok.eos_token_id, tok.pad_token_id) + 1
     prompts = torch.randint(low, len(tok), (a.batch, a.prompt_len), generator=gen).to(dev)
@@ -227,33 +213,19 @@ def main() -> None:
                 }
             )
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    forwards = sum(
-        mean[k] for k in ("actor_forward", "reference_forward", "critic_forward", "reward_forward")
-    )
+    phases = ("actor_forward", "reference_forward", "critic_forward", "reward_forward")
+    per_iteration = mean["experience"] + mean["training"]
     result = {
-        "bench": "ppo",
-        "model": a.model,
-        "critic": CRITIC_FOR[a.model],
-        "batch": a.batch,
-        "prompt_len": a.prompt_len,
-        "answer_len": a.answer_len,
-        "actor_zero_stage": a.actor_zero_stage,
-        "iterations": a.iterations,
-        "seconds_per_iteration": mean["experience"] + mean["training"],
+        "seconds_per_iteration": per_iteration,
         "generation_s": mean["generation"],
-        "experience_forwards_s": forwards,
-        **{
-            f"{k}_s": mean[k]
-            for k in ("actor_forward", "reference_forward", "critic_forward", "reward_forward")
-        },
+        "experience_forwards_s": sum(mean[k] for k in phases),
+        **{f"{k}_s": mean[k] for k in phases},
         "training_s": mean["training"],
         "generation_tokens_per_s": mean["generated_tokens"] / mean["generation"],
-        "samples_per_s": a.batch / (mean["experience"] + mean["training"]),
-        "tokens_per_s": a.batch
-        * (a.prompt_len + mean["generated_tokens"] / a.batch)
-        / (mean["experience"] + mean["training"]),
+        "samples_per_s": a.batch / per_iteration,
+        "tokens_per_s": (a.batch * a.prompt_len + mean["generated_tokens"]) / per_iteration,
     }
-    if a.compare:
+    if compare:
 
         def generation_seconds(use_cache: bool) -> float:
             args.generation_use_cache = use_cache
@@ -275,8 +247,52 @@ def main() -> None:
         naive = time.perf_counter() - start
         start = time.perf_counter()
         maker.score(seq, attn, a.prompt_len)
-        batched = time.perf_counter() - start
-        result["naive_over_batched_experience_forwards"] = naive / batched
+        result["naive_over_batched_experience_forwards"] = naive / (time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["tiny", *CONFIGS], default="tiny")
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--answer_len", type=int, default=64)
+    p.add_argument(
+        "--batch", type=int, default=8, help="Prompts per generation batch (= training micro-batch)."
+    )
+    p.add_argument("--iterations", type=int, default=3, help="Measured PPO iterations (after one warm-up).")
+    p.add_argument("--actor_zero_stage", type=int, default=0)
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="Also: KV cache on/off, naive loop vs batched forwards, actor ZeRO-2 vs ZeRO-3.",
+    )
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rlhf-bench-models")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results.jsonl")
+    a = p.parse_args()
+
+    from common import dist
+
+    dist.init_distributed()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    actor_dir = write_model(a.model, a.workdir)
+    rm_dir = make_reward_model(write_model(CRITIC_FOR[a.model], a.workdir), a.workdir)
+    result = {
+        "bench": "ppo",
+        "model": a.model,
+        "critic": CRITIC_FOR[a.model],
+        "batch": a.batch,
+        "prompt_len": a.prompt_len,
+        "answer_len": a.answer_len,
+        "actor_zero_stage": a.actor_zero_stage,
+        "iterations": a.iterations,
+        **measure(a, actor_dir, rm_dir, a.actor_zero_stage, a.compare),
+    }
+    if a.compare:
+        z2 = measure(a, actor_dir, rm_dir, 2, False)["seconds_per_iteration"]
+        z3 = measure(a, actor_dir, rm_dir, 3, False)["seconds_per_iteration"]
+        result.update(
+            actor_zero2_s_per_iteration=z2, actor_zero3_s_per_iteration=z3, actor_zero3_over_zero2=z3 / z2
+        )
     result["peak_memory_mb"] = peak_memory_mb()
     result.update(environment())
     width = max(len(k) for k in result)

@@ -109,6 +109,7 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
             "--eval_num_prompts",
             "64",
             "--enable_tensorboard",
+            "--enable_ema",
         ],
         num_procs=2,
         timeout=900,
@@ -122,6 +123,7 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     assert metrics["history"][0]["kl"] == 0.0  # the actor equals the reference before the first update
     assert "score gain" in log
     assert AutoModelForCausalLM.from_pretrained(out / "actor") is not None
+    assert AutoModelForCausalLM.from_pretrained(out / "actor_ema") is not None  # EMA gathered under ZeRO-3
     assert RewardModel.from_pretrained(out / "critic") is not None
 
 
