@@ -65,7 +65,10 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
 
 
 def add_model_args(
-    parser: argparse.ArgumentParser, prefix: str = "", required: bool = True, dropout_default: float | None = None
+    parser: argparse.ArgumentParser,
+    prefix: str = "",
+    required: bool = True,
+    dropout_default: float | None = None,
 ) -> None:
     """Which model to load and how (dropout, gradient checkpointing)."""
     g = parser.add_argument_group(f"{prefix or 'model'} model".strip())
@@ -184,6 +187,42 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--save_interval, --resume, --save_total_limit, --overwrite_output_dir, --skip_nonfinite_steps."""
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument(
+        "--save_interval",
+        type=int,
+        default=0,
+        help="Save a resumable checkpoint every this many optimizer steps (0: never).",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="Resume from a checkpoint: 'latest' (the default value: newest complete one under "
+        "<output_dir>/checkpoints) or a checkpoint directory. Needs the same number of ranks.",
+    )
+    g.add_argument(
+        "--save_total_limit",
+        type=int,
+        default=0,
+        help="Keep only the newest K checkpoints (0: keep all).",
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write into an output directory that holds other files or another run's results (nothing "
+        "this project did not write is deleted).",
+    )
+    g.add_argument(
+        "--skip_nonfinite_steps",
+        action="store_true",
+        help="Skip (and count) a micro-batch whose loss is NaN/inf instead of stopping.",
+    )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Validate cross-flag constraints before any compute; raise SystemExit with a clear message."""
     split = [s.strip() for s in args.data_split.split(",")]
@@ -199,6 +238,8 @@ def check_args(args: argparse.Namespace) -> None:
         dims = [v for k, v in vars(args).items() if k.endswith("lora_dim")]
         if not any(dims):
             raise SystemExit("--only_optimize_lora needs a LoRA rank > 0 (--lora_dim / --actor_lora_dim)")
+    if getattr(args, "save_interval", 0) < 0 or getattr(args, "save_total_limit", 0) < 0:
+        raise SystemExit("--save_interval and --save_total_limit must be >= 0")
 
 
 def data_config(args: argparse.Namespace):

@@ -38,8 +38,7 @@ _DROPOUT_ATTRS = (
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
     "classifier_dropout",
-    "layerdrop",
-)
+)  # not "layerdrop": it skips whole layers at random, differently on each rank, and ZeRO's collectives then hang
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -20,6 +20,7 @@ import torch
 
 from common import dist
 from common.args import (
+    add_checkpoint_args,
     add_data_args,
     add_deepspeed_args,
     add_lora_args,
@@ -28,6 +29,16 @@ from common.args import (
     add_training_args,
     check_args,
     data_config,
+)
+from common.checkpoint import (
+    append_train_log,
+    check_finite_grad_norm,
+    check_finite_loss,
+    check_output_dir,
+    claim_output_dir,
+    epoch_batches,
+    resume_if_asked,
+    save_checkpoint,
 )
 from common.data import SFTCollator, build_stage_data
 from common.ds_config import torch_dtype
@@ -60,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_lora_args(parser)
     add_deepspeed_args(parser, stage=1)
     add_output_args(parser)
+    add_checkpoint_args(parser)
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     check_args(args)
@@ -101,6 +113,7 @@ def evaluate_perplexity(engine, loader, dev: torch.device) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist.init_distributed()
+    check_output_dir(args.output_dir, "sft", args)
     set_seed(args.seed)
     dev = device()
 
@@ -133,19 +146,31 @@ def main(argv: list[str] | None = None) -> None:
             model.enable_input_require_grads()
     engine = stage_engine(model, args, ds_config, len(train_dl))
 
+    claim_output_dir(args.output_dir, "sft", args)
+    engines = {"model": engine}
+    state, resumed_from = resume_if_asked(args, engines, "sft")
+
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft"
     )
-    ppl = evaluate_perplexity(engine, eval_dl, dev)
-    dist.print_rank0(f"[sft] epoch 0/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
-    monitor.log({"eval/perplexity": ppl}, 0)
-    curve = [ppl]
-    for epoch in range(args.num_train_epochs):
-        train_dl.sampler.set_epoch(epoch)
+    curve = state.extra.setdefault("perplexity_per_epoch", [])
+    if not curve:  # a resumed run has it from the checkpoint
+        ppl = evaluate_perplexity(engine, eval_dl, dev)
+        dist.print_rank0(f"[sft] epoch 0/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
+        monitor.log({"eval/perplexity": ppl}, 0)
+        curve.append(ppl)
+    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
+    for epoch in range(state.epoch, args.num_train_epochs):
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
         tick, window_tokens, window_losses = time.perf_counter(), 0, []
-        for batch in progress(train_dl, total=len(train_dl), desc=f"sft epoch {epoch + 1}"):
+        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"sft epoch {epoch + 1}"):
             batch = to_device(batch, dev)
             loss, _ = forward_loss(engine, batch)
+            step = engine.global_steps + 1
+            if not check_finite_loss(loss, stage="sft", step=step, skip=args.skip_nonfinite_steps):
+                state.skipped_steps += 1
+                continue
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -153,21 +178,30 @@ def main(argv: list[str] | None = None) -> None:
             window_losses.append(loss.detach())
             if not boundary:
                 continue
+            check_finite_grad_norm(engine, stage="sft", step=step)
             mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
             tokens_per_s = window_tokens * dist.get_world_size() / (time.perf_counter() - tick)
             if args.print_loss:
-                dist.print_rank0(f"[sft] epoch {epoch + 1} step {engine.global_steps} loss {mean_loss:.4f}")
+                dist.print_rank0(f"[sft] epoch {epoch + 1} step {step} loss {mean_loss:.4f}")
             monitor.log(
                 {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s},
-                engine.global_steps,
+                step,
             )
+            append_train_log(args.output_dir, {"step": step, "loss": mean_loss})
+            if args.save_interval and step % args.save_interval == 0:
+                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
+                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
             tick, window_tokens, window_losses = time.perf_counter(), 0, []
         ppl = evaluate_perplexity(engine, eval_dl, dev)
         curve.append(ppl)
         dist.print_rank0(f"[sft] epoch {epoch + 1}/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
         monitor.log({"eval/perplexity": ppl}, engine.global_steps)
 
-    metrics = {"perplexity_per_epoch": curve, "optimizer_steps": engine.global_steps}
+    metrics = {
+        "perplexity_per_epoch": curve,
+        "optimizer_steps": engine.global_steps,
+        "skipped_nonfinite_steps": state.skipped_steps,
+    }
     save_hf_model(engine, args.output_dir, tokenizer, args.zero_stage)
     if args.verify_save:
         batch, _ = next(iter(eval_dl))

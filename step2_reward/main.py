@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.args import (
+    add_checkpoint_args,
     add_data_args,
     add_deepspeed_args,
     add_lora_args,
@@ -36,6 +37,16 @@ from common.args import (
     add_training_args,
     check_args,
     data_config,
+)
+from common.checkpoint import (
+    append_train_log,
+    check_finite_grad_norm,
+    check_finite_loss,
+    check_output_dir,
+    claim_output_dir,
+    epoch_batches,
+    resume_if_asked,
+    save_checkpoint,
 )
 from common.data import PairCollator, build_stage_data
 from common.ds_config import torch_dtype
@@ -106,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_lora_args(parser)
     add_deepspeed_args(parser, stage=2)
     add_output_args(parser)
+    add_checkpoint_args(parser)
     add_reward_args(parser)
     add_normalization_args(parser)
     parser = deepspeed.add_config_arguments(parser)
@@ -192,6 +204,7 @@ def _log_eval(tag: str, step: int, metrics: dict[str, float], monitor: Monitor) 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist.init_distributed()
+    check_output_dir(args.output_dir, "reward", args)
     set_seed(args.seed)
     dev = device()
 
@@ -224,10 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     engine = stage_engine(model, args, ds_config, len(train_dl))
     total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
 
+    claim_output_dir(args.output_dir, "reward", args)
+    engines = {"model": engine}
+    state, resumed_from = resume_if_asked(args, engines, "reward")
+
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "reward"
     )
-    curve: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = state.extra.setdefault("eval_curve", [])
 
     def run_eval(max_batches: int, tag: str) -> dict[str, float]:
         metrics = evaluate(engine, eval_dl, dev, args.margin, max_batches)
@@ -235,14 +252,21 @@ def main(argv: list[str] | None = None) -> None:
         _log_eval(tag, engine.global_steps, metrics, monitor)
         return metrics
 
-    run_eval(args.eval_iters, "eval")
-    for epoch in range(args.num_train_epochs):
-        train_dl.sampler.set_epoch(epoch)
+    if not curve:  # a resumed run has it from the checkpoint
+        run_eval(args.eval_iters, "eval")
+    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
+    for epoch in range(state.epoch, args.num_train_epochs):
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
         tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
-        for batch in progress(train_dl, total=len(train_dl), desc=f"reward epoch {epoch + 1}"):
+        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"reward epoch {epoch + 1}"):
             batch = to_device(batch, dev)
             chosen, rejected = forward_pairs(engine, batch)
             loss = pairwise_loss(chosen, rejected, args.margin).mean()
+            step = engine.global_steps + 1
+            if not check_finite_loss(loss, stage="reward", step=step, skip=args.skip_nonfinite_steps):
+                state.skipped_steps += 1
+                continue
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -251,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             window_correct.append((chosen > rejected).float().mean().detach())
             if not boundary:
                 continue
-            step = engine.global_steps
+            check_finite_grad_norm(engine, stage="reward", step=step)
             mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
             accuracy = dist.all_reduce_mean(torch.stack(window_correct).mean()).item()
             pairs_per_s = window_pairs * dist.get_world_size() / (time.perf_counter() - tick)
@@ -268,8 +292,12 @@ def main(argv: list[str] | None = None) -> None:
                 },
                 step,
             )
+            append_train_log(args.output_dir, {"step": step, "loss": mean_loss, "accuracy": accuracy})
             if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 run_eval(args.eval_iters, "eval")
+            if args.save_interval and step % args.save_interval == 0:
+                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
+                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
             tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
     final = run_eval(0, "final eval (whole eval set)")
 
@@ -281,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "final": final,
         "normalization": normalization,
         "optimizer_steps": engine.global_steps,
+        "skipped_nonfinite_steps": state.skipped_steps,
     }
     if args.verify_save:
         batch, _ = next(iter(eval_dl))

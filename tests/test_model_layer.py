@@ -190,3 +190,14 @@ def test_bad_data_split_is_rejected_before_any_work():
     for bad in ("2,4", "a,b,c", "-1,2,3"):
         with pytest.raises(SystemExit, match="--data_split"):
             cli.check_args(p.parse_args([f"--data_split={bad}"]))
+
+
+def test_dropout_override_leaves_layerdrop_alone():
+    """--dropout 0.1 must not turn on OPT's layerdrop (random layer skipping differs across ranks and hung
+    ZeRO-2/3 runs on 2 ranks)."""
+    from common.model import set_dropout
+
+    cfg = OPTConfig(layerdrop=0.0)
+    set_dropout(cfg, 0.1)
+    assert cfg.dropout == 0.1 and cfg.attention_dropout == 0.1
+    assert cfg.layerdrop == 0.0

@@ -1,0 +1,398 @@
+"""Resumable training: atomic checkpoints, resume, the output-directory guard and the non-finite check.
+
+Layout of a run's output directory (every stage):
+
+    <output_dir>/.rlhf_run.json             which stage wrote here, and its command (the guard reads it)
+    <output_dir>/train_log.jsonl            one line per optimizer step: {"step": N, "loss": ...}
+    <output_dir>/checkpoints/step_<N>/      a complete checkpoint (only these are ever resumed from):
+        <engine name>/...                   engine.save_checkpoint of each trainable engine (ZeRO shards)
+        trainer_state.json                  step, epoch, micro-batches done in the epoch, world size, extra
+        rng_rank<r>.json / .safetensors     python, numpy (json) and torch, cuda (safetensors) RNG of rank r
+        COMPLETE                            written last; a directory without it is ignored
+    <output_dir>/checkpoints/step_<N>.tmp/  a save in progress (or one killed halfway): never resumed from
+
+A save writes into `step_<N>.tmp`, waits for every rank, then rank 0 renames it to `step_<N>` and writes
+`COMPLETE` last, so a run killed at any moment leaves either a complete checkpoint or one that `latest`
+skips. ZeRO shards are per rank: a checkpoint resumes on the same number of ranks only. Resuming on a
+different number is refused with a message (DeepSpeed's `ds_to_universal.py` converts a checkpoint to a
+universal one, which this project does not load yet).
+
+Resuming restores the engines (weights, optimizer, scheduler, step counters), the epoch and the number of
+micro-batches of it already consumed (the DistributedSampler order is a function of seed and epoch, so
+those are skipped), and each rank's RNG; the per-step losses then equal an uninterrupted run's.
+
+Output directory: `check_output_dir` (before any compute, writes nothing) refuses a directory holding
+files this project did not write, another stage's run, or this stage's checkpoints when neither --resume
+nor --overwrite_output_dir is given; `claim_output_dir` then writes the marker. Nothing is deleted that
+the project did not write.
+
+No pickle of ours: RNG states are JSON + safetensors. The engines' own files are DeepSpeed's format
+(torch.save), read back by DeepSpeed's load_checkpoint; resume only checkpoints you wrote.
+
+Test hook: the environment variable RLHF_TEST_INJECT_NAN_AT_STEP=k makes `check_finite_loss` see a NaN
+loss once, at the first micro-batch of optimizer step k (1-based), to test the non-finite stop and skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from common import dist
+
+RUN_MARKER = ".rlhf_run.json"
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+INJECT_NAN_ENV = "RLHF_TEST_INJECT_NAN_AT_STEP"
+# Files a launch script or the e2e orchestrator writes into a stage's directory before the stage starts.
+LAUNCHER_FILES = frozenset({"training.log", "stage_run.json"})
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_injected: set[int] = set()
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite."""
+
+
+@dataclass
+class TrainerState:
+    """Where training stands at a checkpoint.
+
+    step: optimizer steps done (engine.global_steps); epoch: the epoch in progress (0-based);
+    batches_in_epoch: micro-batches of that epoch already consumed; skipped_steps: micro-batches skipped
+    for a non-finite loss; extra: stage-specific JSON state (eval curves, later a KL controller...)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_steps: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ output directory
+
+
+def _marker(output_dir: Path) -> dict[str, Any] | None:
+    path = output_dir / RUN_MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e}); remove it or pick another --output_dir") from None
+
+
+def check_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespace) -> None:
+    """Refuse (SystemExit naming the directory) to write into a directory holding someone else's files
+    or another run's checkpoints. Writes nothing: call it before any compute, `claim_output_dir` later.
+
+    Allowed: a missing or empty directory (files of LAUNCHER_FILES aside); this stage's earlier run when
+    it left no complete checkpoints (a rerun replaces its files) or with --resume; anything with
+    --overwrite_output_dir. Rank 0 decides; every rank gets the same verdict."""
+    error = _output_dir_error(Path(output_dir), stage, args) if dist.is_rank0() else None
+    error = _broadcast(error)
+    if error:
+        raise SystemExit(error)
+
+
+def claim_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespace) -> None:
+    """Create the directory and mark it as this stage's (RUN_MARKER, with the command). A run that does not
+    resume first removes our own earlier checkpoints and train log there, nothing else. Collective."""
+    out = Path(output_dir)
+    if dist.is_rank0():
+        if args.resume is None and out.is_dir():
+            _start_fresh(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"stage": stage, "command": sys.argv, "world_size": dist.get_world_size()}
+        (out / RUN_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    dist.barrier()
+
+
+def _output_dir_error(out: Path, stage: str, args: argparse.Namespace) -> str | None:
+    resume_latest = args.resume == "latest"
+    if not out.exists():
+        return f"--resume latest: {out} does not exist" if resume_latest else None
+    if not out.is_dir():
+        return f"--output_dir {out}: exists and is not a directory"
+    marker = _marker(out)
+    others = [p.name for p in out.iterdir() if p.name not in LAUNCHER_FILES and p.name != RUN_MARKER]
+    own = marker is not None and marker.get("stage") == stage
+    if resume_latest:
+        if not own:
+            return f"--resume: {out} holds no earlier run of stage {stage} ({RUN_MARKER} missing or other)"
+        return None
+    if args.overwrite_output_dir or not others:
+        return None
+    if not own:
+        whose = f"stage {marker.get('stage')!r}" if marker else "files this project did not write"
+        return (
+            f"--output_dir {out} is not empty ({', '.join(sorted(others)[:5])}...) and holds {whose}: "
+            "pick another directory or pass --overwrite_output_dir (nothing is deleted)"
+        )
+    if args.resume is None and complete_checkpoints(out):
+        return (
+            f"--output_dir {out} holds checkpoints of an earlier {stage} run: pass --resume to "
+            "continue it or --overwrite_output_dir to start over (removes those checkpoints)"
+        )
+    return None
+
+
+def _start_fresh(out: Path) -> None:
+    """A run that does not resume: remove what an earlier run of ours left that would be mistaken for
+    this run's (checkpoints, the per-step log). Only files of the names we write are touched."""
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and _is_own_checkpoint_dir(d):
+                shutil.rmtree(d)
+    if (out / TRAIN_LOG).is_file():
+        (out / TRAIN_LOG).unlink()
+
+
+def _is_own_checkpoint_dir(d: Path) -> bool:
+    """step_<N>.tmp, or step_<N> holding our trainer state or marker."""
+    if d.name.endswith(".tmp"):
+        return bool(_STEP_DIR.match(d.name.removesuffix(".tmp")))
+    return bool(_STEP_DIR.match(d.name)) and ((d / STATE_FILE).is_file() or (d / COMPLETE).is_file())
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------- train log
+
+
+def append_train_log(output_dir: str | Path, record: dict[str, Any]) -> None:
+    """Rank 0 appends one JSON line (e.g. {"step": 3, "loss": 2.1}) to <output_dir>/train_log.jsonl."""
+    if dist.is_rank0():
+        with open(Path(output_dir) / TRAIN_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_train_log(output_dir: str | Path, step: int) -> None:
+    """Drop the log lines after `step` (written by a killed run past its last checkpoint)."""
+    path = Path(output_dir) / TRAIN_LOG
+    if not dist.is_rank0() or not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_train_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / TRAIN_LOG
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+
+
+def check_finite_loss(
+    loss: torch.Tensor, *, stage: str, step: int, name: str = "loss", skip: bool = False
+) -> bool:
+    """True if `loss` is finite on every rank. Otherwise raise NonFiniteError naming stage, step and
+    tensor, or return False when `skip`. `step` is the optimizer step being computed (1-based).
+    Collective: every rank must call it for the same micro-batch."""
+    inject = os.environ.get(INJECT_NAN_ENV)
+    if inject is not None and int(inject) == step and step not in _injected:
+        _injected.add(step)  # once: a skipped micro-batch leaves the step number where it was
+        loss = loss * float("nan")
+    ok = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if ok.item() == 1.0:
+        return True
+    if skip:
+        dist.print_rank0(f"[{stage}] step {step}: non-finite {name} on some rank; micro-batch skipped")
+        return False
+    raise NonFiniteError(
+        f"[{stage}] step {step}: non-finite {name} ({loss.detach().float().flatten()[:4].tolist()} on rank "
+        f"{dist.get_rank()} or another rank); stopped before backward, no checkpoint written. Resume from "
+        "the last checkpoint (--resume), or pass --skip_nonfinite_steps to skip such micro-batches."
+    )
+
+
+def check_finite_grad_norm(engine, *, stage: str, step: int) -> None:
+    """Raise NonFiniteError when DeepSpeed reports a NaN/inf global gradient norm for the step just taken
+    (None, when DeepSpeed computed none, passes). The step has been applied: no checkpoint is written."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return
+    norm = float(norm)
+    if not math.isfinite(norm):
+        raise NonFiniteError(
+            f"[{stage}] step {step}: non-finite gradient norm ({norm}); stopped without writing a "
+            "checkpoint. Resume from the last checkpoint (--resume)."
+        )
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories under <output_dir>/checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / COMPLETE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    version, keys, pos = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(keys), pos],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    engines: dict[str, Any],
+    state: TrainerState,
+    save_total_limit: int = 0,
+) -> Path:
+    """Write a complete checkpoint of `engines` (name -> DeepSpeed engine) and `state` as
+    <output_dir>/checkpoints/step_<state.step>, atomically. Collective: every rank calls it.
+    Then keep only the newest `save_total_limit` checkpoints (0: all). Returns the final directory."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / f"step_{state.step}"
+    tmp = root / f"step_{state.step}.tmp"
+    if dist.is_rank0():
+        for stale in (tmp, final):  # a save of this step killed halfway, or one left without COMPLETE
+            if stale.exists():
+                shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+    meta, tensors = _rng_state()
+    rank = dist.get_rank()
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(meta))
+    save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"))
+    if dist.is_rank0():
+        state.world_size = dist.get_world_size()
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    dist.barrier()
+    if dist.is_rank0():
+        os.replace(tmp, final)
+        with open(final / COMPLETE, "w") as f:
+            f.write("ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if save_total_limit > 0:
+            for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def resolve_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """The checkpoint directory `--resume` names: 'latest' -> newest complete one; else a path, which
+    must be a complete checkpoint. Raises SystemExit saying what is missing."""
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise SystemExit(
+                f"--resume latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS}"
+            )
+        return found[-1]
+    path = Path(resume)
+    if not (path / COMPLETE).is_file() or not (path / STATE_FILE).is_file():
+        raise SystemExit(f"--resume {path}: not a complete checkpoint ({COMPLETE} or {STATE_FILE} missing)")
+    return path
+
+
+def load_checkpoint(checkpoint: Path, engines: dict[str, Any]) -> TrainerState:
+    """Load every engine's state (weights, optimizer, scheduler, step counters) and the trainer state from
+    `checkpoint`. Collective. The RNG states are restored separately, by `restore_rng`, at the moment
+    training continues (a DataLoader draws from the torch RNG when its iterator is created)."""
+    state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    if state.world_size != dist.get_world_size():
+        raise SystemExit(
+            f"--resume {checkpoint}: saved by {state.world_size} ranks, this run has "
+            f"{dist.get_world_size()}; ZeRO shards resume on the same number of ranks only"
+        )
+    for name, engine in engines.items():
+        path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+        if path is None:
+            raise SystemExit(f"--resume {checkpoint}: engine '{name}' checkpoint missing or unreadable")
+    return state
+
+
+def restore_rng(checkpoint: Path) -> None:
+    """Set this rank's python, numpy, torch (and cuda) RNG to their state at the checkpoint."""
+    rank = dist.get_rank()
+    meta = json.loads((checkpoint / f"rng_rank{rank}.json").read_text())
+    version, keys, pos = meta["python"]
+    random.setstate((version, tuple(keys), pos))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    tensors = load_file(str(checkpoint / f"rng_rank{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def resume_if_asked(
+    args: argparse.Namespace, engines: dict[str, Any], stage: str
+) -> tuple[TrainerState, Path | None]:
+    """With --resume: load the checkpoint it names into `engines`, drop train-log lines past it, and return
+    (its state, its directory). Without: (a fresh state, None)."""
+    if args.resume is None:
+        return TrainerState(world_size=dist.get_world_size()), None
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume)
+    state = load_checkpoint(checkpoint, engines)
+    truncate_train_log(args.output_dir, state.step)
+    dist.print_rank0(
+        f"[{stage}] resumed from {checkpoint}: step {state.step}, epoch {state.epoch + 1}, "
+        f"{state.batches_in_epoch} micro-batches of it done"
+    )
+    return state, checkpoint
+
+
+def epoch_batches(
+    loader: DataLoader, epoch: int, skip: int = 0, rng_from: Path | None = None
+) -> Iterator[tuple[int, Any]]:
+    """(index in epoch, batch) of `epoch` of a DistributedSampler loader, from micro-batch `skip` on.
+
+    With `rng_from`, this rank's RNG is restored from that checkpoint after the iterator is created and
+    the first `skip` batches are passed over, so that the random stream matches the uninterrupted run."""
+    loader.sampler.set_epoch(epoch)
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    if rng_from is not None:
+        restore_rng(rng_from)
+    yield from enumerate(batches, start=skip)

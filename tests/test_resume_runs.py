@@ -1,0 +1,157 @@
+"""Issue 6 for stages 1 and 2, run as a user runs them: a 2-rank ZeRO-2 run killed with SIGKILL after its
+first complete checkpoint resumes with --resume and logs the same per-step losses as an uninterrupted
+run of the same seed; a NaN loss stops a run without writing a checkpoint for that step (or is skipped
+with --skip_nonfinite_steps); a directory holding someone else's files is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.checkpoint import INJECT_NAN_ENV, complete_checkpoints, read_train_log
+from tests.launch import REPO, _free_port, run_stage
+
+SFT = "step1_sft/main.py"
+REWARD = "step2_reward/main.py"
+# Small slices: stage 1 gets ~8 optimizer steps over 2 epochs, stage 2 ~7 in one epoch (2 ranks x 4).
+SFT_ARGS = ["--data_split", "1,1,98", "--num_train_epochs", "2", "--per_device_eval_batch_size", "32"]
+REWARD_ARGS = [
+    "--data_split", "1,2,97",
+    "--per_device_eval_batch_size", "32",
+    "--eval_interval", "3",
+    "--eval_iters", "1",
+    "--normalization_num_samples", "16",
+]  # fmt: skip
+COMMON = ["--max_seq_len", "96", "--per_device_train_batch_size", "4", "--seed", "7"]
+
+
+def _env() -> dict[str, str]:
+    drop = (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        INJECT_NAN_ENV,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def _kill_after_first_checkpoint(script: str, args: list[str], out: Path, timeout: float = 180) -> None:
+    """Launch `script` on 2 ranks in its own process group and SIGKILL the whole group as soon as a
+    complete checkpoint exists (the kill lands wherever the run is then: training, or saving the next)."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), script, *args]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not complete_checkpoints(out):
+            assert proc.poll() is None, f"{script} exited {proc.returncode} before its first checkpoint"
+            assert time.monotonic() < deadline, f"{script}: no complete checkpoint within {timeout} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _compare_resumed(script: str, stage_args: list[str], tiny_dir: Path, tmp_path: Path, metrics_file: str):
+    base = ["--model_name_or_path", str(tiny_dir), "--data_output_path", str(tmp_path / "cache")]
+    base += ["--zero_stage", "2", "--save_interval", "2", *COMMON, *stage_args]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_stage(script, [*base, "--output_dir", str(full)], num_procs=2)
+    _kill_after_first_checkpoint(script, [*base, "--output_dir", str(killed)], killed)
+    assert not (killed / metrics_file).exists(), "the run finished before it was killed: nothing tested"
+    resumed_at = complete_checkpoints(killed)[-1].name
+    log = run_stage(script, [*base, "--output_dir", str(killed), "--resume"], num_procs=2)
+    assert f"resumed from {killed / 'checkpoints' / resumed_at}" in log
+
+    expected, got = read_train_log(full), read_train_log(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in expected], (got, expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+    return json.loads((full / metrics_file).read_text()), json.loads((killed / metrics_file).read_text())
+
+
+@pytest.mark.distributed
+def test_sft_sigkill_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
+    full, resumed = _compare_resumed(SFT, SFT_ARGS, tiny_dir, tmp_path, "sft_metrics.json")
+    assert full["optimizer_steps"] == resumed["optimizer_steps"] >= 6
+    assert resumed["perplexity_per_epoch"] == pytest.approx(full["perplexity_per_epoch"], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_reward_sigkill_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
+    full, resumed = _compare_resumed(REWARD, REWARD_ARGS, tiny_dir, tmp_path, "rm_metrics.json")
+    assert full["optimizer_steps"] == resumed["optimizer_steps"] >= 5
+    assert [c["step"] for c in resumed["eval_curve"]] == [c["step"] for c in full["eval_curve"]]
+    assert resumed["final"]["accuracy"] == pytest.approx(full["final"]["accuracy"])
+    assert resumed["final"]["loss"] == pytest.approx(full["final"]["loss"], rel=1e-5)
+
+
+def _plain_run(script: str, args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**_env(), **env_extra}
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sft_nan_loss_stops_without_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "sft_nan"
+    args = [
+        "--model_name_or_path",
+        str(tiny_dir),
+        "--output_dir",
+        str(out),
+        "--data_output_path",
+        str(tmp_path),
+    ]
+    proc = _plain_run(SFT, [*args, *COMMON, *SFT_ARGS, "--save_interval", "1"], {INJECT_NAN_ENV: "3"})
+    assert proc.returncode != 0
+    assert "[sft] step 3: non-finite loss" in proc.stdout + proc.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["step_1", "step_2"]
+    assert not list((out / "checkpoints").glob("step_3*"))
+    assert not (out / "sft_metrics.json").exists()
+
+
+def test_reward_nan_loss_skipped_and_counted(tiny_dir, tmp_path):
+    out = tmp_path / "rm_nan"
+    args = [
+        "--model_name_or_path",
+        str(tiny_dir),
+        "--output_dir",
+        str(out),
+        "--data_output_path",
+        str(tmp_path),
+    ]
+    proc = _plain_run(REWARD, [*args, *COMMON, *REWARD_ARGS, "--skip_nonfinite_steps"], {INJECT_NAN_ENV: "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "rm_metrics.json").read_text())
+    assert metrics["skipped_nonfinite_steps"] == 1
+    assert all(map(lambda r: r["loss"] == r["loss"], read_train_log(out)))  # no NaN got into training
+
+
+def test_stage_refuses_foreign_output_dir(tiny_dir, tmp_path):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "results.csv").write_text("precious")
+    args = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out)]
+    proc = _plain_run(SFT, args, {})
+    assert proc.returncode != 0 and "--overwrite_output_dir" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
