@@ -27,7 +27,7 @@
 set -euo pipefail
 
 LAUNCH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LAUNCH_SCRIPT="${BASH_SOURCE[1]:-$0}"
+LAUNCH_SCRIPT="${LAUNCH_SCRIPT_OVERRIDE:-${BASH_SOURCE[1]:-$0}}"  # multi_node.sh reuses single_node.sh
 
 launch_usage() {
     echo "usage: bash $LAUNCH_SCRIPT STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]" >&2

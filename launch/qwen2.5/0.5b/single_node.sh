@@ -4,7 +4,7 @@
 # Arguments, environment and output layout: launch/lib.sh. The whole pipeline: python e2e_rlhf.py --help.
 source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"
 
-DEPLOYMENT=single_node
+DEPLOYMENT="${NODE_DEPLOYMENT:-single_node}"
 ACTOR_MODEL="${ACTOR_MODEL:-Qwen/Qwen2.5-0.5B}"
 REWARD_MODEL="${REWARD_MODEL:-Qwen/Qwen2.5-0.5B}"
 DATA=(--data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets --data_split 2,4,4)
