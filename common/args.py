@@ -180,6 +180,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--print_loss", action="store_true", help="Print the loss of every step on rank 0.")
     g.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the hub (off).")
     g.add_argument(
+        "--allow_pickle_weights",
+        action="store_true",
+        help="Load model directories whose weights are pickle files (pytorch_model*.bin, *.pt, ...) and no "
+        "safetensors; unpickling can run arbitrary code, so only for directories you trust (off).",
+    )
+    g.add_argument(
         "--verify_save",
         action="store_true",
         help="After saving, reload the output with from_pretrained and report its largest logit difference "
@@ -202,7 +208,8 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
         const="latest",
         default=None,
         help="Resume from a checkpoint: 'latest' (the default value: newest complete one under "
-        "<output_dir>/checkpoints) or a checkpoint directory. Needs the same number of ranks.",
+        "<output_dir>/checkpoints), 'auto' (latest if there is one, else start: for jobs that get requeued) "
+        "or a checkpoint directory. Needs the same number of ranks.",
     )
     g.add_argument(
         "--save_total_limit",
@@ -225,6 +232,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate cross-flag constraints before any compute; raise SystemExit with a clear message."""
+    from common.validate import check_counts
+
+    check_counts(args)
     split = [s.strip() for s in args.data_split.split(",")]
     try:
         parts = [float(s) for s in split]

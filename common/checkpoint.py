@@ -43,7 +43,7 @@ import random
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,12 @@ def check_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespac
 
     Allowed: a missing or empty directory (files of LAUNCHER_FILES aside); this stage's earlier run when
     it left no complete checkpoints (a rerun replaces its files) or with --resume; anything with
-    --overwrite_output_dir. Rank 0 decides; every rank gets the same verdict."""
+    --overwrite_output_dir. `--resume auto` becomes 'latest' when a complete checkpoint of this stage is
+    there and None (a fresh start) otherwise: `args.resume` is set accordingly. Rank 0 decides; every rank
+    gets the same verdict."""
+    if args.resume == "auto":
+        found = bool(complete_checkpoints(output_dir)) and _is_stage_dir(Path(output_dir), stage)
+        args.resume = "latest" if _broadcast(found if dist.is_rank0() else None) else None
     error = _output_dir_error(Path(output_dir), stage, args) if dist.is_rank0() else None
     error = _broadcast(error)
     if error:
@@ -124,6 +129,11 @@ def claim_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespac
         record = {"stage": stage, "command": sys.argv, "world_size": dist.get_world_size()}
         (out / RUN_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     dist.barrier()
+
+
+def _is_stage_dir(out: Path, stage: str) -> bool:
+    marker = _marker(out)
+    return marker is not None and marker.get("stage") == stage
 
 
 def _output_dir_error(out: Path, stage: str, args: argparse.Namespace) -> str | None:
@@ -282,10 +292,13 @@ def save_checkpoint(
     engines: dict[str, Any],
     state: TrainerState,
     save_total_limit: int = 0,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete checkpoint of `engines` (name -> DeepSpeed engine) and `state` as
     <output_dir>/checkpoints/step_<state.step>, atomically. Collective: every rank calls it.
-    Then keep only the newest `save_total_limit` checkpoints (0: all). Returns the final directory."""
+    `write_extra(directory)`, called on every rank, adds files of its own (e.g. EMA weights) before the
+    checkpoint is marked complete. Then keep only the newest `save_total_limit` checkpoints (0: all).
+    Returns the final directory."""
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step_{state.step}"
     tmp = root / f"step_{state.step}.tmp"
@@ -297,6 +310,8 @@ def save_checkpoint(
     dist.barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+    if write_extra is not None:
+        write_extra(tmp)
     meta, tensors = _rng_state()
     rank = dist.get_rank()
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(meta))
@@ -396,3 +411,38 @@ def epoch_batches(
     if rng_from is not None:
         restore_rng(rng_from)
     yield from enumerate(batches, start=skip)
+
+
+class BatchStream:
+    """The batches of a DistributedSampler loader, epoch after epoch (reshuffled by `set_epoch`), as one
+    stream that knows its position: `consumed` batches so far, `in_epoch` of them in epoch `epoch`. `BatchStream(loader, consumed=n)` continues
+    where a stream that had yielded n batches stood, creating the epoch's iterator as the original did
+    (a DataLoader iterator draws from the torch RNG when created: restore the RNG after positioning).
+    `epochs=None` repeats forever; otherwise StopIteration after that many epochs."""
+
+    def __init__(self, loader: DataLoader, consumed: int = 0, epochs: int | None = None):
+        if len(loader) == 0:
+            raise ValueError("BatchStream: the loader yields no batches")
+        self.loader, self.epochs = loader, epochs
+        self.consumed, self.epoch, self.in_epoch, self._batches = 0, 0, 0, None
+        for _ in range(consumed):
+            next(self)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            if self._batches is None:
+                if self.epochs is not None and self.epoch >= self.epochs:
+                    raise StopIteration
+                self.loader.sampler.set_epoch(self.epoch)
+                self._batches = iter(self.loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, self.epoch, self.in_epoch = None, self.epoch + 1, 0
+                continue
+            self.consumed += 1
+            self.in_epoch += 1
+            return batch

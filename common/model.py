@@ -108,11 +108,13 @@ def load_causal_lm(
     dropout: float | None = None,
     ds_config: dict | None = None,
     trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> nn.Module:
     """Load an AutoModelForCausalLM consistent with `tokenizer` (embeddings resized, pad/eos ids set).
 
     `ds_config` is the DeepSpeed config the model will be trained or run with; under ZeRO-3 the model
-    is partitioned as it is built instead of being materialised whole on every rank.
+    is partitioned as it is built instead of being materialised whole on every rank. Only safetensors
+    weights are read unless `allow_pickle_weights` (pytorch_model.bin is then read when there are none).
     """
     config = load_config(name_or_path, dropout, trust_remote_code)
     with ZeRO3Init(ds_config):
@@ -121,7 +123,7 @@ def load_causal_lm(
             config=config,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle_weights else True,
         )
         if len(tokenizer) > _num_embeddings(model):
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
@@ -163,15 +165,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- LoRA
 
 
-def lora_target_modules(model: nn.Module, module_name: str) -> list[str]:
-    """Names of the Linear (or GPT-2 Conv1D) layers whose name contains `module_name`."""
+def lora_target_modules(model: nn.Module, module_name: str, flag: str = "--lora_module_name") -> list[str]:
+    """Names of the Linear (or GPT-2 Conv1D) layers whose name contains `module_name` (`flag` names it in
+    the error raised when there is none)."""
     from transformers.pytorch_utils import Conv1D
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D) and module_name in n]
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)][:8]
         raise ValueError(
-            f"--lora_module_name {module_name!r} matches no Linear layer of {type(model).__name__}; "
+            f"{flag} {module_name!r} matches no Linear layer of {type(model).__name__}; "
             f"Linear layers look like: {linear}"
         )
     return names

@@ -328,6 +328,7 @@ class RewardModel(nn.Module):
             raise ValueError("RewardModel.from_pretrained does not run remote code (trust_remote_code)")
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
+        hf_kwargs.setdefault("use_safetensors", True)  # no unpickling unless the caller asks for it
         backbone = AutoModel.from_pretrained(path_or_id, trust_remote_code=False, **hf_kwargs)
         hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
         return _assemble(cls, backbone, path_or_id, hub_kwargs)
@@ -403,6 +404,7 @@ def load_reward_model_for_training(
     dtype: torch.dtype = torch.float32,
     dropout: float | None = None,
     ds_config: dict | None = None,
+    allow_pickle_weights: bool = False,
 ) -> RewardModel:
     """A RewardModel to train or to run in a DeepSpeed engine, loaded like `common.model.load_causal_lm`.
 
@@ -412,13 +414,18 @@ def load_reward_model_for_training(
     ds_config: the engine's DeepSpeed config; under ZeRO-3 the trunk is built already partitioned (the
     head is left whole: DeepSpeed partitions it when the engine is initialised).
     The input embeddings are resized (to a multiple of 8) when the tokenizer has more tokens than rows,
-    and the trunk's config takes the tokenizer's pad/eos/bos ids.
+    and the trunk's config takes the tokenizer's pad/eos/bos ids. Only safetensors weights are read unless
+    `allow_pickle_weights`.
     """
     config = load_config(name_or_path, dropout)
     meta = _pop_meta(config)
     with ZeRO3Init(ds_config):
         backbone = AutoModel.from_pretrained(
-            name_or_path, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            name_or_path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=False,
+            use_safetensors=None if allow_pickle_weights else True,
         )
         if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)

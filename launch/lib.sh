@@ -155,7 +155,7 @@ launch() {
         if [ "$prepare" = 1 ]; then _print_cmd "${PREPARE[@]}"; "${PREPARE[@]}"; fi
         _print_cmd "${CMD[@]}"
         "${CMD[@]}"
-    } 2>&1 | tee "$log" || status=$?
+    } 2>&1 | tee -a "$log" || status=$?  # -a: a resumed or repeated run keeps the earlier log
     [ "$status" = 0 ] || echo "launch: step $STEP failed (exit $status); its log: $log" >&2
     return "$status"
 }

@@ -61,6 +61,7 @@ from common.training import (
     to_device,
     train_loader,
 )
+from common.validate import exit_cleanly_on_data_errors, validate_sft
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +114,8 @@ def evaluate_perplexity(engine, loader, dev: torch.device) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist.init_distributed()
+    validate_sft(args)  # model path and weights, tokenizer vs vocabulary, lengths, LoRA names
+    exit_cleanly_on_data_errors()
     check_output_dir(args.output_dir, "sft", args)
     set_seed(args.seed)
     dev = device()
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         dropout=args.dropout,
         ds_config=ds_config,
         trust_remote_code=args.trust_remote_code,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -68,6 +68,7 @@ from common.training import (
     to_device,
     train_loader,
 )
+from common.validate import exit_cleanly_on_data_errors, validate_reward
 from step2_reward.normalize import (
     add_normalization_args,
     check_normalization_args,
@@ -204,6 +205,8 @@ def _log_eval(tag: str, step: int, metrics: dict[str, float], monitor: Monitor) 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist.init_distributed()
+    validate_reward(args)  # model paths and weights, tokenizers vs vocabularies, lengths, LoRA names
+    exit_cleanly_on_data_errors()
     check_output_dir(args.output_dir, "reward", args)
     set_seed(args.seed)
     dev = device()
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=torch_dtype(args.dtype),
         dropout=args.dropout,
         ds_config=ds_config,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -161,7 +161,13 @@ def _chosen_records(
     return records
 
 
-def _load_policy(path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, dev: torch.device):
+def _load_policy(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    dev: torch.device,
+    allow_pickle_weights: bool = False,
+):
     """The reference policy as a plain HF model in eval mode (no DeepSpeed: it only generates here)."""
     policy_tokenizer = load_tokenizer(path)
     if tokenizer_fingerprint(policy_tokenizer) != tokenizer_fingerprint(tokenizer):
@@ -170,7 +176,9 @@ def _load_policy(path: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dty
             "token ids would mean something else to the reward model; use a policy trained with the same "
             "tokenizer (e.g. the stage-1 output of the same base model)"
         )
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    policy = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=None if allow_pickle_weights else True
+    )
     return policy.to(dev).eval()
 
 
@@ -184,7 +192,13 @@ def _policy_records(
 ) -> list[dict[str, Any]]:
     """Sample one response per prompt for the first n prompts (this rank's shard) and score
     prompt + response, where the response ends at its first EOS (kept) and is masked after it."""
-    policy = _load_policy(args.normalization_policy_path, tokenizer, torch_dtype(args.dtype), dev)
+    policy = _load_policy(
+        args.normalization_policy_path,
+        tokenizer,
+        torch_dtype(args.dtype),
+        dev,
+        getattr(args, "allow_pickle_weights", False),
+    )
     vocab = policy.get_output_embeddings().weight.shape[0]
     gen_config = GenerationConfig(
         do_sample=True,

@@ -11,6 +11,7 @@ import argparse
 import deepspeed
 
 from common.args import (
+    add_checkpoint_args,
     add_data_args,
     add_deepspeed_args,
     add_lora_args,
@@ -122,6 +123,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--release_inference_cache", action="store_true")
     g.add_argument("--inference_tp_size", type=int, default=1)
     g.add_argument("--tp_gather_partition_size", type=int, default=8)
+    g.add_argument(
+        "--gather_actor_for_generation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Actor under ZeRO-3 without hybrid-engine kernels: gather its weights once per generation batch "
+        "instead of at every decode step (one full copy per rank while generating, as the hybrid engine "
+        "keeps). Default: when that copy takes at most half of the free accelerator memory on every rank "
+        "(always on CPU); --no-gather_actor_for_generation never, --gather_actor_for_generation always.",
+    )
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(parser)
     add_compat_args(parser)
     add_output_args(parser)
+    add_checkpoint_args(parser)
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     check_args(args)

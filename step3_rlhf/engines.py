@@ -16,10 +16,13 @@ Dropout is off in all of them (item 12): `--actor_dropout` / `--critic_dropout` 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from common import dist
@@ -96,6 +99,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
             dropout=args.actor_dropout,
             ds_config=actor_cfg,
             trust_remote_code=args.trust_remote_code,
+            allow_pickle_weights=args.allow_pickle_weights,
         )
         disable_dropout(model)
         if args.actor_lora_dim > 0:
@@ -142,6 +146,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dropout=0.0,
         ds_config=ref_cfg,
         trust_remote_code=args.trust_remote_code,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     disable_dropout(ref_model)
     ref = _frozen_engine(ref_model, ref_stage, args.offload_reference_model, gen_micro, args.dtype)
@@ -167,6 +172,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dtype=dtype,
         dropout=args.critic_dropout,
         ds_config=critic_cfg,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
@@ -204,7 +210,12 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         offload=args.offload_reward_model,
     )
     reward_model = load_reward_model_for_training(
-        reward_path, tokenizer, dtype=dtype, dropout=0.0, ds_config=reward_cfg
+        reward_path,
+        tokenizer,
+        dtype=dtype,
+        dropout=0.0,
+        ds_config=reward_cfg,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     disable_dropout(reward_model)
     reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
@@ -223,3 +234,71 @@ def ema_update(ema: nn.Module, actor: nn.Module, beta: float, zero3: bool) -> No
         with deepspeed.zero.GatheredParameters([p, q], modifier_rank=0, enabled=zero3):
             if not zero3 or dist.is_rank0():
                 q.data.copy_(torch.lerp(p.data.to(q.dtype), q.data, beta))
+
+
+# --------------------------------------------------------------------------- ZeRO-3 actor for generation
+
+
+def has_inference_kernels(engine: nn.Module) -> bool:
+    """Whether `engine` is a hybrid engine that swapped in DeepSpeed's inference kernels (it then gathers
+    its layers itself during generate); False for plain engines and for the fallback to generate()."""
+    return len(getattr(engine, "_inference_containers", [])) > 0
+
+
+def _partitioned(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The ZeRO-3 parameters whose full data is not on this rank now (persistent small ones are)."""
+    return [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+
+
+@contextmanager
+def zero3_hooks_suspended(engine: nn.Module) -> Iterator[None]:
+    """Take the ZeRO-3 fetch/release hooks out of every module of `engine` for the duration, and put them
+    back where they were (same hook dicts, same order) afterwards.
+
+    With the hooks in place each submodule's forward all-gathers its parameters and releases them after,
+    so a module run N times (N decode steps) gathers N times, whatever was gathered outside."""
+    optimizer = engine.optimizer  # the ZeRO-3 optimizer, or the bare offload object of a frozen engine
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    handles = [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]
+    hook_dicts = {id(d): d for h in handles if (d := h.hooks_dict_ref()) is not None}
+    saved = [(d, dict(d)) for d in hook_dicts.values()]
+    for h in handles:
+        if (d := h.hooks_dict_ref()) is not None:
+            d.pop(h.id, None)
+    try:
+        yield
+    finally:
+        for d, before in saved:
+            added = {k: v for k, v in d.items() if k not in before}
+            d.clear()
+            d.update(before)
+            d.update(added)
+
+
+def gathered_copy_fits(engine: nn.Module, share: float = 0.5) -> bool:
+    """Whether one full copy of the partitioned weights of ZeRO-3 `engine` takes at most `share` of the
+    accelerator memory free on every rank (free on the device plus PyTorch's cached, unused blocks), leaving
+    the rest to the KV cache and logits. The same answer on every rank (a MIN over ranks); True on CPU."""
+    if not torch.cuda.is_available():
+        return True
+    need = sum(p.ds_numel * p.element_size() for p in _partitioned(engine.module.parameters()))
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    fits = torch.tensor(float(need <= share * free), device="cuda")
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+    return bool(fits.item())
+
+
+@contextmanager
+def gathered_for_generation(engine: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """All parameters of a ZeRO-3 `engine` gathered once, and its hooks suspended, for the duration: the
+    model then runs like an unpartitioned one (no per-module all-gathers, so ranks need not step in sync).
+    Costs one full copy of the weights per rank while inside, as DeepSpeed's hybrid engine does; the
+    partitions are restored (and the copy freed) on exit. No-op when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    params = _partitioned(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params), zero3_hooks_suspended(engine):
+        yield

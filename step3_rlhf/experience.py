@@ -1,8 +1,9 @@
 """Experience making: sample responses, then score them with all four models in batched forwards.
 
 For one batch of left-padded prompts (B, P):
-  1. the actor samples responses (hybrid engine or the model's own `generate`; `synced_gpus` under
-     ZeRO-3); everything after the first EOS is masked, the EOS itself kept (items 5, 1);
+  1. the actor samples responses (hybrid engine or the model's own `generate`); under ZeRO-3 its weights
+     are gathered once per batch when a full copy fits (otherwise at every decode step, with `synced_gpus`);
+     everything after the first EOS is masked, the EOS itself kept (items 5, 1);
   2. one forward each of actor, reference, critic and reward model over prompt + response with
      attention mask and explicit position ids (item 4): temperature-scaled log-probs of the response
      tokens (items 6-7), values at the same positions (item 13), the normalised reward-model score at
@@ -33,7 +34,12 @@ from common.rl_math import (
     response_positions,
     shape_rewards,
 )
-from step3_rlhf.engines import Engines
+from step3_rlhf.engines import (
+    Engines,
+    gathered_copy_fits,
+    gathered_for_generation,
+    has_inference_kernels,
+)
 
 
 @dataclass
@@ -132,18 +138,26 @@ class ExperienceMaker:
         self.tokenizer = tokenizer
         self.args = args
         self.kl_ctl = kl_ctl
-        self.synced_gpus = zero3_actor and dist.get_world_size() > 1
+        self.zero3_actor = zero3_actor
         self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase, reset by the caller
         if engines.hybrid:
-            fast = len(getattr(engines.actor, "_inference_containers", [])) > 0
             dist.print_rank0(
                 "[ppo] hybrid engine: "
                 + (
                     "DeepSpeed inference kernels"
-                    if fast
+                    if has_inference_kernels(engines.actor)
                     else "no kernels for this model/device, model's own generate()"
                 )
             )
+
+    def gather_actor(self) -> bool:
+        """Whether this generate() call gathers the ZeRO-3 actor once (the same answer on every rank):
+        --gather_actor_for_generation, by default when the full copy fits (see gathered_copy_fits). Never
+        with the hybrid engine's kernels, which gather the layers themselves."""
+        if not self.zero3_actor or has_inference_kernels(self.e.actor):
+            return False
+        choice = self.args.gather_actor_for_generation
+        return gathered_copy_fits(self.e.actor) if choice is None else choice
 
     @contextmanager
     def _timed(self, phase: str):
@@ -165,7 +179,10 @@ class ExperienceMaker:
         self.e.actor.eval()
         # With the hybrid engine and a model it has kernels for, DeepSpeed patches `module.generate` with its
         # inference path; otherwise (CPU, unsupported architectures) this is the model's own generate().
-        with self._timed("generation"):
+        gather = self.gather_actor()
+        # Without the gather, every decode step all-gathers partitions: all ranks step until the longest is done.
+        synced_gpus = self.zero3_actor and dist.get_world_size() > 1 and not gather
+        with self._timed("generation"), gathered_for_generation(self.e.actor, gather):
             seq = self.e.actor.module.generate(
                 input_ids=prompts,
                 attention_mask=prompt_mask,
@@ -176,7 +193,7 @@ class ExperienceMaker:
                 top_p=a.top_p if a.do_sample else None,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
-                synced_gpus=self.synced_gpus,
+                synced_gpus=synced_gpus,
                 use_cache=a.generation_use_cache,
             )
         self.e.actor.train()

@@ -6,11 +6,13 @@ One iteration: take `--generation_batches` prompt batches, make experience (samp
 models, shape rewards, GAE), run `--ppo_epochs` of minibatch updates on actor and critic, update the KL
 controller, log. Held-out prompts are scored before training (the stage-1 policy) and after, so the run
 reports how much PPO raised the reward model's score and at what KL. Saves actor, EMA actor and critic.
+
+With --save_interval N a resumable checkpoint is written every N iterations (step3_rlhf/resume.py says
+what it holds); --resume continues from it, and the continued run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -20,25 +22,33 @@ from torch.utils.data import DataLoader, Subset
 
 from common import dist
 from common.args import data_config
+from common.checkpoint import (
+    BatchStream,
+    append_train_log,
+    check_output_dir,
+    claim_output_dir,
+    restore_rng,
+    resume_if_asked,
+    save_checkpoint,
+)
 from common.data import PromptCollator, build_stage_data, load_unsupervised
 from common.model import load_tokenizer, save_hf_model
 from common.monitor import Monitor, progress
 from common.reward_model import save_reward_model
 from common.rl_math import AdaptiveKLController, FixedKLController, masked_mean, masked_sum
 from common.training import device, eval_loader, set_seed, to_device, train_loader
+from common.validate import exit_cleanly_on_data_errors, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
 from step3_rlhf.ppo_trainer import PPOTrainer
-
-
-def check_same_tokenizer(actor_tok, critic_path: str, trust_remote_code: bool) -> None:
-    critic_tok = load_tokenizer(critic_path, trust_remote_code)
-    if critic_tok.get_vocab() != actor_tok.get_vocab():
-        raise SystemExit(
-            f"the critic/reward tokenizer ({critic_path}) differs from the actor's: the reward model would read "
-            "token ids it was not trained on. Train stage 2 from a model with the actor's tokenizer."
-        )
+from step3_rlhf.resume import (
+    ema_writer,
+    load_ema,
+    ppo_extra_state,
+    restore_ppo_extra_state,
+    trained_engines,
+)
 
 
 def rollout_stats(r: Rollout) -> dict[str, float]:
@@ -99,14 +109,14 @@ def print_answers(tokenizer, r: Rollout, step: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist.init_distributed()
+    check_output_dir(args.output_dir, "ppo", args)
     set_seed(args.seed)
     dev = device()
 
     # data
+    validate_ppo(args)  # model paths and weights, one tokenizer for all models, lengths, LoRA names
+    exit_cleanly_on_data_errors()
     tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code)
-    check_same_tokenizer(
-        tokenizer, args.reward_model_name_or_path or args.critic_model_name_or_path, args.trust_remote_code
-    )
     data = build_stage_data(data_config(args), tokenizer, stage=3)
     collate = PromptCollator(tokenizer.pad_token_id)
     prompts = train_loader(data.train, collate, args.per_device_generation_batch_size, args.seed)
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         else Subset(data.eval, range(min(args.eval_num_prompts, len(data.eval))))
     )
     eval_dl = eval_loader(eval_set, collate, args.per_device_generation_batch_size)
-    ptx_batches = None
+    ptx_loader = None
     if args.unsupervised_dataset_name:
         blocks = load_unsupervised(
             args.unsupervised_dataset_name,
@@ -128,7 +138,6 @@ def main(argv: list[str] | None = None) -> None:
         ptx_loader = train_loader(
             blocks, torch.utils.data.default_collate, args.per_device_training_batch_size, args.seed
         )
-        ptx_batches = itertools.chain.from_iterable(itertools.repeat(ptx_loader))
 
     # schedule
     iterations_per_epoch = len(prompts) // args.generation_batches
@@ -152,20 +161,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     zero3 = args.actor_zero_stage == 3
     maker = ExperienceMaker(engines, tokenizer, args, kl_ctl, zero3_actor=zero3)
-    trainer = PPOTrainer(engines, args, ptx_batches, zero3_actor=zero3)
+    trainer = PPOTrainer(engines, args, None, zero3_actor=zero3)
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "ppo"
     )
-    torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
 
-    before = evaluate(maker, eval_dl, dev, args.seed)
-    dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {before}")
-    monitor.log({f"eval/{k}": v for k, v in before.items()}, 0)
-    history, evals = [], [{"step": 0, **before}]
+    # resume, or start: positions of the prompt and PPO-ptx streams, then the RNG
+    claim_output_dir(args.output_dir, "ppo", args)
+    state, resumed_from = resume_if_asked(args, trained_engines(engines), "ppo")
+    batches = BatchStream(prompts, state.step * args.generation_batches, epochs=args.num_train_epochs)
+    if ptx_loader is not None:
+        trainer.ptx_batches = BatchStream(ptx_loader, state.extra.get("ptx_batches", 0))
+    if resumed_from is None:
+        torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
+        before = evaluate(maker, eval_dl, dev, args.seed)
+        dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {before}")
+        monitor.log({f"eval/{k}": v for k, v in before.items()}, 0)
+        run = {"before": before, "evals": [{"step": 0, **before}], "history": []}
+    else:
+        run = restore_ppo_extra_state(state.extra, kl_ctl, trainer)
+        if engines.ema is not None:
+            load_ema(engines.ema, resumed_from, zero3)
+        restore_rng(resumed_from)
+    before, evals, history = run["before"], run["evals"], run["history"]
 
-    step = 0
-    bar = progress(range(iterations), total=iterations, desc="ppo")
-    batches = (b for epoch in range(args.num_train_epochs) for b in _epoch(prompts, epoch))
+    step = state.step
+    bar = progress(range(state.step, iterations), total=iterations - state.step, desc="ppo")
     for step in (s + 1 for s in bar):
         group = [to_device(next(batches), dev) for _ in range(args.generation_batches)]
         maker.seconds.clear()
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         stats = rollout_stats(rollout)
         kl_coef_used = kl_ctl.value
         start = time.perf_counter()
-        train_stats = trainer.train(rollout)
+        train_stats = trainer.train(rollout, step)
         train_seconds = time.perf_counter() - start
         kl_ctl.update(stats["kl"], rollout_size * dist.get_world_size())
         tokens = rollout.attention_mask.sum().item() * dist.get_world_size()
@@ -190,10 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         }
         history.append({"step": step, **record})
         monitor.log(record, step)
+        losses = {k: train_stats.get(k, float("nan")) for k in ("policy_loss", "value_loss")}
+        append_train_log(
+            args.output_dir, {"step": step, "score": stats["score_mean"], "kl": stats["kl"], **losses}
+        )
         dist.print_rank0(
             f"[ppo] step {step}/{iterations} score {stats['score_mean']:+.3f} kl {stats['kl']:.3f} "
             f"len {stats['response_length']:.1f} eos {stats['eos_fraction']:.2f} "
-            f"pg {train_stats['policy_loss']:+.4f} vf {train_stats['value_loss']:.4f}"
+            f"pg {losses['policy_loss']:+.4f} vf {losses['value_loss']:.4f}"
         )
         if args.print_answers and step % args.print_answers_interval == 0:
             print_answers(tokenizer, rollout, step)
@@ -201,6 +226,14 @@ def main(argv: list[str] | None = None) -> None:
             result = evaluate(maker, eval_dl, dev, args.seed)
             evals.append({"step": step, **result})
             monitor.log({f"eval/{k}": v for k, v in result.items()}, step)
+        if args.save_interval and step % args.save_interval == 0:
+            state.step, state.epoch, state.batches_in_epoch = step, batches.epoch, batches.in_epoch
+            state.skipped_steps = sum(trainer.skipped.values())
+            state.extra = ppo_extra_state(kl_ctl, trainer, run)
+            save_checkpoint(
+                args.output_dir, trained_engines(engines), state, args.save_total_limit,
+                write_extra=ema_writer(engines.ema, zero3),
+            )  # fmt: skip
 
     after = evaluate(maker, eval_dl, dev, args.seed)
     evals.append({"step": step, **after})
@@ -221,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             "after": after,
             "score_gain": after["score"] - before["score"],
             "final_kl": history[-1]["kl"],
+            "skipped_nonfinite_microbatches": trainer.skipped,
             "evals": evals,
             "history": history,
         }
@@ -228,11 +262,6 @@ def main(argv: list[str] | None = None) -> None:
     dist.print_rank0(f"[ppo] saved actor, critic{', actor_ema' if engines.ema else ''} to {out}")
     monitor.close()
     dist.destroy()
-
-
-def _epoch(loader: DataLoader, epoch: int):
-    loader.sampler.set_epoch(epoch)
-    yield from loader
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """The PPO update: `--ppo_epochs` passes over a rollout, each a fresh permutation cut into minibatches,
 each minibatch into micro-batches of `--per_device_training_batch_size` accumulated into ONE optimizer
 step of the actor and one of the critic (ppo-fidelity item 19). Optional PPO-ptx LM loss and EMA (item 20).
+
+A non-finite actor or critic loss stops the run before its backward (common.checkpoint.check_finite_loss),
+or with --skip_nonfinite_steps skips that engine's micro-batch and counts it (which shifts that engine's
+accumulation boundary by one micro-batch, as in stages 1-2). A non-finite gradient norm always stops.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from common.checkpoint import check_finite_grad_norm, check_finite_loss
 from common.model import causal_lm_loss, position_ids_from_mask
 from common.rl_math import (
     entropy_from_logits,
@@ -53,6 +58,15 @@ class PPOTrainer:
         self.ptx_batches = ptx_batches
         self.zero3_actor = zero3_actor
         self.generator = torch.Generator().manual_seed(args.seed)  # same plan on every rank
+        self.skipped: dict[str, int] = {"actor": 0, "critic": 0}  # micro-batches skipped (non-finite loss)
+        self.iteration = 0  # the PPO iteration being trained (1-based), for messages
+
+    def _finite(self, loss: torch.Tensor, model: str) -> bool:
+        ok = check_finite_loss(
+            loss, stage="ppo", step=self.iteration, name=f"{model} loss", skip=self.args.skip_nonfinite_steps
+        )
+        self.skipped[model] += not ok
+        return ok
 
     def actor_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
         a = self.args
@@ -80,6 +94,8 @@ class PPOTrainer:
             ptx_loss = causal_lm_loss(ptx_out.logits, ptx["labels"].to(dev))
             loss = loss + a.unsup_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss.detach()
+        if not self._finite(loss, "actor"):
+            return {}
         self.e.actor.backward(loss)
         self.e.actor.step()
         return stats
@@ -87,25 +103,31 @@ class PPOTrainer:
     def critic_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
         values = response_positions(self.e.critic(mb.seq, mb.attention_mask).values, mb.prompt_len)
         loss, stats = value_loss(values, mb.values, mb.returns, mb.action_mask, self.args.cliprange_value)
+        if not self._finite(loss, "critic"):
+            return {}
         self.e.critic.backward(loss)
         self.e.critic.step()
         return {"value_loss": loss.detach(), "value_clipfrac": stats["clipfrac"]}
 
-    def train(self, rollout: Rollout) -> dict[str, float]:
+    def train(self, rollout: Rollout, iteration: int = 0) -> dict[str, float]:
+        """PPO epochs over `rollout` (iteration: the 1-based PPO iteration, for messages). Returns the
+        mean of each statistic over the micro-batches that produced it, and the optimizer steps taken."""
         a = self.args
+        self.iteration = iteration
         micro = a.per_device_training_batch_size
         plan = minibatch_schedule(
             len(rollout), micro * a.gradient_accumulation_steps, micro, a.ppo_epochs, self.generator
         )
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        counts: dict[str, int] = defaultdict(int)
         for minibatch in plan:
             for idx in minibatch:  # gradient accumulation: the engines step only at the boundary
                 mb = rollout.select(idx)
-                stats = {**self.actor_step(mb), **self.critic_step(mb)}
-                for k, v in stats.items():
+                for k, v in {**self.actor_step(mb), **self.critic_step(mb)}.items():
                     sums[k] += float(v)
-                count += 1
+                    counts[k] += 1
+            for name, engine in (("actor", self.e.actor), ("critic", self.e.critic)):
+                check_finite_grad_norm(engine, stage=f"ppo {name}", step=iteration)
             if self.e.ema is not None:
                 ema_update(self.e.ema, self.e.actor, a.ema_beta, self.zero3_actor)
-        return {k: v / count for k, v in sums.items()} | {"optimizer_steps": len(plan)}
+        return {k: v / counts[k] for k, v in sums.items()} | {"optimizer_steps": len(plan)}

@@ -38,6 +38,18 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     return out
 
 
+def run_failing_stage(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` as one plain python process, as a user would, expecting it to fail: returns the finished
+    process (returncode, stdout, stderr as text) for the test to check what the user sees."""
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 0, f"{script} succeeded but was expected to fail:\n{proc.stdout[-3000:]}"
+    return proc
+
+
 def _free_port() -> int:
     import socket
 

@@ -191,3 +191,52 @@ def test_output_dir_guard_with_checkpoints(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mine.txt"]
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         ckpt.resolve_checkpoint(out, "latest")
+
+
+def test_resume_auto_resumes_when_it_can_and_starts_fresh_otherwise(tmp_path):
+    out = tmp_path / "run"
+    args = parse(["--resume", "auto"])
+    prepare(out, "reward", args)  # nothing there: a fresh start
+    assert args.resume is None
+    ckpt.save_checkpoint(out, {"m": FakeEngine()}, ckpt.TrainerState(step=2))
+    args = parse(["--resume", "auto"])
+    prepare(out, "reward", args)
+    assert args.resume == "latest"
+    args = parse(["--resume", "auto"])  # another stage's checkpoints are never resumed, nor overwritten
+    with pytest.raises(SystemExit, match="holds stage 'reward'"):
+        prepare(out, "sft", args)
+
+
+def _loader(n: int, batch: int) -> torch.utils.data.DataLoader:
+    from common.training import train_loader
+
+    return train_loader(list(range(n)), torch.tensor, batch, seed=3)
+
+
+@pytest.mark.parametrize("consumed", [0, 2, 3, 4, 7])  # 3 batches per epoch: 3 is an epoch's end
+def test_batch_stream_positioned_continues_like_the_original(consumed):
+    """A stream rebuilt at position n, with the RNG restored after positioning (as resume does), yields
+    the batches and leaves the torch RNG exactly as the stream that ran through n batches."""
+    torch.manual_seed(0)
+    original = ckpt.BatchStream(_loader(6, 2), epochs=3)
+    head = [next(original).tolist() for _ in range(consumed)]
+    rng_at_checkpoint = torch.get_rng_state()
+    tail = [next(original).tolist() for _ in range(9 - consumed)]
+    after = torch.rand(3)
+    with pytest.raises(StopIteration):
+        next(original)
+
+    torch.manual_seed(123)  # a new process: some other RNG state
+    resumed = ckpt.BatchStream(_loader(6, 2), consumed=consumed, epochs=3)
+    torch.set_rng_state(rng_at_checkpoint)
+    assert resumed.consumed == consumed
+    assert [next(resumed).tolist() for _ in range(9 - consumed)] == tail
+    assert torch.equal(torch.rand(3), after)
+    epochs = [sorted(sum(head + tail, [])[i : i + 6]) for i in (0, 6, 12)]
+    assert epochs == [list(range(6))] * 3  # every epoch a permutation of the data...
+    assert (head + tail)[:3] != (head + tail)[3:6]  # ...reshuffled per epoch
+
+
+def test_batch_stream_refuses_empty_loader():
+    with pytest.raises(ValueError, match="no batches"):
+        ckpt.BatchStream(_loader(0, 2))

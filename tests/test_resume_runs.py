@@ -1,7 +1,8 @@
-"""Issue 6 for stages 1 and 2, run as a user runs them: a 2-rank ZeRO-2 run killed with SIGKILL after its
-first complete checkpoint resumes with --resume and logs the same per-step losses as an uninterrupted
-run of the same seed; a NaN loss stops a run without writing a checkpoint for that step (or is skipped
-with --skip_nonfinite_steps); a directory holding someone else's files is refused."""
+"""Issue 6 for stages 1, 2 and 3, run as a user runs them: a 2-rank ZeRO-2 run killed with SIGKILL after
+its first complete checkpoint resumes with --resume and logs the same per-step losses (stage 3: losses,
+rewards and KL) as an uninterrupted run of the same seed; a NaN loss stops a run without writing a
+checkpoint for that step (or is skipped with --skip_nonfinite_steps); a directory holding someone else's
+files is refused."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from common.checkpoint import INJECT_NAN_ENV, complete_checkpoints, read_train_log
 from tests.launch import REPO, _free_port, run_stage
 
 SFT = "step1_sft/main.py"
 REWARD = "step2_reward/main.py"
+PPO = "step3_rlhf/main.py"
 # Small slices: stage 1 gets ~8 optimizer steps over 2 epochs, stage 2 ~7 in one epoch (2 ranks x 4).
 SFT_ARGS = ["--data_split", "1,1,98", "--num_train_epochs", "2", "--per_device_eval_batch_size", "32"]
 REWARD_ARGS = [
@@ -71,9 +74,11 @@ def _kill_after_first_checkpoint(script: str, args: list[str], out: Path, timeou
         proc.wait()
 
 
-def _compare_resumed(script: str, stage_args: list[str], tiny_dir: Path, tmp_path: Path, metrics_file: str):
-    base = ["--model_name_or_path", str(tiny_dir), "--data_output_path", str(tmp_path / "cache")]
-    base += ["--zero_stage", "2", "--save_interval", "2", *COMMON, *stage_args]
+def _compare_resumed(
+    script: str, base: list[str], tmp_path: Path, metrics_file: str, log_keys: tuple[str, ...] = ("loss",)
+):
+    """Run `script` uninterrupted, and killed after its first checkpoint then resumed; compare the train
+    logs' `log_keys` step by step. Returns both runs' metrics files."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_stage(script, [*base, "--output_dir", str(full)], num_procs=2)
     _kill_after_first_checkpoint(script, [*base, "--output_dir", str(killed)], killed)
@@ -85,20 +90,28 @@ def _compare_resumed(script: str, stage_args: list[str], tiny_dir: Path, tmp_pat
     expected, got = read_train_log(full), read_train_log(killed)
     assert [r["step"] for r in got] == [r["step"] for r in expected], (got, expected)
     for a, b in zip(got, expected, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        for key in log_keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
     return json.loads((full / metrics_file).read_text()), json.loads((killed / metrics_file).read_text())
+
+
+def _stage_base(tiny_dir: Path, tmp_path: Path, stage_args: list[str]) -> list[str]:
+    base = ["--model_name_or_path", str(tiny_dir), "--data_output_path", str(tmp_path / "cache")]
+    return [*base, "--zero_stage", "2", "--save_interval", "2", *COMMON, *stage_args]
 
 
 @pytest.mark.distributed
 def test_sft_sigkill_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
-    full, resumed = _compare_resumed(SFT, SFT_ARGS, tiny_dir, tmp_path, "sft_metrics.json")
+    base = _stage_base(tiny_dir, tmp_path, SFT_ARGS)
+    full, resumed = _compare_resumed(SFT, base, tmp_path, "sft_metrics.json")
     assert full["optimizer_steps"] == resumed["optimizer_steps"] >= 6
     assert resumed["perplexity_per_epoch"] == pytest.approx(full["perplexity_per_epoch"], rel=1e-5)
 
 
 @pytest.mark.distributed
 def test_reward_sigkill_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
-    full, resumed = _compare_resumed(REWARD, REWARD_ARGS, tiny_dir, tmp_path, "rm_metrics.json")
+    base = _stage_base(tiny_dir, tmp_path, REWARD_ARGS)
+    full, resumed = _compare_resumed(REWARD, base, tmp_path, "rm_metrics.json")
     assert full["optimizer_steps"] == resumed["optimizer_steps"] >= 5
     assert [c["step"] for c in resumed["eval_curve"]] == [c["step"] for c in full["eval_curve"]]
     assert resumed["final"]["accuracy"] == pytest.approx(full["final"]["accuracy"])
@@ -147,11 +160,84 @@ def test_reward_nan_loss_skipped_and_counted(tiny_dir, tmp_path):
     assert all(map(lambda r: r["loss"] == r["loss"], read_train_log(out)))  # no NaN got into training
 
 
-def test_stage_refuses_foreign_output_dir(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ppo_models(tiny_dir, tmp_path_factory) -> list[str]:
+    """Stage-3 model flags: the tiny default as actor, a reward model with a fresh head on it as critic
+    and reward model (what PPO learns does not matter here, only that a resumed run repeats it)."""
+    from common.model import load_tokenizer
+    from common.reward_model import load_reward_model_for_training, save_reward_model
+
+    rm_dir = tmp_path_factory.mktemp("ppo_rm") / "rm"
+    tok = load_tokenizer(str(tiny_dir))
+    save_reward_model(load_reward_model_for_training(str(tiny_dir), tok), rm_dir, tok, 0)
+    return ["--actor_model_name_or_path", str(tiny_dir), "--critic_model_name_or_path", str(rm_dir)]
+
+
+def _ppo_args(ppo_models: list[str], tmp_path: Path, iterations: int) -> list[str]:
+    return [
+        *ppo_models,
+        "--data_output_path", str(tmp_path / "cache"),
+        "--data_split", "1,1,98",
+        "--per_device_generation_batch_size", "4",
+        "--per_device_training_batch_size", "2",
+        "--ppo_epochs", "2",
+        "--max_prompt_seq_len", "32",
+        "--max_answer_seq_len", "12",
+        "--eval_num_prompts", "8",
+        "--enable_test_mode", "--test_stop_step", str(iterations),
+        "--seed", "7",
+    ]  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_ppo_sigkill_resume_matches_uninterrupted_run(ppo_models, tmp_path):
+    """Actor and critic under ZeRO-2 on 2 ranks, with an EMA actor and the adaptive KL controller, so
+    that optimizer, EMA, KL-coefficient, minibatch-permutation and sampling-RNG state must all resume."""
+    base = [*_ppo_args(ppo_models, tmp_path, 6), "--actor_zero_stage", "2", "--critic_zero_stage", "2"]
+    base += ["--save_interval", "2", "--enable_ema", "--adaptive_kl"]
+    keys = ("score", "kl", "policy_loss", "value_loss")
+    full, resumed = _compare_resumed(PPO, base, tmp_path, "ppo_metrics.json", keys)
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 7))
+    assert [h["kl_coef"] for h in resumed["history"]] == pytest.approx(
+        [h["kl_coef"] for h in full["history"]]
+    )
+    assert len({h["kl_coef"] for h in full["history"]}) > 1  # the controller did move
+    assert resumed["after"] == pytest.approx(full["after"], rel=1e-5)
+    for model in ("actor", "actor_ema"):
+        a = load_file(str(tmp_path / "full" / model / "model.safetensors"))
+        b = load_file(str(tmp_path / "killed" / model / "model.safetensors"))
+        assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a), model
+
+
+def test_ppo_nan_loss_stops_without_checkpoint(ppo_models, tmp_path):
+    out = tmp_path / "ppo_nan"
+    args = [*_ppo_args(ppo_models, tmp_path, 4), "--output_dir", str(out), "--save_interval", "1"]
+    proc = _plain_run(PPO, args, {INJECT_NAN_ENV: "2"})
+    assert proc.returncode != 0
+    assert "[ppo] step 2: non-finite actor loss" in proc.stdout + proc.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["step_1"]
+    assert not list((out / "checkpoints").glob("step_2*"))
+    assert not (out / "ppo_metrics.json").exists() and not (out / "actor").exists()
+
+
+def test_ppo_nan_loss_skipped_and_counted(ppo_models, tmp_path):
+    out = tmp_path / "ppo_skip"
+    args = [*_ppo_args(ppo_models, tmp_path, 3), "--output_dir", str(out), "--skip_nonfinite_steps"]
+    proc = _plain_run(PPO, args, {INJECT_NAN_ENV: "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "ppo_metrics.json").read_text())
+    assert metrics["skipped_nonfinite_microbatches"] == {"actor": 1, "critic": 0}
+    log = read_train_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r[k] == r[k] for r in log for k in ("policy_loss", "value_loss"))  # no NaN got through
+
+
+@pytest.mark.parametrize("script", [SFT, PPO])
+def test_stage_refuses_foreign_output_dir(script, tiny_dir, ppo_models, tmp_path):
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "results.csv").write_text("precious")
-    args = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out)]
-    proc = _plain_run(SFT, args, {})
+    models = ppo_models if script == PPO else ["--model_name_or_path", str(tiny_dir)]
+    proc = _plain_run(script, [*models, "--output_dir", str(out)], {})
     assert proc.returncode != 0 and "--overwrite_output_dir" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]

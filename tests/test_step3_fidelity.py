@@ -695,7 +695,14 @@ def test_temperature_must_be_positive(tmp_path, temperature):
 def test_deepspeed_chat_step3_flags_are_accepted_or_refused_clearly(tmp_path):
     from step3_rlhf.args import parse_args
 
-    base = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--output_dir", str(tmp_path)]
+    base = [
+        "--actor_model_name_or_path",
+        "a",
+        "--critic_model_name_or_path",
+        "c",
+        "--output_dir",
+        str(tmp_path),
+    ]
     args = parse_args([*base, "--num_padding_at_beginning", "1", "--disable_actor_dropout"])
     assert args.actor_dropout == 0.0 and args.critic_dropout == 0.0
     for flag in ("--align_overflow", "--enable_mixed_precision_lora"):

@@ -78,15 +78,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Record]]:
             try:
                 yield origin, json.loads(line)
             except json.JSONDecodeError as e:
-                yield origin, BadLine(f"invalid JSON ({e.msg} at column {e.colno})")
+                yield origin, BadLine(f"invalid JSON ({e.msg}: column {e.colno})")
 
 
 def _read_json_list(path: Path) -> Iterator[tuple[str, Record]]:
     content = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if not content.strip():
+        return  # an empty file: no rows (the caller reports it)
     try:
         data = json.loads(content)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: invalid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, got a {type(data).__name__}")
     for index, record in enumerate(data):

@@ -9,7 +9,8 @@ Validation rules (`make_row`), applied to every source before anything is split 
 - `prompt` and `chosen` must be present, strings, and not empty or whitespace-only;
 - `rejected` is optional (absent or null -> None); when given it obeys the same rules and must differ from
   `chosen` (compared after stripping surrounding whitespace);
-- strings must be valid UTF-8 (readers turn undecodable bytes into lone surrogates, caught here).
+- strings must be valid UTF-8 (readers turn undecodable bytes into lone surrogates, caught here);
+- no text is longer than MAX_TEXT_CHARS characters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any
 from common.dist import print_rank0
 
 MAX_EXAMPLES = 5  # how many reasons for skipped rows are kept for the report
+# Longest text accepted in one column. Far beyond any sequence length a stage trains on (it would keep only
+# the end of such a prompt, or drop such a response), so a longer text is a broken row - e.g. a whole file
+# pasted into one field - and tokenizing it would take seconds per megabyte for nothing.
+MAX_TEXT_CHARS = 1_000_000
 
 
 class DataError(ValueError):
@@ -66,7 +71,7 @@ class RowTally:
         where = origin if column is None else f"{origin}, column {column!r}"
         message = f"{where}: {problem}"
         if not self.skip_bad_rows:
-            raise DataError(message + " (pass skip_bad_rows=True to skip and count such rows)")
+            raise DataError(message + " (--skip_bad_rows skips and counts such rows)")
         self.bad += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(message)
@@ -108,8 +113,12 @@ def check_text(value: Any, column: str) -> str:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
             raise RowError(column, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if value is None:
+        raise RowError(column, "null (no text)")
     if not isinstance(value, str):
         raise RowError(column, f"expected a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise RowError(column, f"text of {len(value):,} characters, more than the {MAX_TEXT_CHARS:,} allowed")
     if not value.strip():
         raise RowError(column, "empty or whitespace-only text")
     if has_undecodable_bytes(value):
