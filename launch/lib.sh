@@ -1,6 +1,7 @@
-# Shared body of every launch script; sourced first, with the script's arguments:
-#     source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"
-# then the script sets its configuration (variables below) and calls `launch`.
+# Shared body of every launch script. A model's script (launch/<family>/<size>/<deployment>.sh) sources its
+# family's recipes.sh with SIZE DEPLOYMENT and its arguments; recipes.sh sources this file, sets the models,
+# picks its row of `recipe` (below) and calls `launch`. The tiny script sources this file itself and sets the
+# configuration variables (below) by hand.
 #
 # Usage of a launch script (one script per model size and deployment, one stage per call):
 #     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
@@ -27,7 +28,13 @@
 set -euo pipefail
 
 LAUNCH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LAUNCH_SCRIPT="${LAUNCH_SCRIPT_OVERRIDE:-${BASH_SOURCE[1]:-$0}}"  # multi_node.sh reuses single_node.sh
+LAUNCH_SCRIPT="${BASH_SOURCE[1]:-$0}"
+if [[ "$LAUNCH_SCRIPT" == */recipes.sh ]]; then  # a model's script: recipes.sh SIZE DEPLOYMENT ARGS...
+    LAUNCH_SCRIPT="${BASH_SOURCE[2]}"
+    SIZE=$1
+    DEPLOYMENT=$2
+    shift 2
+fi
 
 launch_usage() {
     echo "usage: bash $LAUNCH_SCRIPT STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]" >&2
@@ -70,6 +77,69 @@ STEP2_ARGS=()
 STEP3_ARGS=()
 PREPARE=()
 PREPARE_CREATES=""
+
+# ---- the recipes of launch/<family>/recipes.sh: one row per model size and deployment
+# recipe S1_ZERO S1_BATCH S1_ACCUM  S2_ZERO S2_BATCH S2_ACCUM  ACTOR_ZERO CRITIC_ZERO GEN_BATCH TRAIN_BATCH PPO_ACCUM  [OPTION...]
+# sets STEP*_ZERO and STEP*_ARGS: DeepSpeed-Chat's settings (sequence 512, PPO 256 + 256, cosine schedules, lr
+# 9.65e-6 / RM_LR / 5e-6, weight decay 0.1, gradient checkpointing, LoRA dim 128 at lr 5e-4) with the family's
+# DTYPE, LORA_MODULE and RM_LR, the row's ZeRO stages and per-GPU batch sizes (eval batch = train batch), and
+# OPTIONs:  sft_offload sft_lora | rm_offload rm_lora rm_chosen (normalise on chosen answers, not SFT samples) |
+#           ppo_offload offload_ref offload_reward actor_lora critic_lora hybrid (DeepSpeed's hybrid engine)
+RECIPE_OPTIONS=" sft_offload sft_lora rm_offload rm_lora rm_chosen ppo_offload offload_ref offload_reward actor_lora critic_lora hybrid "
+
+recipe() {
+    [ $# -ge 11 ] || { echo "launch: recipe needs 11 numbers, got: $*" >&2; exit 2; }
+    recipe_data
+    STEP1_ZERO=$1 STEP2_ZERO=$4 STEP3_ACTOR_ZERO=$7 STEP3_CRITIC_ZERO=$8
+    local s1_batch=$2 s1_accum=$3 s2_batch=$5 s2_accum=$6 gen=$9 train=${10} accum=${11} opt
+    shift 11
+    local options=" $* "
+    for opt in "$@"; do
+        [[ "$RECIPE_OPTIONS" == *" $opt "* ]] || { echo "launch: unknown recipe option '$opt'" >&2; exit 2; }
+    done
+    _on() { [[ "$options" == *" $1 "* ]]; }
+    local lora=(--lora_dim 128 --lora_module_name "$LORA_MODULE" --only_optimize_lora --lora_learning_rate 5e-4)
+    local schedule=(--weight_decay 0.1 --num_train_epochs 1 --lr_scheduler_type cosine --num_warmup_steps 0
+        --seed 1234 --dtype "$DTYPE" --gradient_checkpointing)
+
+    STEP1_ARGS=(--max_seq_len 512 --per_device_train_batch_size "$s1_batch" --per_device_eval_batch_size "$s1_batch"
+        --gradient_accumulation_steps "$s1_accum" --learning_rate 9.65e-6 "${schedule[@]}")
+    if _on sft_offload; then STEP1_ARGS+=(--offload); fi
+    if _on sft_lora; then STEP1_ARGS+=("${lora[@]}"); fi
+
+    STEP2_ARGS=(--max_seq_len 512 --per_device_train_batch_size "$s2_batch" --per_device_eval_batch_size "$s2_batch"
+        --gradient_accumulation_steps "$s2_accum" --learning_rate "$RM_LR" "${schedule[@]}"
+        --eval_interval 100 --eval_iters 50)
+    if _on rm_offload; then STEP2_ARGS+=(--offload); fi
+    if _on rm_lora; then STEP2_ARGS+=("${lora[@]}"); fi
+    if _on rm_chosen; then STEP2_ARGS+=(--normalization_sample chosen); fi
+
+    STEP3_ARGS=(--max_prompt_seq_len 256 --max_answer_seq_len 256
+        --per_device_generation_batch_size "$gen" --per_device_training_batch_size "$train"
+        --gradient_accumulation_steps "$accum" --generation_batches 1 --ppo_epochs 1 --num_train_epochs 1
+        --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --actor_weight_decay 0.1 --critic_weight_decay 0.1
+        --lr_scheduler_type cosine --num_warmup_steps 100 --seed 1234 --dtype "$DTYPE"
+        --actor_gradient_checkpointing --critic_gradient_checkpointing)
+    if _on ppo_offload; then STEP3_ARGS+=(--offload); fi
+    if _on offload_ref; then STEP3_ARGS+=(--offload_reference_model); fi
+    if _on offload_reward; then STEP3_ARGS+=(--offload_reward_model); fi
+    if _on hybrid; then STEP3_ARGS+=(--enable_hybrid_engine); fi
+    if _on actor_lora; then
+        STEP3_ARGS+=(--actor_lora_dim 128 --actor_lora_module_name "$LORA_MODULE" --actor_lora_learning_rate 5e-4); fi
+    if _on critic_lora; then
+        STEP3_ARGS+=(--critic_lora_dim 128 --critic_lora_module_name "$LORA_MODULE" --critic_lora_learning_rate 5e-4); fi
+    if _on actor_lora || _on critic_lora; then STEP3_ARGS+=(--only_optimize_lora); fi
+}
+
+# The deployment's data: DeepSpeed-Chat's Dahoas/rm-static on one GPU, its four-dataset mix on a node or cluster.
+recipe_data() {
+    if [ "$DEPLOYMENT" = single_gpu ]; then
+        DATA=(--data_path Dahoas/rm-static --data_split 2,4,4)
+    else
+        DATA=(--data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise
+            yitingxie/rlhf-reward-datasets --data_split 2,4,4)
+    fi
+}
 
 _launcher() {
     case "$DEPLOYMENT" in

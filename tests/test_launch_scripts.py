@@ -19,7 +19,7 @@ from step3_rlhf.args import parse_args as parse_step3
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = sorted(p for p in LAUNCH.rglob("*.sh") if p.name != "lib.sh")
+SCRIPTS = sorted(p for p in LAUNCH.rglob("*.sh") if p.name not in ("lib.sh", "recipes.sh"))
 PARSERS = {1: parse_step1, 2: parse_step2, 3: parse_step3}
 MAIN = {1: "step1_sft/main.py", 2: "step2_reward/main.py", 3: "step3_rlhf/main.py"}
 EXPECTED_MODELS = {
@@ -53,6 +53,22 @@ def split_stage_command(argv: list[str], step: int) -> tuple[list[str], list[str
     assert MAIN[step] in argv, f"{MAIN[step]} not in {argv}"
     at = argv.index(MAIN[step])
     return argv[:at], argv[at + 1 :]
+
+
+def declared_zero_stages(script: Path) -> tuple[int, int]:
+    """(step-1 ZeRO stage, step-3 critic ZeRO stage) a script declares: the tiny script sets them itself; a
+    model's script takes its row of launch/<family>/recipes.sh (multi_node the single_node row)."""
+    if script.parent.name == "tiny":
+        text = script.read_text()
+        return tuple(
+            int(re.search(rf"^{n}=(\d)$", text, re.M).group(1)) for n in ("STEP1_ZERO", "STEP3_CRITIC_ZERO")
+        )
+    row_key = f"{script.parent.name}/{script.stem.replace('multi_node', 'single_node')})"
+    recipes = (script.parent.parent / "recipes.sh").read_text()
+    row = re.search(rf"^\s+{re.escape(row_key)}\s+recipe ([\d ]+)", recipes, re.M)
+    assert row, f"no row {row_key} in {script.parent.parent / 'recipes.sh'}"
+    numbers = [int(n) for n in row.group(1).split()]
+    return numbers[0], numbers[7]
 
 
 def deployment_of(script: Path) -> str:
@@ -124,12 +140,7 @@ def test_zero_stage_overrides(script: Path, tmp_path: Path):
     args = PARSERS[3](split_stage_command(dry_run_commands(script, "3", out, "2", "1")[-1], 3)[1])
     assert (args.actor_zero_stage, args.critic_zero_stage) == (2, 1)
     # without overrides, the script's own values
-    text = script.read_text()
-    if "/single_node.sh" in text:  # multi_node.sh reuses the settings of single_node.sh beside it
-        text = (script.parent / "single_node.sh").read_text()
-    declared = [
-        int(re.search(rf"^{name}=(\d)$", text, re.M).group(1)) for name in ("STEP1_ZERO", "STEP3_CRITIC_ZERO")
-    ]
+    declared = declared_zero_stages(script)
     assert (
         PARSERS[1](split_stage_command(dry_run_commands(script, "1", out)[-1], 1)[1]).zero_stage
         == declared[0]
@@ -216,3 +227,13 @@ def test_missing_inputs_and_hostfile_fail_before_launching(tmp_path: Path):
     assert proc.returncode == 1
     assert f"hostfile {tmp_path / 'nope'} not found" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_refuses_an_unknown_option():
+    """A misspelt option in a recipes.sh row stops the script instead of silently dropping the setting."""
+    row = "recipe 2 8 8 2 8 8 2 2 8 4 2 sft_ofload"
+    snippet = (
+        f"source launch/lib.sh 1 /tmp/out; DEPLOYMENT=single_gpu DTYPE=fp16 LORA_MODULE=x RM_LR=1; {row}"
+    )
+    proc = subprocess.run(["bash", "-c", snippet], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown recipe option 'sft_ofload'" in proc.stderr

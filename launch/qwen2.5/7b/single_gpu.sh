@@ -2,42 +2,5 @@
 # Qwen2.5-7B actor + Qwen2.5-0.5B reward model on one GPU with 24 GB.
 # Estimated peak memory, steps 1 / 2 / 3: GPU 18.5 / 18.6 / 21.0 GB, CPU RAM 3.9 / 5.9 / 20.9 GB (the arithmetic: README).
 #     bash launch/qwen2.5/7b/single_gpu.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
-# Arguments, environment and output layout: launch/lib.sh. The whole pipeline: python e2e_rlhf.py --help.
-source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh" "$@"
-
-DEPLOYMENT=single_gpu
-ACTOR_MODEL="${ACTOR_MODEL:-Qwen/Qwen2.5-7B}"
-REWARD_MODEL="${REWARD_MODEL:-Qwen/Qwen2.5-0.5B}"
-DATA=(--data_path Dahoas/rm-static --data_split 2,4,4)
-
-STEP1_ZERO=2
-STEP1_ARGS=(
-    --max_seq_len 512 --per_device_train_batch_size 2 --per_device_eval_batch_size 2
-    --gradient_accumulation_steps 32 --learning_rate 9.65e-6 --weight_decay 0.1 --num_train_epochs 1
-    --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 --dtype bf16 --gradient_checkpointing
-    --offload
-    --lora_dim 128 --lora_module_name layers. --only_optimize_lora --lora_learning_rate 5e-4
-)
-STEP2_ZERO=2
-STEP2_ARGS=(
-    --max_seq_len 512 --per_device_train_batch_size 4 --per_device_eval_batch_size 4
-    --gradient_accumulation_steps 16 --learning_rate 5e-5 --weight_decay 0.1 --num_train_epochs 1
-    --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 --dtype bf16 --gradient_checkpointing
-    --eval_interval 100 --eval_iters 50
-    --offload
-)
-STEP3_ACTOR_ZERO=2
-STEP3_CRITIC_ZERO=2
-STEP3_ARGS=(
-    --max_prompt_seq_len 256 --max_answer_seq_len 256
-    --per_device_generation_batch_size 2 --per_device_training_batch_size 1 --gradient_accumulation_steps 2
-    --generation_batches 1 --ppo_epochs 1 --num_train_epochs 1
-    --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --actor_weight_decay 0.1 --critic_weight_decay 0.1
-    --lr_scheduler_type cosine --num_warmup_steps 100 --seed 1234 --dtype bf16
-    --actor_gradient_checkpointing --critic_gradient_checkpointing
-    --offload --offload_reference_model --offload_reward_model
-    --actor_lora_dim 128 --actor_lora_module_name layers. --actor_lora_learning_rate 5e-4
-    --critic_lora_dim 128 --critic_lora_module_name layers. --critic_lora_learning_rate 5e-4
-    --only_optimize_lora
-)
-launch
+# Settings: the 7b rows of launch/qwen2.5/recipes.sh. Arguments, environment, output layout: launch/lib.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/../recipes.sh" 7b single_gpu "$@"
