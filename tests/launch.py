@@ -22,20 +22,24 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
         cmd = [sys.executable, script, *args]
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
     else:
+        port = _free_port()
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        cmd = [
-            str(deepspeed),
-            "--num_gpus",
-            str(num_procs),
-            "--master_port",
-            str(_free_port()),
-            script,
-            *args,
-        ]
+        cmd = [str(deepspeed), "--num_gpus", str(num_procs), "--master_port", str(port), script, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-6000:]}"
+    if num_procs > 1:
+        assert_no_shm_left(port)
     return out
+
+
+def assert_no_shm_left(port: int) -> None:
+    """Fail if the run on `port` left DeepSpeed's shared-memory all-reduce buffers in /dev/shm (RAM that
+    nothing frees until reboot; see `common.dist._unlink_shm_allreduce_buffer`)."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for path in left:  # free the memory before failing, so one failure doesn't starve the rest of the suite
+        path.unlink(missing_ok=True)
+    assert not left, f"the run left shared memory behind: {[p.name for p in left]}"
 
 
 def run_failing_stage(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from common.checkpoint import INJECT_NAN_ENV, complete_checkpoints, read_train_log
-from tests.launch import REPO, _free_port, run_stage
+from tests.launch import REPO, _free_port, assert_no_shm_left, run_stage
 
 SFT = "step1_sft/main.py"
 REWARD = "step2_reward/main.py"
@@ -53,8 +53,9 @@ def _env() -> dict[str, str]:
 def _kill_after_first_checkpoint(script: str, args: list[str], out: Path, timeout: float = 180) -> None:
     """Launch `script` on 2 ranks in its own process group and SIGKILL the whole group as soon as a
     complete checkpoint exists (the kill lands wherever the run is then: training, or saving the next)."""
+    port = _free_port()
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), script, *args]
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), script, *args]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -72,6 +73,7 @@ def _kill_after_first_checkpoint(script: str, args: list[str], out: Path, timeou
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert_no_shm_left(port)
 
 
 def _compare_resumed(
