@@ -13,11 +13,13 @@ emit EOS, so every answer runs to --answer_len tokens: the generated length is f
 Flags after `--` go to stage 3's own parser (dtype, gradient checkpointing, offload, LoRA, hybrid engine...).
 Prints a table and appends one JSON line (figures, hardware, versions, git commit) to bench/results.jsonl.
 
---compare [kv,naive,zero,gather] (alone: all four) adds ratios measured in the same process on the same
+--compare [kv,naive,logits,zero,gather] (alone: all five) adds ratios measured in the same process on the same
 inputs, the arms interleaved (A B A B ..., --repeats rounds, medians) so that other load hits both alike:
   kv      generation without / with the KV cache;
   naive   the naive loop of ../shared/seeds/002 (a separate full forward per sample and model, no batching)
           / our experience maker (one batched forward per model);
+  logits  actor and reference log-prob forwards computing the vocabulary logits at every position / at
+          the response positions only (`common.model.response_logits`); on a GPU also their peak memory;
   zero    seconds per iteration with the actor under ZeRO-3 / ZeRO-2;
   gather  ZeRO-3 actor: generation and iteration with per-decode-step all-gathers
           (--no-gather_actor_for_generation) / with the actor gathered once per generation (the default
@@ -79,7 +81,7 @@ CONFIGS = {
     ),
 }
 CRITIC_FOR = {"opt-125m": "opt-125m", "opt-350m": "opt-350m", "opt-1.3b": "opt-350m", "tiny": "tiny"}
-COMPARISONS = ("kv", "naive", "zero", "gather")
+COMPARISONS = ("kv", "naive", "logits", "zero", "gather")
 PHASES = ("actor_forward", "reference_forward", "critic_forward", "reward_forward")
 
 
@@ -316,6 +318,59 @@ def compare_naive(s: Setup, repeats: int) -> dict[str, float]:
     }
 
 
+def compare_logits(s: Setup, repeats: int) -> dict[str, float]:
+    """Actor + reference log-prob forwards of one sampled batch: logits at every position, then sliced (as
+    before 2026-11-21 and in the seeds) / logits at the response positions only (what stage 3 does)."""
+    from common.model import position_ids_from_mask, response_logits
+    from common.rl_math import logprobs_from_logits, response_positions
+
+    seq, attn, _, _ = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])
+    prompt_len, t = s.batch["input_ids"].shape[1], s.args.temperature
+    answer = seq[:, prompt_len:]
+    kw = {
+        "input_ids": seq,
+        "attention_mask": attn,
+        "position_ids": position_ids_from_mask(attn),
+        "use_cache": False,
+    }
+    peak: dict[str, float] = {}
+
+    def timed(name: str, logits_of: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[], float]:
+        def arm() -> float:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.no_grad():
+                for engine in (s.engines.actor, s.engines.ref):
+                    logprobs_from_logits(logits_of(engine), answer, t)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                peak[name] = torch.cuda.max_memory_allocated() / 2**20
+            return time.perf_counter() - start
+
+        return arm
+
+    t_ = interleaved(
+        {
+            "full": timed("full", lambda e: response_positions(e(**kw).logits, prompt_len)),
+            "response": timed("response", lambda e: response_logits(e, seq, attn, prompt_len)),
+        },
+        repeats,
+    )
+    out = {
+        "full_logits_forwards_s": t_["full"],
+        "response_logits_forwards_s": t_["response"],
+        "full_over_response_logits_forwards": t_["full"] / t_["response"],
+    }
+    if peak:
+        out.update(
+            full_logits_forwards_peak_mb=peak["full"],
+            response_logits_forwards_peak_mb=peak["response"],
+        )
+    return out
+
+
 def compare_actor_stages(
     setups: dict[int, Setup], a: argparse.Namespace, zero: bool, gather: bool
 ) -> dict[str, float]:
@@ -458,6 +513,8 @@ def run(a: argparse.Namespace, actor_dir: Path, rm_dir: Path) -> dict:
         result.update(compare_kv_cache(first, a.repeats))
     if "naive" in a.compare:
         result.update(compare_naive(first, a.repeats))
+    if "logits" in a.compare:
+        result.update(compare_logits(first, a.repeats))
     zero, gather = "zero" in a.compare, "gather" in a.compare
     if zero or gather:
         wanted = ([2] if zero else []) + [3]

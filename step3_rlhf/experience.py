@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.model import position_ids_from_mask
+from common.model import response_logits
 from common.rl_math import (
     gae,
     kl_penalty,
+    logprobs_from_logits,
     masked_whiten,
-    response_logprobs,
     response_positions,
     shape_rewards,
 )
@@ -207,14 +207,16 @@ class ExperienceMaker:
         self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
     ) -> dict[str, torch.Tensor]:
         """Actor/reference log-probs, critic values (B, R) and normalised reward scores (B,)."""
-        pos = position_ids_from_mask(attention_mask)
-        kw = {"input_ids": seq, "attention_mask": attention_mask, "position_ids": pos, "use_cache": False}
         t = self.args.temperature
+        answer = seq[:, prompt_len:]
         # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
         with self._timed("actor_forward"):
-            logprobs = response_logprobs(self.e.actor(**kw).logits, seq, prompt_len, t)
+            logits = response_logits(self.e.actor, seq, attention_mask, prompt_len)
+            logprobs = logprobs_from_logits(logits, answer, t)
         with self._timed("reference_forward"):
-            ref_logprobs = response_logprobs(self.e.ref(**kw).logits, seq, prompt_len, t)
+            logits = response_logits(self.e.ref, seq, attention_mask, prompt_len)
+            ref_logprobs = logprobs_from_logits(logits, answer, t)
+        del logits
         with self._timed("critic_forward"):
             values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
         with self._timed("reward_forward"):

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import torch
 
 from common.checkpoint import check_finite_grad_norm, check_finite_loss
-from common.model import causal_lm_loss, position_ids_from_mask
+from common.model import causal_lm_loss, position_ids_from_mask, response_logits
 from common.rl_math import (
     entropy_from_logits,
+    logprobs_from_logits,
     masked_mean,
     policy_loss,
-    response_logprobs,
     response_positions,
     value_loss,
 )
@@ -70,15 +70,10 @@ class PPOTrainer:
 
     def actor_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
         a = self.args
-        mask = mb.attention_mask
-        out = self.e.actor(
-            input_ids=mb.seq, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
-        )
-        logp = response_logprobs(out.logits, mb.seq, mb.prompt_len, a.temperature)
+        logits = response_logits(self.e.actor, mb.seq, mb.attention_mask, mb.prompt_len)
+        logp = logprobs_from_logits(logits, mb.seq[:, mb.prompt_len :], a.temperature)
         pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, a.cliprange)
-        entropy = masked_mean(
-            entropy_from_logits(response_positions(out.logits, mb.prompt_len), a.temperature), mb.action_mask
-        )
+        entropy = masked_mean(entropy_from_logits(logits, a.temperature), mb.action_mask)
         loss = pg_loss - a.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
         if self.ptx_batches is not None:

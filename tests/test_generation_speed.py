@@ -204,6 +204,7 @@ def test_bench_ppo_runs_every_comparison(tmp_path):
     for ratio in (
         "generation_without_over_with_cache",
         "naive_over_batched_experience_forwards",
+        "full_over_response_logits_forwards",
         "actor_zero3_over_zero2",
         "actor_zero3_per_step_over_gathered_generation_s",
         "actor_zero3_per_step_over_gathered_s_per_iteration",
