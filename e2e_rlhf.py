@@ -12,7 +12,8 @@ settings for that model size and hardware (see launch/lib.sh). Output layout und
 
     sft/       stage-1 model (Hugging Face format), sft_metrics.json, training.log, stage_run.json
     rm/        stage-2 reward model, rm_metrics.json, training.log, stage_run.json
-    ppo/       actor/, critic/ (and actor_ema/), ppo_metrics.json, ppo_curves.png, training.log, stage_run.json
+    ppo/       actor/, critic/ (and actor_ema/), ppo_metrics.json, heldout_answers.jsonl, ppo_curves.png,
+               training.log, stage_run.json
     tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
 
 A stage is finished when its metrics file exists: the stage scripts write it last, after the model is saved,
@@ -386,6 +387,8 @@ def report(out: Path, ran: set[int]) -> None:
         print(f"TensorBoard:   tensorboard --logdir {out / 'tensorboard'}")
     if png is not None:
         print(f"PPO curves:    {png}")
+    if (out / "ppo" / "heldout_answers.jsonl").is_file():
+        print(f"PPO answers:   {out / 'ppo' / 'heldout_answers.jsonl'} (held-out prompts, before / after)")
     if (out / "ppo" / "actor").is_dir():
         print(f"chat with it:  python chat.py --path {out / 'ppo' / 'actor'}")
 

@@ -1,7 +1,7 @@
 """Stage-3 (PPO) benchmark: seconds per iteration split into generation, experience forwards and training.
 
     python bench/bench_ppo.py --model tiny --compare
-    python bench/bench_ppo.py --model opt-125m --batch 4 --compare kv,naive
+    python bench/bench_ppo.py --model opt-125m --batch 4 --compare kv,naive,logits
     python bench/bench_ppo.py --model opt-125m --batch 4 --actor_zero_stage 3 --compare gather
     python bench/bench_ppo.py --model opt-1.3b --prompt_len 256 --answer_len 256 --batch 8 --iterations 2 \\
         --memory_fraction 0.3 -- --dtype fp16 --per_device_training_batch_size 4 --gradient_accumulation_steps 2 \\

@@ -5,7 +5,8 @@
 One iteration: take `--generation_batches` prompt batches, make experience (sample, score with the four
 models, shape rewards, GAE), run `--ppo_epochs` of minibatch updates on actor and critic, update the KL
 controller, log. Held-out prompts are scored before training (the stage-1 policy) and after, so the run
-reports how much PPO raised the reward model's score and at what KL. Saves actor, EMA actor and critic.
+reports how much PPO raised the reward model's score and at what KL (step3_rlhf/heldout.py; the answers
+themselves go to heldout_answers.jsonl). Saves actor, EMA actor and critic.
 
 With --save_interval N a resumable checkpoint is written every N iterations (step3_rlhf/resume.py says
 what it holds); --resume continues from it, and the continued run equals an uninterrupted one.
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from common import dist
 from common.args import data_config
@@ -41,6 +42,7 @@ from common.validate import exit_cleanly_on_data_errors, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
+from step3_rlhf.heldout import ANSWERS_FILE, evaluate, write_heldout_answers
 from step3_rlhf.ppo_trainer import PPOTrainer
 from step3_rlhf.resume import (
     ema_writer,
@@ -70,32 +72,6 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
     stats = dict(zip(keys, reduced.tolist(), strict=True))
     stats["score_std"] = max(stats.pop("score_sq_mean") - stats["score_mean"] ** 2, 0.0) ** 0.5
     return stats
-
-
-@torch.no_grad()
-def evaluate(maker: ExperienceMaker, loader: DataLoader, dev: torch.device, seed: int) -> dict[str, float]:
-    """Mean normalised RM score, length and EOS fraction of sampled answers to the held-out prompts.
-    Sampling uses a fixed seed so the before/after comparison differs only by the policy."""
-    score_sum = torch.zeros(3, dtype=torch.float64, device=dev)  # score, length, eos
-    count = torch.zeros((), dtype=torch.float64, device=dev)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed + dist.get_rank())
-        for batch, real in loader:
-            batch = to_device(batch, dev)
-            seq, attn, mask, ends = maker.sample(batch["input_ids"], batch["attention_mask"])
-            scores = maker.e.reward(seq, attn, normalize=True).scores.double()
-            r = real.to(dev)
-            score_sum += torch.stack([scores[r].sum(), mask.sum(1)[r].double().sum(), ends[r].double().sum()])
-            count += r.sum()
-    totals = torch.cat([score_sum, count[None]])
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(totals)
-    n = max(totals[3].item(), 1.0)
-    return {
-        "score": totals[0].item() / n,
-        "response_length": totals[1].item() / n,
-        "eos_fraction": totals[2].item() / n,
-    }
 
 
 def print_answers(tokenizer, r: Rollout, step: int) -> None:
@@ -174,10 +150,15 @@ def main(argv: list[str] | None = None) -> None:
         trainer.ptx_batches = BatchStream(ptx_loader, state.extra.get("ptx_batches", 0))
     if resumed_from is None:
         torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
-        before = evaluate(maker, eval_dl, dev, args.seed)
+        before, before_answers = evaluate(maker, eval_dl, dev, args.seed)
         dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {before}")
         monitor.log({f"eval/{k}": v for k, v in before.items()}, 0)
-        run = {"before": before, "evals": [{"step": 0, **before}], "history": []}
+        run = {
+            "before": before,
+            "before_answers": before_answers,
+            "evals": [{"step": 0, **before}],
+            "history": [],
+        }
     else:
         run = restore_ppo_extra_state(state.extra, kl_ctl, trainer)
         if engines.ema is not None:
@@ -223,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.print_answers and step % args.print_answers_interval == 0:
             print_answers(tokenizer, rollout, step)
         if args.eval_interval and step % args.eval_interval == 0 and step < iterations:
-            result = evaluate(maker, eval_dl, dev, args.seed)
+            result, _ = evaluate(maker, eval_dl, dev, args.seed)
             evals.append({"step": step, **result})
             monitor.log({f"eval/{k}": v for k, v in result.items()}, step)
         if args.save_interval and step % args.save_interval == 0:
@@ -235,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 write_extra=ema_writer(engines.ema, zero3),
             )  # fmt: skip
 
-    after = evaluate(maker, eval_dl, dev, args.seed)
+    after, after_answers = evaluate(maker, eval_dl, dev, args.seed)
     evals.append({"step": step, **after})
     monitor.log({f"eval/{k}": v for k, v in after.items()}, step)
     dist.print_rank0(f"[ppo] held-out after PPO: {after}")
@@ -258,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             "evals": evals,
             "history": history,
         }
+        if "before_answers" in run:  # absent in checkpoints written before 2026-11-21
+            write_heldout_answers(out / ANSWERS_FILE, run["before_answers"], after_answers)
         (out / "ppo_metrics.json").write_text(json.dumps(metrics, indent=2))
     dist.print_rank0(f"[ppo] saved actor, critic{', actor_ema' if engines.ema else ''} to {out}")
     monitor.close()

@@ -6,7 +6,8 @@
 
 extra: the KL controller (its coefficient moves with --adaptive_kl), the minibatch-permutation generator of
 the PPO trainer, PPO-ptx batches consumed, skipped micro-batches, and the metrics so far (held-out score
-before PPO, eval curve, per-iteration history) so the final ppo_metrics.json covers the whole run. The
+before PPO and its answers, eval curve, per-iteration history) so the final ppo_metrics.json and
+heldout_answers.jsonl cover the whole run. The
 prompt position needs no entry: iteration N has consumed N x --generation_batches prompt batches.
 The reference and reward models are frozen and rebuilt from their paths.
 """

@@ -205,6 +205,14 @@ def test_ppo_sigkill_resume_matches_uninterrupted_run(ppo_models, tmp_path):
     )
     assert len({h["kl_coef"] for h in full["history"]}) > 1  # the controller did move
     assert resumed["after"] == pytest.approx(full["after"], rel=1e-5)
+    # the stage-1 policy's held-out answers come back from the checkpoint; the PPO policy's are the same
+    answers = [
+        [json.loads(line) for line in (tmp_path / run / "heldout_answers.jsonl").read_text().splitlines()]
+        for run in ("full", "killed")
+    ]
+    assert [(r["prompt"], r["before"], r["after"]) for r in answers[0]] == [
+        (r["prompt"], r["before"], r["after"]) for r in answers[1]
+    ]
     for model in ("actor", "actor_ema"):
         a = load_file(str(tmp_path / "full" / model / "model.safetensors"))
         b = load_file(str(tmp_path / "killed" / model / "model.safetensors"))

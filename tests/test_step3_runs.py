@@ -87,33 +87,29 @@ def sft_and_rm(tiny_dir, tmp_path_factory):
 def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     root = sft_and_rm
     out = tmp_path / "ppo"
-    log = run_stage(
-        "step3_rlhf/main.py",
-        [
-            "--actor_model_name_or_path",
-            str(root / "sft"),
-            "--critic_model_name_or_path",
-            str(root / "rm"),
-            "--output_dir",
-            str(out),
-            "--data_output_path",
-            str(root / "cache"),
-            "--actor_zero_stage",
-            "3",
-            "--per_device_generation_batch_size",
-            "8",
-            *PPO_SHAPE,
-            "--enable_test_mode",
-            "--test_stop_step",
-            "20",
-            "--eval_num_prompts",
-            "64",
-            "--enable_tensorboard",
-            "--enable_ema",
-        ],
-        num_procs=2,
-        timeout=900,
-    )
+    args = [
+        "--actor_model_name_or_path",
+        str(root / "sft"),
+        "--critic_model_name_or_path",
+        str(root / "rm"),
+        "--output_dir",
+        str(out),
+        "--data_output_path",
+        str(root / "cache"),
+        "--actor_zero_stage",
+        "3",
+        "--per_device_generation_batch_size",
+        "8",
+        *PPO_SHAPE,
+        "--enable_test_mode",
+        "--test_stop_step",
+        "20",
+        "--eval_num_prompts",
+        "63",  # odd: rank 1 evaluates one placeholder row that must not be counted or written
+        "--enable_tensorboard",
+        "--enable_ema",
+    ]
+    log = run_stage("step3_rlhf/main.py", args, num_procs=2, timeout=900)
     metrics = json.loads((out / "ppo_metrics.json").read_text())
     print(
         f"PPO held-out score {metrics['before']['score']:+.3f} -> {metrics['after']['score']:+.3f}, "
@@ -125,6 +121,30 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "actor") is not None
     assert AutoModelForCausalLM.from_pretrained(out / "actor_ema") is not None  # EMA gathered under ZeRO-3
     assert RewardModel.from_pretrained(out / "critic") is not None
+    check_heldout_answers(out, args, metrics)
+
+
+def check_heldout_answers(out, args: list[str], metrics: dict) -> None:
+    """heldout_answers.jsonl has one row per held-out prompt, in the eval set's order, and its scores average
+    to the before/after scores of ppo_metrics.json."""
+    from common.args import data_config
+    from common.data import build_stage_data
+    from common.model import load_tokenizer
+    from step3_rlhf.args import parse_args
+
+    parsed = parse_args(args)
+    tokenizer = load_tokenizer(parsed.actor_model_name_or_path)
+    eval_set = build_stage_data(data_config(parsed), tokenizer, stage=3).eval
+    expected = [
+        tokenizer.decode(eval_set[i]["input_ids"], skip_special_tokens=True)
+        for i in range(parsed.eval_num_prompts)
+    ]
+    rows = [json.loads(line) for line in (out / "heldout_answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == expected
+    for when in ("before", "after"):
+        mean = sum(r[f"score_{when}"] for r in rows) / len(rows)
+        assert mean == pytest.approx(metrics[when]["score"], abs=1e-6), when
+    assert any(r["before"] != r["after"] for r in rows)
 
 
 def test_lora_ema_ptx_hybrid_engine_run_saves_loadable_models(sft_and_rm, tmp_path):
