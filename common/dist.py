@@ -52,8 +52,10 @@ def _unlink_shm_allreduce_buffer() -> None:
     (a test suite filled 22 GB of a 24 GB machine this way and was OOM-killed). Every rank opens every
     other rank's buffer inside init, so after a barrier the names can go: the mappings stay valid and
     the memory is freed when the last process exits, even by SIGKILL."""
+    from deepspeed.accelerator import get_accelerator
+
     path = shm_allreduce_buffer_path(get_rank())
-    if not path.exists():  # GPU backends, multi-node jobs, single process: no buffer
+    if get_accelerator().device_name() != "cpu" or not path.exists():  # GPUs, several nodes, one process
         return
     dist.barrier()
     path.unlink(missing_ok=True)
