@@ -6,50 +6,31 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM
 
 from common.model import apply_lora, position_ids_from_mask, response_logits
 from common.rl_math import response_positions
+from common.tiny import tiny_config
 
 VOCAB, C, L = 48, 5, 12  # prompt length C, prompt + answer L
 
 
+class _Vocab:
+    """What `tiny_config` reads from a tokenizer: its size and special token ids."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
 def _model(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    if arch == "opt":
-        cfg = OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=2,
-            ffn_dim=32,
-            num_attention_heads=2,
-            word_embed_proj_dim=16,
-            dropout=0.0,
-        )
-        return OPTForCausalLM(cfg)
-    if arch == "gpt2":
-        return GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=16,
-                n_layer=2,
-                n_head=2,
-                n_positions=32,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-            )
-        )
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
+    """The project's tiny config for `arch` at toy sizes, in eval mode (no dropout; autograd still works)."""
+    config = tiny_config(
+        arch, _Vocab(), hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=32
     )
-    return LlamaForCausalLM(cfg)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

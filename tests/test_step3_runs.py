@@ -29,6 +29,14 @@ PPO_SHAPE = [
 ]
 
 
+def _models_and_dirs(root, out) -> list[str]:
+    """Stage 3's model and directory flags for the stage-1/2 outputs under `root`, writing to `out`."""
+    return [
+        *("--actor_model_name_or_path", str(root / "sft"), "--critic_model_name_or_path", str(root / "rm")),
+        *("--output_dir", str(out), "--data_output_path", str(root / "cache")),
+    ]
+
+
 @pytest.fixture(scope="module")
 def sft_and_rm(tiny_dir, tmp_path_factory):
     """Stage 1 then stage 2 on the tiny default (one process each), as the demo runs them."""
@@ -88,14 +96,7 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     root = sft_and_rm
     out = tmp_path / "ppo"
     args = [
-        "--actor_model_name_or_path",
-        str(root / "sft"),
-        "--critic_model_name_or_path",
-        str(root / "rm"),
-        "--output_dir",
-        str(out),
-        "--data_output_path",
-        str(root / "cache"),
+        *_models_and_dirs(root, out),
         "--actor_zero_stage",
         "3",
         "--per_device_generation_batch_size",
@@ -159,14 +160,7 @@ def test_lora_ema_ptx_hybrid_engine_run_saves_loadable_models(sft_and_rm, tmp_pa
     log = run_stage(
         "step3_rlhf/main.py",
         [
-            "--actor_model_name_or_path",
-            str(root / "sft"),
-            "--critic_model_name_or_path",
-            str(root / "rm"),
-            "--output_dir",
-            str(out),
-            "--data_output_path",
-            str(root / "cache"),
+            *_models_and_dirs(root, out),
             "--actor_lora_dim",
             "4",
             "--actor_lora_module_name",
