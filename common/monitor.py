@@ -28,6 +28,16 @@ class Monitor:
             self.writer.add_scalar(f"{self.prefix}/{key}", float(value), step)
         self.writer.flush()
 
+    def charts(self, category: str, charts: dict[str, list[str]]) -> None:
+        """Lay out TensorBoard's Custom Scalars tab: under `category`, one chart per title drawing the
+        scalars `keys` (as given to `log`) together, e.g. the proxy and gold scores on one chart."""
+        if self.writer is None:
+            return
+        layout = {
+            title: ["Multiline", [f"{self.prefix}/{k}" for k in keys]] for title, keys in charts.items()
+        }
+        self.writer.add_custom_scalars({category: layout})
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -5,7 +5,10 @@
 Three panels over PPO iterations: the reward-model score (mean normalised score of each iteration's
 rollouts, plus the held-out evaluations as markers), the KL to the reference policy (batch mean of the
 per-sequence sum, the quantity the KL controller sees) and the response length in tokens (rollouts and
-held-out). matplotlib runs with the Agg backend, so no display is needed.
+held-out). When the held-out evaluations record their KL (stage 3 does since 2026-12-02), a fourth panel
+draws the over-optimisation curve: the held-out proxy (reward-model) score and, where a gold reward is known,
+the gold score against that KL; a proxy that keeps rising while the gold falls is reward hacking.
+matplotlib runs with the Agg backend, so no display is needed.
 """
 
 from __future__ import annotations
@@ -53,8 +56,38 @@ def curve_series(metrics: dict[str, Any]) -> dict[str, dict[str, tuple[list[floa
     return series
 
 
+def overoptimisation_series(metrics: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """The held-out evaluations as (KL, value) points: {"score": proxy, "gold_mean": gold}; a key is absent
+    when no evaluation records it (the result is empty when none records its KL)."""
+    evals = [e for e in metrics.get("evals", []) if "kl" in e]
+    series = {}
+    for key in ("score", "gold_mean"):
+        points = [e for e in evals if key in e]
+        if points:
+            series[key] = ([float(e["kl"]) for e in points], [float(e[key]) for e in points])
+    return series
+
+
+def _draw_overoptimisation(ax, series: dict[str, tuple[list[float], list[float]]]) -> None:
+    """Proxy score (left axis, red) and gold score (right axis, green) against the held-out KL."""
+    ax.plot(*series["score"], color="tab:red", marker="D", markersize=7, linestyle="--", label="proxy (RM)")
+    ax.set_xlabel("held-out KL to the reference (per sequence)")
+    ax.set_ylabel("proxy score (normalised)", color="tab:red")
+    ax.set_title("over-optimisation: proxy and gold against KL")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    if "gold_mean" in series:
+        gold_ax = ax.twinx()
+        gold_ax.plot(*series["gold_mean"], color="tab:green", marker="s", markersize=7, label="gold")
+        gold_ax.set_ylabel("gold score", color="tab:green")
+        more = gold_ax.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="best", fontsize=8)
+
+
 def plot_ppo_curves(metrics: dict[str, Any] | str | Path, out_png: str | Path) -> Path:
-    """Draw the three PPO panels of `metrics` (a dict or a ppo_metrics.json path) into `out_png`."""
+    """Draw the PPO panels of `metrics` (a dict or a ppo_metrics.json path) into `out_png`: the three curves
+    over iterations, and the over-optimisation panel when the evaluations record their KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +96,10 @@ def plot_ppo_curves(metrics: dict[str, Any] | str | Path, out_png: str | Path) -
     if not isinstance(metrics, dict):
         metrics = load_metrics(metrics)
     series = curve_series(metrics)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
-    for ax, (title, key, _, ylabel) in zip(axes, PANELS, strict=True):
+    over = overoptimisation_series(metrics)
+    panels = len(PANELS) + ("score" in over)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
+    for ax, (title, key, _, ylabel) in zip(axes, PANELS, strict=False):
         steps, values = series[key]["train"]
         ax.plot(steps, values, color="tab:blue", marker="o", markersize=3, linewidth=1.5, label="rollouts")
         if "eval" in series[key]:
@@ -77,10 +112,17 @@ def plot_ppo_curves(metrics: dict[str, Any] | str | Path, out_png: str | Path) -
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
+    if "score" in over:
+        _draw_overoptimisation(axes[-1], over)
     if "score_gain" in metrics:
         fig.suptitle(
             f"PPO: held-out score {metrics['before']['score']:+.3f} -> {metrics['after']['score']:+.3f} "
             f"(gain {metrics['score_gain']:+.3f}), final KL {metrics['final_kl']:.3f}"
+            + (
+                f"; gold {metrics['before']['gold_mean']:+.3f} -> {metrics['after']['gold_mean']:+.3f}"
+                if "gold_gain" in metrics
+                else ""
+            )
         )
     fig.tight_layout()
     out_png = Path(out_png)

@@ -163,8 +163,20 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eval_interval",
         type=int,
-        default=0,
-        help="Score held-out prompts every N iterations (0: only before and after training).",
+        default=None,
+        help="Evaluate on held-out prompts every N iterations, besides before and after training (0: "
+        "only before and after). Default: iterations // 6, at least 1, so a run of 6 or more iterations "
+        "has 5 or 6 evaluations during PPO.",
+    )
+    g.add_argument(
+        "--gold_reward",
+        type=str,
+        default="auto",
+        metavar="MODULE:FUNCTION|auto|none",
+        help="Gold scorer of held-out answers, to tell real gains from reward hacking: a function "
+        "f(prompts, responses, finished) -> one float, or one object with .score and optional .label, per "
+        "answer (responses decoded without special tokens, cut at EOS; finished: ended with EOS). auto: the "
+        "bundled task's common.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
     )
     g.add_argument("--eval_num_prompts", type=int, default=0, help="Held-out prompts to score (0: all).")
     g.add_argument("--print_answers", action="store_true")

@@ -4,9 +4,11 @@
 
 One iteration: take `--generation_batches` prompt batches, make experience (sample, score with the four
 models, shape rewards, GAE), run `--ppo_epochs` of minibatch updates on actor and critic, update the KL
-controller, log. Held-out prompts are scored before training (the stage-1 policy) and after, so the run
-reports how much PPO raised the reward model's score and at what KL (step3_rlhf/heldout.py; the answers
-themselves go to heldout_answers.jsonl). Saves actor, EMA actor and critic.
+controller, log. Held-out prompts are evaluated before training (the stage-1 policy), every --eval_interval
+iterations and after, so the run reports how much PPO raised the reward model's score, at what KL, and what
+the gold reward (where one is known, --gold_reward) and the reward-hacking measures say of it
+(step3_rlhf/heldout.py; the answers themselves go to heldout_answers.jsonl). Saves actor, EMA actor and
+critic.
 
 With --save_interval N a resumable checkpoint is written every N iterations (step3_rlhf/resume.py says
 what it holds); --resume continues from it, and the continued run equals an uninterrupted one.
@@ -42,7 +44,14 @@ from common.validate import exit_cleanly_on_data_errors, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
-from step3_rlhf.heldout import ANSWERS_FILE, evaluate, write_heldout_answers
+from step3_rlhf.heldout import (
+    ANSWERS_FILE,
+    HELDOUT_CHARTS,
+    evaluate,
+    format_eval,
+    load_gold_reward,
+    write_heldout_answers,
+)
 from step3_rlhf.ppo_trainer import PPOTrainer
 from step3_rlhf.resume import (
     ema_writer,
@@ -74,6 +83,12 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
     return stats
 
 
+def resolve_eval_interval(eval_interval: int | None, iterations: int) -> int:
+    """--eval_interval, or by default iterations // 6 (at least 1): 5 or 6 evaluations during a run of 6 or
+    more iterations, at the multiples of the interval before the last one (the final evaluation covers it)."""
+    return max(iterations // 6, 1) if eval_interval is None else eval_interval
+
+
 def print_answers(tokenizer, r: Rollout, step: int) -> None:
     if not dist.is_rank0():
         return
@@ -84,6 +99,7 @@ def print_answers(tokenizer, r: Rollout, step: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
     dist.init_distributed()
     check_output_dir(args.output_dir, "ppo", args)
     set_seed(args.seed)
@@ -124,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"{len(prompts)} prompt batches per rank < --generation_batches {args.generation_batches}"
         )
+    eval_interval = resolve_eval_interval(args.eval_interval, iterations)
     rollout_size = args.per_device_generation_batch_size * args.generation_batches
     minibatches = rollout_size // (args.per_device_training_batch_size * args.gradient_accumulation_steps)
     optimizer_steps = iterations * args.ppo_epochs * minibatches
@@ -142,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "ppo"
     )
 
+    monitor.charts(
+        "held-out", HELDOUT_CHARTS if gold is not None else {"measures": HELDOUT_CHARTS["measures"]}
+    )
+
     # resume, or start: positions of the prompt and PPO-ptx streams, then the RNG
     claim_output_dir(args.output_dir, "ppo", args)
     state, resumed_from = resume_if_asked(args, trained_engines(engines), "ppo")
@@ -150,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.ptx_batches = BatchStream(ptx_loader, state.extra.get("ptx_batches", 0))
     if resumed_from is None:
         torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
-        before, before_answers = evaluate(maker, eval_dl, dev, args.seed)
-        dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {before}")
+        dist.print_rank0(f"[ppo] gold reward of held-out answers: {gold.name if gold else 'none'}")
+        before, before_answers = evaluate(maker, eval_dl, dev, args.seed, gold)
+        dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {format_eval(before)}")
         monitor.log({f"eval/{k}": v for k, v in before.items()}, 0)
         run = {
             "before": before,
@@ -203,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.print_answers and step % args.print_answers_interval == 0:
             print_answers(tokenizer, rollout, step)
-        if args.eval_interval and step % args.eval_interval == 0 and step < iterations:
-            result, _ = evaluate(maker, eval_dl, dev, args.seed)
+        if eval_interval and step % eval_interval == 0 and step < iterations:
+            result, _ = evaluate(maker, eval_dl, dev, args.seed, gold)
             evals.append({"step": step, **result})
+            dist.print_rank0(f"[ppo] held-out at step {step}: {format_eval(result)}")
             monitor.log({f"eval/{k}": v for k, v in result.items()}, step)
         if args.save_interval and step % args.save_interval == 0:
             state.step, state.epoch, state.batches_in_epoch = step, batches.epoch, batches.in_epoch
@@ -216,13 +239,16 @@ def main(argv: list[str] | None = None) -> None:
                 write_extra=ema_writer(engines.ema, zero3),
             )  # fmt: skip
 
-    after, after_answers = evaluate(maker, eval_dl, dev, args.seed)
+    after, after_answers = evaluate(maker, eval_dl, dev, args.seed, gold)
     evals.append({"step": step, **after})
     monitor.log({f"eval/{k}": v for k, v in after.items()}, step)
-    dist.print_rank0(f"[ppo] held-out after PPO: {after}")
+    dist.print_rank0(f"[ppo] held-out after PPO: {format_eval(after)}")
     dist.print_rank0(
         f"[ppo] score gain {after['score'] - before['score']:+.3f} at final KL {history[-1]['kl']:.3f}"
     )
+    gold_known = gold is not None and "gold_mean" in before  # absent in checkpoints written before 2026-12-02
+    if gold_known:
+        dist.print_rank0(f"[ppo] gold gain {after['gold_mean'] - before['gold_mean']:+.3f} ({gold.name})")
 
     out = Path(args.output_dir)
     save_hf_model(engines.actor, out / "actor", tokenizer, args.actor_zero_stage)
@@ -235,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
             "after": after,
             "score_gain": after["score"] - before["score"],
             "final_kl": history[-1]["kl"],
+            "gold_reward": gold.name if gold else None,
+            **({"gold_gain": after["gold_mean"] - before["gold_mean"]} if gold_known else {}),
+            "eval_interval": eval_interval,
             "skipped_nonfinite_microbatches": trainer.skipped,
             "evals": evals,
             "history": history,

@@ -29,9 +29,31 @@ FAKE_METRICS = {
         "final": {"accuracy": 0.8, "pairs": 300},
     },
     3: {
-        "before": {"score": 0.25, "response_length": 12.0, "eos_fraction": 1.0},
-        "after": {"score": 1.5, "response_length": 20.0, "eos_fraction": 0.9},
+        "before": {
+            "score": 0.25,
+            "response_length": 12.0,
+            "eos_fraction": 1.0,
+            "repeated_3gram_rate": 0.0,
+            "distinct_2": 0.5,
+            "leaked_turn_markers": 0.0,
+            "gold_mean": 0.5,
+            "gold_share_best": 0.25,
+            "gold_share_malformed": 0.0,
+        },
+        "after": {
+            "score": 1.5,
+            "response_length": 20.0,
+            "eos_fraction": 0.9,
+            "repeated_3gram_rate": 0.125,
+            "distinct_2": 0.25,
+            "leaked_turn_markers": 0.5,
+            "gold_mean": -0.25,
+            "gold_share_best": 0.0,
+            "gold_share_malformed": 0.75,
+        },
         "score_gain": 1.25,
+        "gold_gain": -0.75,
+        "gold_reward": "common.gold:synthetic_gold",
         "final_kl": 4.5,
         "evals": [
             {"step": 0, "score": 0.25, "response_length": 12.0},
@@ -215,16 +237,26 @@ def test_summary_rows(tmp_path):
         "stage 3: held-out RM score, PPO policy": "+1.500",
         "stage 3: PPO policy scores higher": "yes (+1.250 normalised units)",
         "stage 3: final KL to the reference (per sequence)": "4.500",
+        "stage 3: held-out gold score before -> after": "+0.500 -> -0.250 (common.gold:synthetic_gold)",
+        "stage 3: held-out best share": "0.25 -> 0.00",
+        "stage 3: held-out malformed share": "0.00 -> 0.75",
+        "stage 3: proxy vs gold": "REWARD HACKING: the proxy rose but the gold did not (proxy +1.250, gold -0.750)",
+        "stage 3: share of answers ending in EOS": "1.000 -> 0.900",
+        "stage 3: mean answer length (tokens)": "12.000 -> 20.000",
+        "stage 3: repeated 3-gram rate": "0.000 -> 0.125",
+        "stage 3: distinct-2": "0.500 -> 0.250",
+        "stage 3: share with leaked turn markers": "0.000 -> 0.500",
         "wall time: step 1 (supervised fine-tuning)": "61 s (1:01)  (earlier run)",
         "wall time: step 3 (PPO)": "125 s (2:05)",
         "wall time: all stages": "186 s (3:06)",
     }
     worse = {**FAKE_METRICS[3], "after": {"score": 0.0}, "score_gain": -0.25}
+    for key in ("gold_gain", "gold_reward"):  # metrics of a run without a gold (or from before it existed)
+        del worse[key]
     STAGES[3].metrics_path(tmp_path).write_text(json.dumps(worse))
-    assert (
-        dict(e2e_rlhf.summary_rows(tmp_path))["stage 3: PPO policy scores higher"]
-        == "NO (-0.250 normalised units)"
-    )
+    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    assert rows["stage 3: PPO policy scores higher"] == "NO (-0.250 normalised units)"
+    assert not any("gold" in label or "distinct" in label for label in rows)
 
 
 # ------------------------------------------------------------------ one real run of the tiny default
@@ -232,14 +264,15 @@ def test_summary_rows(tmp_path):
 
 def small_budget(data: Path) -> list[str]:
     """A few optimizer steps per stage on a small slice of the bundled data (300 train / 16 test rows): the
-    stages evaluate on the whole test split, so a small one keeps the run short."""
+    stages evaluate on the whole test split, so a small one keeps the run short. A slice is not the bundled
+    dataset's path, so stage 3 is told its gold reward."""
     return [
         f"--step1-args=--data_path {data} --num_train_epochs 1 --max_seq_len 64",
         f"--step2-args=--data_path {data} --max_seq_len 64 --eval_iters 1 --normalization_num_samples 8 "
         "--normalization_max_new_tokens 8",
         f"--step3-args=--data_path {data} --test_stop_step 1 --eval_num_prompts 8 "
         "--per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_prompt_seq_len 32 "
-        "--max_answer_seq_len 8",
+        "--max_answer_seq_len 8 --gold_reward common.gold:synthetic_gold",
     ]
 
 
@@ -271,6 +304,10 @@ def test_real_tiny_pipeline_then_skip_then_force_step_1(tmp_path):
         "stage 3: held-out RM score, stage-1 policy",
         "stage 3: held-out RM score, PPO policy",
         "stage 3: final KL to the reference (per sequence)",
+        "stage 3: held-out gold score before -> after",
+        "stage 3: held-out malformed share",
+        "stage 3: proxy vs gold",
+        "stage 3: distinct-2",
         "wall time: step 3 (PPO)",
     ):
         assert label in first
