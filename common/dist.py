@@ -3,12 +3,20 @@
 `init_distributed()` is the only entry point the stage scripts call: under the `deepspeed` launcher it
 joins the group the launcher describes; under plain `python` it supplies single-process defaults
 (rank 0 of 1 on a free local port) so the same script runs either way.
+
+DeepSpeed JIT-builds its C++ ops (on CPU: the shared-memory all-reduce, at every process group's start) into
+torch's extensions directory. By default that is one directory per user, shared by every environment on
+the machine, so an environment with other compiler flags rebuilds the op over another's. Inside a virtual
+environment we keep the builds in `<venv>/torch_extensions`; `python -m common.dist --prebuild-ops`
+(run by scripts/setup.sh) builds the CPU op there once, so no stage pays the 35-60 s compile.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +29,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_environment_extensions_dir() -> str | None:
+    """Point torch's (and so DeepSpeed's) JIT extension builds at `<venv>/torch_extensions` when running in a
+    virtual environment and the user has not chosen a directory (TORCH_EXTENSIONS_DIR). Returns the dir."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
+def prebuild_cpu_ops() -> str:
+    """Build DeepSpeed's CPU shared-memory all-reduce op (loaded by every CPU process group) into the
+    environment's extensions directory, so that runs find it built. Nothing to do with CUDA (NCCL is used)."""
+    where = use_environment_extensions_dir() or "torch's default extensions directory"
+    if torch.cuda.is_available():
+        return "CUDA present: DeepSpeed uses NCCL, no CPU op to build"
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return f"no shared-memory op on the {get_accelerator().device_name()} accelerator"
+    builder.load(verbose=False)
+    return f"DeepSpeed {builder.absolute_name()} built in {where}"
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed, with single-process defaults when unlaunched."""
+    use_environment_extensions_dir()
     import deepspeed
 
     if dist.is_available() and dist.is_initialized():
@@ -103,3 +135,10 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Environment helpers for DeepSpeed.")
+    parser.add_argument("--prebuild-ops", action="store_true", help="build DeepSpeed's CPU ops now (setup does)")
+    if parser.parse_args().prebuild_ops:
+        print(f"[setup] {prebuild_cpu_ops()}")

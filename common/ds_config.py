@@ -43,14 +43,9 @@ def train_config(
     dtype: str = "auto",
     offload: bool = False,
     gradient_clipping: float = 1.0,
-    hybrid_engine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """DeepSpeed config for a trainable engine.
-
-    `hybrid_engine` (stage-3 actor only) is a dict of DeepSpeed hybrid-engine options
-    (enabled, max_out_tokens, inference_tp_size, release_inference_cache, pin_parameters,
-    tp_gather_partition_size).
-    """
+    """DeepSpeed config for a trainable engine (stage 3 adds the actor's `hybrid_engine` section itself,
+    once it knows whether DeepSpeed can build kernels for the model: step3_rlhf/engines.py)."""
     device = "cpu" if offload else "none"
     zero: dict[str, Any] = {
         "stage": zero_stage,
@@ -75,8 +70,6 @@ def train_config(
     if offload:
         # A torch optimizer is allowed with offload when no DeepSpeed CPU Adam can be built.
         config["zero_force_ds_cpu_optimizer"] = False
-    if hybrid_engine:
-        config["hybrid_engine"] = hybrid_engine
     return config
 
 

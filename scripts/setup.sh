@@ -6,13 +6,21 @@
 #   torch==2.13.0, which these machines resolve to a local CPU wheel).
 # - DeepSpeed ships as a source package that imports torch while building, so everything is installed
 #   without build isolation (an isolated build would download a second, CUDA, torch).
-# - A stamp of requirements.txt + pyproject.toml makes a second run instant.
-# Usage: source scripts/setup.sh   (or bash scripts/setup.sh); honours $PYTHON and $VENV.
+# - Versions are pinned by constraints.txt (the ones the test suite passed with), so that a new release
+#   upstream cannot break a fresh install; CONSTRAINTS=none takes the newest releases instead
+#   (scripts/check_latest.sh tests them in .venv-latest), CONSTRAINTS=FILE another lock.
+# - DeepSpeed's C++ ops are JIT-built into $VENV/torch_extensions (common/dist.py points every run there);
+#   on a machine without CUDA, setup builds the CPU shared-memory all-reduce op once, so no run pays it.
+# - A stamp of requirements.txt + pyproject.toml + the constraints makes a second run instant.
+# Usage: source scripts/setup.sh   (or bash scripts/setup.sh); honours $PYTHON, $VENV, $TORCH_SPEC, $CONSTRAINTS.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 BASE_PY="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+CONSTRAINTS="${CONSTRAINTS:-$ROOT/constraints.txt}"
+constraint_args=()
+[ "$CONSTRAINTS" = none ] || constraint_args=(-c "$CONSTRAINTS")
 
 if [ ! -x "$VENV/bin/python" ]; then
     if "$BASE_PY" -c "import torch" >/dev/null 2>&1; then
@@ -24,7 +32,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 stamp="$VENV/.rlhf-setup-stamp"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+want="$( (cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml"; [ "$CONSTRAINTS" = none ] || cat "$CONSTRAINTS") \
+    | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
@@ -32,11 +41,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         pip_install "$TORCH_SPEC"
     fi
     echo "[setup] installing requirements into $VENV"
-    pip_install setuptools wheel
-    pip_install --no-build-isolation -r "$ROOT/requirements.txt" pytest ruff
+    pip_install "${constraint_args[@]}" setuptools wheel
+    pip_install "${constraint_args[@]}" --no-build-isolation -r "$ROOT/requirements.txt" pytest ruff
     pip_install --no-build-isolation --no-deps -e "$ROOT"
     "$PY" -c "import torch, deepspeed, transformers, peft, datasets, common" \
         || { echo "[setup] installation incomplete" >&2; exit 1; }
+    "$PY" -m common.dist --prebuild-ops || { echo "[setup] building DeepSpeed's CPU ops failed" >&2; exit 1; }
     echo "$want" >"$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

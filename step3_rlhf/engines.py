@@ -1,7 +1,8 @@
 """The four (five with EMA) DeepSpeed engines of PPO.
 
 - actor:     the policy being trained (stage-1 output), ZeRO `--actor_zero_stage`, optional LoRA,
-             gradient checkpointing and hybrid engine for generation.
+             gradient checkpointing and hybrid engine for generation (a plain engine, with one warning,
+             where DeepSpeed cannot build its inference kernels: on CPU, or for a model without a policy).
 - reference: a frozen copy of the initial actor, inference config; `--offload_reference_model` keeps
              its weights in CPU memory (ZeRO-3 parameter offload).
 - critic:    initialised from the reward model (ppo-fidelity item 13) with its normalisation folded into the
@@ -19,6 +20,7 @@ import argparse
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -42,8 +44,41 @@ class Engines:
     hybrid: bool  # whether the actor is a DeepSpeed hybrid engine
 
 
-def _hybrid_engine_config(args: argparse.Namespace) -> dict | None:
+def hybrid_engine_unavailable(model: nn.Module) -> str | None:
+    """Why DeepSpeed's hybrid engine could not run `model` with its inference kernels here (None if it can).
+
+    Asked before the actor engine is built: DeepSpeed raises from inside `initialize()` when the kernels of
+    a model it has a policy for cannot be built (on CPU: "This op had not been implemented on CPU backend"),
+    and which models it has a policy for changes with the transformers version."""
+    from deepspeed.ops.op_builder import InferenceBuilder
+    from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+
+    probe = SimpleNamespace(module=model, new_inference_container=None)
+    try:  # DeepSpeed's own policy lookup, run on our model without building an engine
+        DeepSpeedHybridEngine.populate_all_inference_policies(probe)
+        has_policy = bool(probe.inference_policies)
+    except Exception:  # a DeepSpeed whose lookup differs: let the kernels decide
+        has_policy = True
+    if not has_policy:
+        return f"DeepSpeed has no inference policy for {type(model).__name__}"
+    try:
+        InferenceBuilder().load(verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build/load failure means no kernels
+        accelerator = deepspeed.get_accelerator().device_name()
+        return f"DeepSpeed's inference kernels cannot be built on the {accelerator} accelerator ({e})"
+    return None
+
+
+def _hybrid_engine_config(args: argparse.Namespace, model: nn.Module) -> dict | None:
+    """The hybrid-engine section of the actor's DeepSpeed config, or None: not asked for, or unavailable
+    (then one warning says why, and the actor generates with the model's own generate())."""
     if not args.enable_hybrid_engine:
+        return None
+    if (reason := hybrid_engine_unavailable(model)) is not None:
+        dist.print_rank0(
+            f"[ppo] warning: --enable_hybrid_engine: {reason}; the actor is a plain DeepSpeed engine and "
+            "generates with the model's own generate() (same samples, no inference kernels)"
+        )
         return None
     return {
         "enabled": True,
@@ -88,7 +123,6 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dtype=args.dtype,
         offload=args.offload,
         gradient_clipping=args.gradient_clipping,
-        hybrid_engine=_hybrid_engine_config(args),
     )
 
     def new_actor_model() -> nn.Module:
@@ -113,6 +147,8 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         return model
 
     actor_model = new_actor_model()
+    if (hybrid := _hybrid_engine_config(args, actor_model)) is not None:
+        actor_cfg["hybrid_engine"] = hybrid
     if args.actor_gradient_checkpointing:
         actor_model.gradient_checkpointing_enable()
         if args.actor_lora_dim > 0:
@@ -221,7 +257,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
 
     return Engines(
-        actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=args.enable_hybrid_engine
+        actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None
     )
 
 

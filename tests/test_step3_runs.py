@@ -187,7 +187,9 @@ def test_lora_ema_ptx_hybrid_engine_run_saves_loadable_models(sft_and_rm, tmp_pa
         ],
         num_procs=1,
     )
-    assert "[ppo] step 2/2" in log and "hybrid engine:" in log
+    assert "[ppo] step 2/2" in log
+    # on CPU DeepSpeed cannot build the hybrid engine's kernels: one warning, then the model's generate()
+    assert log.count("warning: --enable_hybrid_engine: DeepSpeed's inference kernels cannot be built") == 1
     metrics = json.loads((out / "ppo_metrics.json").read_text())
     assert all(h["ptx_loss"] > 0 for h in metrics["history"])
     actor = AutoModelForCausalLM.from_pretrained(out / "actor")
