@@ -164,6 +164,8 @@ def response_logits(
     take `logits_to_keep` (transformers' causal LMs) apply the vocabulary projection to the last L - C + 1
     positions only: for prompt 256 / answer 256 that halves the largest activation of the PPO forwards
     and drops the LM head's work over the prompt. Other models compute all positions and are sliced.
+    The logits keep the model's dtype (bf16 under --dtype bf16, to spare memory): `rl_math`'s log-probs
+    and entropy upcast them to float32 before the log-softmax.
     """
     length = input_ids.shape[1]
     if not 1 <= context_len < length:
@@ -373,11 +375,12 @@ def saved_logits_max_diff(
         "position_ids": position_ids_from_mask(batch["attention_mask"]),
         "use_cache": False,
     }
-    reference = engine(**kwargs).logits.float()
+    engine_logits = engine(**kwargs).logits
+    reference = engine_logits.float()
     diff = None
     if dist.is_rank0():
-        reloaded = (
-            AutoModelForCausalLM.from_pretrained(output_dir, dtype=reference.dtype)
+        reloaded = (  # in the engine's dtype: a bf16 run is compared with its saved bf16 weights, not upcast
+            AutoModelForCausalLM.from_pretrained(output_dir, dtype=engine_logits.dtype)
             .to(reference.device)
             .eval()
         )

@@ -135,8 +135,25 @@ def _plain_backbone(backbone: nn.Module) -> PreTrainedModel:
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
+class ValueHead(nn.Linear):
+    """Linear(d, 1) that computes in float32 whatever the dtype of its weights and input:
+    hidden (B, L, d) -> (B, L, 1) float32.
+
+    Under --dtype bf16/fp16 DeepSpeed casts the whole model, head included, to half precision. A half head
+    would round every raw score to 8 (bf16) or 11 (fp16) significant bits, i.e. to steps of |raw| * 2^-8
+    in bf16, which the normalisation gain then multiplies: rewards and values would move in visible steps.
+    It stays a module called on its input, so ZeRO-3's hooks gather its parameters as for any Linear, and
+    its state-dict keys are Linear's (weight (1, d), bias (1,)).
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
 class RewardModel(nn.Module):
-    """A transformer trunk (`AutoModel`, no LM head) plus `value_head` = Linear(d, 1).
+    """A transformer trunk (`AutoModel`, no LM head) plus `value_head` = Linear(d, 1), computed in
+    float32 (`ValueHead`).
 
     `gain` and `bias` (python floats, default 1 and 0) define the normalised score gain * raw + bias.
     Dropout is left as the trunk's config has it; the caller disables it where needed.
@@ -151,7 +168,7 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         d = _output_dim(backbone)
         if value_head is None:
-            value_head = nn.Linear(d, 1)
+            value_head = ValueHead(d, 1)
             nn.init.normal_(value_head.weight, mean=0.0, std=1.0 / math.sqrt(d + 1))
             nn.init.zeros_(value_head.bias)
             value_head.to(dtype=backbone.dtype)
@@ -160,6 +177,8 @@ class RewardModel(nn.Module):
                 f"value_head is Linear({value_head.in_features}, {value_head.out_features}); "
                 f"the backbone needs Linear({d}, 1)"
             )
+        if type(value_head) is nn.Linear:
+            value_head.__class__ = ValueHead  # the same parameters, computed in float32
         self.value_head = value_head
         self.gain: float = 1.0
         self.bias: float = 0.0
@@ -231,7 +250,7 @@ class RewardModel(nn.Module):
                 f"backbone returned hidden states of width {hidden.shape[-1]}, "
                 f"value_head expects {self.value_head.in_features}"
             )
-        values = self.value_head(hidden).squeeze(-1).float()  # (B, L)
+        values = self.value_head(hidden).squeeze(-1)  # (B, L) float32 whatever the model's dtype
         # Pad slots can hold anything (even NaN from fully masked attention rows); make them a clean 0.
         values = torch.where(attention_mask != 0, values, torch.zeros_like(values))
         scores = values.gather(1, end_index.unsqueeze(1)).squeeze(1)  # (B,)

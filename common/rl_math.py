@@ -15,8 +15,9 @@ Conventions
 - Outputs that are per-token are 0 at masked positions.
 - Every constant (kl_coef, gamma, lam, clip ranges, eps, temperature) is a parameter; the defaults quoted
   in docstrings are the references' values, not values baked in here.
-- Half-precision inputs (fp16/bf16) are upcast to float32 before log-softmax, exp and the losses;
-  float32/float64 inputs keep their dtype.
+- Half-precision inputs (fp16/bf16) are upcast to float32 before log-softmax, exp, the masked sums and
+  statistics (so whitening too), KL, rewards, GAE and the losses; float32/float64 inputs keep their dtype.
+  Under `--dtype bf16` every per-token tensor of PPO is therefore float32 (tests/test_bf16.py).
 
 Items covered: 6-7 (temperature, the [C-1 : -1] slice), 14 (per-token rewards), 15 (KL controllers),
 16 (GAE), 17 (whitening), 18 (clipped policy and value losses).
@@ -131,7 +132,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Dim = None, keepdim: bo
     dim=None sums everything (0-dim result); otherwise sums over `dim` like `torch.sum`.
     """
     _check_same_shape("masked_sum", x=x, mask=mask)
-    z = _zero_masked(x, mask)
+    z = _zero_masked(_upcast(x), mask)
     return z.sum() if dim is None else z.sum(dim=dim, keepdim=keepdim)
 
 
@@ -154,7 +155,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False, dim:
 
     Item 17 requires unbiased=False for whitening. With unbiased=True, n must be at least 2.
     """
-    x = _zero_masked(x, mask)
+    x = _zero_masked(_upcast(x), mask)
     mean = masked_mean(x, mask, dim=dim, keepdim=True)
     var = masked_mean((x - mean) ** 2, mask, dim=dim)
     if unbiased:
@@ -174,7 +175,7 @@ def masked_whiten(
     advantages); shift_mean=False adds the mean back, i.e. scales only (used for rewards). eps is 1e-8 in
     the references. Returns (B, T), 0 at masked positions.
     """
-    x = _zero_masked(x, mask)
+    x = _zero_masked(_upcast(x), mask)
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=False)
     whitened = (x - mean) * torch.rsqrt(var + eps)
