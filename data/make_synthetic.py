@@ -6,26 +6,37 @@ byte for byte; `--check` verifies that instead of writing).
 Schema (Dahoas/rm-static): every JSON line has `prompt` ("\\n\\nHuman: ...\\n\\nAssistant:"), `response`
 (= `chosen`, as in rm-static), `chosen` and `rejected`. Responses start with a space, like rm-static.
 
-Design: the data must let a tiny random-init model show learning in all three stages within minutes.
+Design: the data must let a tiny random-init model show learning in all three stages within minutes, and
+let the reward model learn what the gold reward (`common/gold.py`) prefers among the texts policies produce.
 
 - Prompts: 40 everyday topics x 10 question templates, with an optional greeting prefix; 10% are
   multi-turn (an earlier small-talk exchange, or an earlier question on another topic answered well).
   One template per topic is held out for the test split, so test prompts are never seen in training.
-- Three quality levels of answers, told apart in a few tokens:
+- Three quality levels of well-formed answers (the grammar, `common/synthetic_task.py`):
     best (2)     = polite opener + a tip specific to the prompt's topic + friendly closer
                    (" Happy to help! Let the dough rise until it doubles ... Good luck!")
     mediocre (1) = either curt (the on-topic tip alone, no opener/closer) or vague
                    (a polite opener followed by generic advice with no content)
     bad (0)      = rude, a flat refusal, or off-topic ("I would rather talk about <other topic>. <its tip>")
-- Pairs: (best, mediocre) 25%, (best, bad) 10%, (mediocre, bad) 65% of rows, in exact counts. So every
-  pair is consistent with best > mediocre > bad (a reward model can rank all three), while `chosen` is
-  best in only 35% of rows: an SFT model imitating `chosen` answers "best" about a third of the time,
-  which leaves PPO room to raise the reward by moving the policy towards the best level.
-- Responses are 8-30 words, so generation with a tiny tokenizer needs at most ~40 tokens.
+  and malformed answers (-1), made the ways a policy's samples go wrong (shares sampled per answer):
+    stacked closers 20%  a best answer + 1-3 more closers, or a vague one + 2-3, often the same one again
+    word salad      20%  a polite opener, then 6-14 words shuffled from the topic's tips and generic advice
+    truncated       15%  a best or mediocre answer cut after a random word
+    second turn     15%  a best or mediocre answer that goes on with "\\n\\nHuman: ..." (and maybe "Assistant:")
+    off-topic tip   15%  another topic's tip in polite framing (opener + tip + closer)
+    near miss       15%  pieces recombined wrongly: opener + tip, tip + closer, opener + generic + closer,
+                         or the best answer with its tip said twice
+- Pairs (chosen, rejected), exact counts: (best, mediocre) 20%, (best, malformed) 10%, (mediocre, bad) 20%,
+  (mediocre, malformed) 50%. `chosen` is always well-formed, best in 30% of rows and mediocre in 70%: an
+  SFT model imitating `chosen` writes well-formed answers, mostly mediocre, which leaves PPO room to raise
+  the reward by moving the policy towards the best level. `rejected` is malformed in 60% of rows, so the
+  reward model learns to score such text low instead of meeting it first in PPO's samples. Every row is
+  checked against the gold: gold(chosen) > gold(rejected).
+- Well-formed responses are 8-30 words (malformed ones up to ~50), so generation with the tiny tokenizer
+  needs at most ~48 tokens.
 
-`response_level(prompt, response)` is the exact oracle for this grammar (2/1/0, or -1 for text that is
-not a well-formed answer of any level): tests use it to check the level mix, and evaluation can use it as
-a ground-truth reward for samples from trained policies.
+`response_level(prompt, response)` (common/synthetic_task.py, re-exported here) is the exact oracle for the
+grammar (2/1/0, or -1 for any other text); `common/gold.py` grades any text with partial credit.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from pathlib import Path
 
 # data/ is run as a script (python data/make_synthetic.py); the grammar lives in the importable common/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.gold import synthetic_gold  # noqa: E402
 from common.synthetic_task import (  # noqa: E402, F401  (re-exported: tests use ms.TOPICS, ms.response_level...)
     BAD,
     BEST,
@@ -61,8 +73,14 @@ from common.synthetic_task import (  # noqa: E402, F401  (re-exported: tests use
 )
 
 FIELDS = ("prompt", "response", "chosen", "rejected")
+MALFORMED = UNRECOGNISED  # the "level" of a rejected answer made malformed on purpose
 # (chosen level, rejected level) -> share of rows; counts are exact (rounded, remainder to the largest).
-PAIR_MIX: dict[tuple[int, int], float] = {(BEST, MEDIOCRE): 0.25, (BEST, BAD): 0.10, (MEDIOCRE, BAD): 0.65}
+PAIR_MIX: dict[tuple[int, int], float] = {
+    (BEST, MEDIOCRE): 0.20,
+    (BEST, MALFORMED): 0.10,
+    (MEDIOCRE, BAD): 0.20,
+    (MEDIOCRE, MALFORMED): 0.50,
+}
 MULTI_TURN_SHARE = 0.10
 DEFAULT_SEED = 0
 DEFAULT_N_TRAIN = 3000
@@ -73,6 +91,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic"
 # Style shares inside a level (sampled per response, not exact counts).
 MEDIOCRE_STYLES = (("curt", 0.5), ("vague", 0.5))
 BAD_STYLES = (("rude", 0.4), ("refusal", 0.3), ("off_topic", 0.3))
+MALFORMED_STYLES = (
+    ("stacked_closers", 0.20),
+    ("word_salad", 0.20),
+    ("truncated", 0.15),
+    ("second_turn", 0.15),
+    ("off_topic_tip", 0.15),
+    ("near_miss", 0.15),
+)
 
 
 def _best(topic: Topic, rng: random.Random) -> str:
@@ -84,7 +110,8 @@ def _pick_style(styles: tuple[tuple[str, float], ...], rng: random.Random) -> st
 
 
 def make_response(level: int, topic_index: int, rng: random.Random) -> str:
-    """One answer of the given quality level to a question on `TOPICS[topic_index]`."""
+    """One answer of the given quality level (BEST, MEDIOCRE, BAD or MALFORMED) to a question on
+    `TOPICS[topic_index]`."""
     topic = TOPICS[topic_index]
     if level == BEST:
         return _best(topic, rng)
@@ -98,9 +125,53 @@ def make_response(level: int, topic_index: int, rng: random.Random) -> str:
             return f" {rng.choice(RUDE)}"
         if style == "refusal":
             return f" {rng.choice(REFUSALS)}"
-        other = TOPICS[rng.choice([i for i in range(len(TOPICS)) if i != topic_index])]
+        other = _other_topic(topic_index, rng)
         return " " + OFF_TOPIC.format(thing=other.thing, tip=rng.choice(other.tips))
-    raise ValueError(f"unknown level {level!r}; expected one of {BEST}, {MEDIOCRE}, {BAD}")
+    if level == MALFORMED:
+        return _malformed(_pick_style(MALFORMED_STYLES, rng), topic_index, rng)
+    raise ValueError(f"unknown level {level!r}; expected one of {BEST}, {MEDIOCRE}, {BAD}, {MALFORMED}")
+
+
+def _other_topic(topic_index: int, rng: random.Random) -> Topic:
+    return TOPICS[rng.choice([i for i in range(len(TOPICS)) if i != topic_index])]
+
+
+def _malformed(style: str, topic_index: int, rng: random.Random) -> str:
+    """A malformed answer in one of MALFORMED_STYLES (see the module docstring)."""
+    topic = TOPICS[topic_index]
+    opener, tip, closer = rng.choice(OPENERS), rng.choice(topic.tips), rng.choice(CLOSERS)
+    if style == "stacked_closers":
+        best = rng.random() < 0.6  # else a vague answer, which gets two or three closers
+        start = _best(topic, rng) if best else f" {opener} {rng.choice(GENERIC)}"
+        extra = [
+            closer if rng.random() < 0.6 else rng.choice(CLOSERS) for _ in range(rng.randint(2 - best, 3))
+        ]
+        return start + " " + " ".join(extra)
+    if style == "word_salad":
+        pool = " ".join((*topic.tips, *GENERIC)).replace(",", "").replace(".", "").split()
+        words = rng.sample(pool, rng.randint(6, 14))
+        ending = f" {closer}" if rng.random() < 0.5 else ""
+        return f" {opener} {' '.join(words)}.{ending}"
+    if style == "truncated":
+        words = make_response(rng.choice((BEST, MEDIOCRE)), topic_index, rng).split()
+        return " " + " ".join(words[: rng.randint(1, len(words) - 1)])
+    if style == "second_turn":
+        answer = make_response(rng.choice((BEST, MEDIOCRE)), topic_index, rng)
+        turn = rng.choice([human for human, _ in SMALL_TALK] + [opener])
+        tail = f"\n\nAssistant: {rng.choice(OPENERS)}" if rng.random() < 0.5 else ""
+        return f"{answer}\n\nHuman: {turn}{tail}"
+    if style == "off_topic_tip":
+        return f" {opener} {rng.choice(_other_topic(topic_index, rng).tips)} {closer}"
+    if style == "near_miss":
+        return rng.choice(
+            (
+                f" {opener} {tip}",
+                f" {tip} {closer}",
+                f" {opener} {rng.choice(GENERIC)} {closer}",
+                f" {opener} {tip} {tip} {closer}",
+            )
+        )
+    raise ValueError(f"unknown malformed style {style!r}; expected one of {[s for s, _ in MALFORMED_STYLES]}")
 
 
 def make_prompt(
@@ -153,6 +224,13 @@ def make_split(n: int, test: bool, seed: int) -> list[dict[str, str]]:
         prompt = make_prompt(topic, template, rng.random() < MULTI_TURN_SHARE, heldout, rng)
         chosen = make_response(chosen_level, topic, rng)
         rejected = make_response(rejected_level, topic, rng)
+        gold = synthetic_gold([prompt, prompt], [chosen, rejected], [True, True])
+        if not gold[0].score > gold[1].score or (rejected_level == MALFORMED) != (
+            gold[1].label == "malformed"
+        ):
+            raise AssertionError(
+                f"the gold does not rank this generated pair as designed: {gold} {chosen!r} {rejected!r}"
+            )
         rows.append({"prompt": prompt, "response": chosen, "chosen": chosen, "rejected": rejected})
     return rows
 

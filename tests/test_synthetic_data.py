@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+
+from common.gold import gold_score, synthetic_gold
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "synthetic"
@@ -76,8 +79,11 @@ def test_schema_and_prompt_format(rows, split):
         for side in ("chosen", "rejected"):
             text = row[side]
             assert text.startswith(" ") and not text.startswith("  ") and text == text.rstrip(), where
-            assert "\n" not in text, where
-            assert 8 <= len(text.split()) <= 30, (where, text)
+            if ms.response_level(prompt, text) != ms.MALFORMED:  # well-formed: one line of 8-30 words
+                assert "\n" not in text, where
+                assert 8 <= len(text.split()) <= 30, (where, text)
+            else:  # malformed on purpose (only `rejected`): a truncated answer may be one word
+                assert side == "rejected" and 1 <= len(text.split()) <= 50, (where, text)
 
 
 def test_multi_turn_prompts_present(rows):
@@ -104,9 +110,50 @@ def test_level_mix_as_designed(rows, split):
         for r in split_rows
     )
     assert dict(pairs) == ms.pair_counts(len(split_rows))
-    assert set(pairs) == set(ms.PAIR_MIX)  # every pair ranked best > mediocre > bad, none unrecognised
+    assert set(pairs) == set(ms.PAIR_MIX)  # chosen well-formed, ranked best > mediocre > bad > malformed
     best_chosen = sum(n for (c, _), n in pairs.items() if c == ms.BEST) / len(split_rows)
-    assert best_chosen == pytest.approx(0.35, abs=0.005)  # SFT on `chosen` sees best only ~1/3 of the time
+    assert best_chosen == pytest.approx(0.30, abs=0.005)  # SFT on `chosen` sees best in 30% of rows
+    malformed = sum(n for (_, r), n in pairs.items() if r == ms.MALFORMED) / len(split_rows)
+    assert malformed == pytest.approx(0.60, abs=0.005)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gold_ranks_chosen_above_rejected(rows, split):
+    split_rows = rows[split]
+    prompts = [r["prompt"] for r in split_rows]
+    chosen = synthetic_gold(prompts, [r["chosen"] for r in split_rows], [True] * len(split_rows))
+    rejected = synthetic_gold(prompts, [r["rejected"] for r in split_rows], [True] * len(split_rows))
+    for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
+        assert c.score > r.score and c.label != "malformed", (split, i, c, r)
+
+
+def test_malformed_styles():
+    """Each malformed style makes text the gold calls malformed, of the kind its name says."""
+    rice = next(i for i, t in enumerate(ms.TOPICS) if t.thing == "rice")
+    prompt = "\n\nHuman: How do I cook rice?\n\nAssistant:"
+    others = {tip for i, t in enumerate(ms.TOPICS) if i != rice for tip in t.tips}
+    well_formed = [f" {o} {t} {c}" for o in ms.OPENERS for t in ms.TOPICS[rice].tips for c in ms.CLOSERS]
+    well_formed += [f" {t}" for t in ms.TOPICS[rice].tips] + [
+        f" {o} {g}" for o in ms.OPENERS for g in ms.GENERIC
+    ]
+    checks = {
+        "stacked_closers": lambda t: sum(t.count(c) for c in ms.CLOSERS) >= 2,
+        "word_salad": lambda t: (
+            any(t.startswith(f" {o} ") for o in ms.OPENERS)
+            and not any(tip in t for tip in ms.TOPICS[rice].tips)
+        ),
+        "truncated": lambda t: any(full.startswith(t + " ") for full in well_formed),
+        "second_turn": lambda t: "\n\nHuman: " in t,
+        "off_topic_tip": lambda t: any(tip in t for tip in others) and "rather" not in t,
+        "near_miss": lambda t: "\n" not in t,
+    }
+    assert set(checks) == {style for style, _ in ms.MALFORMED_STYLES}
+    rng = random.Random(0)
+    for style, check in checks.items():
+        for _ in range(40):
+            text = ms._malformed(style, rice, rng)
+            assert gold_score(prompt, text, True).label == "malformed", (style, text)
+            assert check(text), (style, text)
 
 
 def test_pair_counts_exact():
@@ -146,6 +193,7 @@ def test_response_level_oracle():
     assert ms.response_level(prompt, f"Of course! {tip} Good luck!\n") == ms.BEST  # whitespace is ignored
     assert ms.response_level(prompt, f" {tip}") == ms.MEDIOCRE
     assert ms.response_level(prompt, f" Of course! {ms.GENERIC[1]}") == ms.MEDIOCRE
+    assert ms.response_level(prompt, f" Of course! {tip} Good luck! Good luck!") == ms.UNRECOGNISED
     assert ms.response_level(prompt, f" {ms.RUDE[0]}") == ms.BAD
     assert ms.response_level(prompt, f" {ms.REFUSALS[0]}") == ms.BAD
     tea = next(t for t in ms.TOPICS if t.thing == "tea")
@@ -163,29 +211,33 @@ def test_response_level_oracle():
         ms.response_level("\n\nHuman: How do I juggle?\n\nAssistant:", f" {tip}")
 
 
-def _words(text: str) -> list[str]:
+def _features(text: str) -> list[str]:
+    """Words and word pairs of text, with start and end markers (a pair sees a stacked closer, a cut)."""
     for mark in ".,!?":
         text = text.replace(mark, f" {mark}")
-    return text.lower().split()
+    words = ["<s>", *text.lower().split(), "</s>"]
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
 
 
-def _bag_of_words(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
+def _bag_of_features(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
     x = torch.zeros(len(texts), len(vocab))
     for i, text in enumerate(texts):
-        for word in _words(text):
-            if word in vocab:
-                x[i, vocab[word]] += 1
+        for feature in _features(text):
+            if feature in vocab:
+                x[i, vocab[feature]] += 1
     return x
 
 
-def test_preference_is_visible_in_response_tokens(rows):
-    """A bag-of-words linear reward on the response alone ranks held-out pairs with accuracy >= 0.9."""
+def test_preference_is_visible_in_response_tokens_except_the_topic(rows):
+    """A linear reward on the response's words and word pairs ranks held-out pairs well above chance, but
+    not an off-topic tip in polite framing against a good answer: that needs the prompt (a reward model
+    reads it). (Before the malformed answers, on words alone and the three levels only: >= 0.9.)"""
     train, test = rows["train"], rows["test"]
-    words = sorted({w for r in train for side in ("chosen", "rejected") for w in _words(r[side])})
-    vocab = {w: i for i, w in enumerate(words)}
+    features = sorted({f for r in train for side in ("chosen", "rejected") for f in _features(r[side])})
+    vocab = {f: i for i, f in enumerate(features)}
     diff = {
-        split: _bag_of_words([r["chosen"] for r in split_rows], vocab)
-        - _bag_of_words([r["rejected"] for r in split_rows], vocab)
+        split: _bag_of_features([r["chosen"] for r in split_rows], vocab)
+        - _bag_of_features([r["rejected"] for r in split_rows], vocab)
         for split, split_rows in (("train", train), ("test", test))
     }
     w = torch.zeros(len(vocab), requires_grad=True)
@@ -196,13 +248,27 @@ def test_preference_is_visible_in_response_tokens(rows):
         loss.backward()
         opt.step()
     with torch.no_grad():
-        accuracy = (diff["test"] @ w > 0).float().mean().item()
-    assert accuracy >= 0.9
+        correct = (diff["test"] @ w > 0).tolist()
+    tips = {tip: i for i, topic in enumerate(ms.TOPICS) for tip in topic.tips}
+    off_topic = [
+        ms.response_level(r["prompt"], r["rejected"]) == ms.MALFORMED
+        and any(tip in r["rejected"] and i != ms.prompt_topic(r["prompt"]) for tip, i in tips.items())
+        for r in test
+    ]
+    on_topic_correct = [c for c, off in zip(correct, off_topic, strict=True) if not off]
+    off_topic_correct = [c for c, off in zip(correct, off_topic, strict=True) if off]
+    assert len(off_topic_correct) >= 20
+    assert sum(on_topic_correct) / len(on_topic_correct) >= 0.8
+    assert sum(off_topic_correct) / len(off_topic_correct) <= 0.6
 
 
 def test_answers_are_short_in_tiny_tokens(rows, tiny_tokenizer):
-    """Answers fit a 48-token generation budget and prompts stay well under 128 tokens."""
-    answers = [r[s] for r in rows["train"] for s in ("chosen", "rejected")]
-    prompts = [r["prompt"] for r in rows["train"]]
-    assert max(len(ids) for ids in tiny_tokenizer(answers).input_ids) + 1 <= 48  # + EOS
-    assert max(len(ids) for ids in tiny_tokenizer(prompts).input_ids) <= 128
+    """Well-formed answers fit a 48-token generation budget; every pair fits the 128 tokens of stages 1-2."""
+    train = rows["train"]
+    well_formed = [
+        r[s] for r in train for s in ("chosen", "rejected") if ms.response_level(r["prompt"], r[s]) >= 0
+    ]
+    assert max(len(ids) for ids in tiny_tokenizer(well_formed).input_ids) + 1 <= 48  # + EOS
+    for side in ("chosen", "rejected"):
+        lengths = tiny_tokenizer([r["prompt"] + r[side] for r in train]).input_ids
+        assert max(len(ids) for ids in lengths) + 1 <= 128, side
