@@ -272,7 +272,7 @@ def user_gold_on_path(ppo_models, monkeypatch) -> None:
 
 def test_user_gold_is_recorded_at_every_evaluation(ppo_models, user_gold_on_path, tmp_path):
     out = tmp_path / "ppo"
-    args = [*ppo_models, "--output_dir", str(out), "--gold_reward", "user_gold:words"]
+    args = [*ppo_models, "--output_dir", str(out), "--gold_reward", "user_gold:words", "--enable_tensorboard"]
     log = run_stage("step3_rlhf/main.py", [*args, "--enable_test_mode", "--test_stop_step", "6"], num_procs=1)
     metrics = json.loads((out / "ppo_metrics.json").read_text())
     assert metrics["gold_reward"] == "user_gold:words" and metrics["eval_interval"] == 1
@@ -298,6 +298,13 @@ def test_user_gold_is_recorded_at_every_evaluation(ppo_models, user_gold_on_path
     )
     assert "[ppo] gold reward of held-out answers: user_gold:words" in log and "[ppo] gold gain" in log
     assert log.count("[ppo] held-out at step") == 5
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("ppo/eval/gold_mean")]
+    assert logged == [(e["step"], pytest.approx(e["gold_mean"])) for e in evals]
 
     rows = [json.loads(line) for line in (out / "heldout_answers.jsonl").read_text().splitlines()]
     assert len(rows) == 8
