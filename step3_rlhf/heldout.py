@@ -263,14 +263,14 @@ def _rank0_answer_stats(
 
 def format_eval(stats: dict[str, float]) -> str:
     """One line of an evaluation's statistics for the log: proxy, KL, gold, then the hacking measures."""
-    shares = [k for k in stats if k.startswith("gold_share_")]
     parts = [f"proxy {stats['score']:+.3f}", f"kl {stats['kl']:.3f}"]
     if "gold_mean" in stats:
-        parts.append(
-            f"gold {stats['gold_mean']:+.3f} ("
-            + " ".join(f"{k.removeprefix('gold_share_')} {stats[k]:.2f}" for k in shares)
-            + ")"
-        )
+        parts.append(f"gold {stats['gold_mean']:+.3f}")
+    shares = [
+        f"{k.removeprefix('gold_share_')} {v:.2f}" for k, v in stats.items() if k.startswith("gold_share_")
+    ]
+    if shares:
+        parts.append(" ".join(shares))
     parts += [
         f"eos {stats['eos_fraction']:.2f}",
         f"len {stats['response_length']:.1f}",

@@ -18,7 +18,7 @@ import pytest
 import e2e_rlhf
 from common import plot
 from common.args import BUNDLED_DATA
-from step3_rlhf.heldout import GoldReward, gold_scores, gold_stats, load_gold_reward
+from step3_rlhf.heldout import GoldReward, format_eval, gold_scores, gold_stats, load_gold_reward
 from step3_rlhf.main import resolve_eval_interval
 from tests.launch import run_failing_stage, run_stage
 
@@ -122,6 +122,22 @@ def test_gold_stats_mean_and_label_shares():
         }
     )
     assert gold_stats(_gold(None), [2.0, 4.0], [None, None]) == {"gold_mean": 3.0}
+
+
+def test_format_eval_line():
+    stats = {
+        "score": 0.5,
+        "kl": 1.25,
+        "response_length": 12.0,
+        "eos_fraction": 0.75,
+        "repeated_3gram_rate": 0.125,
+        "distinct_2": 0.5,
+        "leaked_turn_markers": 0.0,
+    }
+    measures = "eos 0.75 | len 12.0 | rep3 0.125 | distinct2 0.500 | turn markers 0.00"
+    assert format_eval(stats) == f"proxy +0.500 | kl 1.250 | {measures}"
+    gold = {**stats, "gold_mean": -0.25, "gold_share_best": 0.5, "gold_share_bad": 0.5}
+    assert format_eval(gold) == f"proxy +0.500 | kl 1.250 | gold -0.250 | best 0.50 bad 0.50 | {measures}"
 
 
 @pytest.mark.parametrize(
