@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,19 +39,26 @@ from transformers.utils import cached_file
 
 from common import dist
 from common.model import (
+    DSCHAT_HEAD_KEY,
+    DSCHAT_TRUNK_PREFIX,
     ZeRO3Init,
     align_special_tokens,
+    checkpoint_keys,
+    from_pretrained_checked,
     gathered_state_dict,
+    is_dschat_reward_layout,
     is_lora_param,
     load_config,
     lora_target_modules,
     merge_lora_state_dict,
+    read_checkpoint_tensor,
 )
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "reward_model"
 HEAD_FILE = "value_head.safetensors"
+DSCHAT_SAMPLE = "none: a DeepSpeed-Chat reward model, converted (raw scores)"
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -334,23 +342,68 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None, **hf_kwargs: Any
+        cls,
+        path_or_id: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        require_saved_head: bool = False,
+        **hf_kwargs: Any,
     ) -> RewardModel:
         """Load a saved reward model, or any causal-LM checkpoint as a trunk with a fresh head.
 
         A directory whose config.json has the `reward_model` key gives trunk + saved head + saved
-        normalisation; anything else (e.g. a stage-1 *ForCausalLM output, whose lm_head is dropped)
-        gives the trunk and a fresh head drawn from the caller's torch RNG. `hf_kwargs` go to
-        `AutoModel.from_pretrained` (revision, cache_dir, attn_implementation, ...).
+        normalisation; a DeepSpeed-Chat reward model (`rwtransformer.*`, `v_head.weight`) is converted
+        (`_load_trunk`); anything else (e.g. a stage-1 *ForCausalLM output, whose lm_head is dropped)
+        gives the trunk and a fresh head drawn from the caller's torch RNG, or with `require_saved_head`
+        a ValueError. `hf_kwargs` go to `AutoModel.from_pretrained` (revision, cache_dir,
+        attn_implementation, ...); pickle weights are read only with use_safetensors=None or False.
+        A checkpoint whose trunk weights do not fit is a `common.model.WeightsMismatchError`.
         """
         if hf_kwargs.pop("trust_remote_code", False):
             raise ValueError("RewardModel.from_pretrained does not run remote code (trust_remote_code)")
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
-        hf_kwargs.setdefault("use_safetensors", True)  # no unpickling unless the caller asks for it
-        backbone = AutoModel.from_pretrained(path_or_id, trust_remote_code=False, **hf_kwargs)
-        hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
-        return _assemble(cls, backbone, path_or_id, hub_kwargs)
+        allow_pickle = hf_kwargs.pop("use_safetensors", True) is not True  # no unpickling unless asked for
+        hub_kwargs = {k: hf_kwargs.pop(k) for k in _HUB_KWARGS if k in hf_kwargs}
+        backbone, dschat_head = _load_trunk(
+            path_or_id, allow_pickle, hub_kwargs, trust_remote_code=False, **hf_kwargs
+        )
+        return _assemble(cls, backbone, path_or_id, hub_kwargs, dschat_head, require_saved_head)
+
+
+def _load_trunk(
+    path_or_id: str | os.PathLike, allow_pickle_weights: bool, hub_kwargs: dict, **kwargs: Any
+) -> tuple[PreTrainedModel, torch.Tensor | None]:
+    """The trunk (AutoModel, checked: no weight left random or dropped, bar a *ForCausalLM* checkpoint's LM
+    head) and, for a DeepSpeed-Chat reward model, its v_head weight (1, d) (else None).
+
+    DeepSpeed-Chat's step 2 saves `rwtransformer.<trunk key>` and `v_head.weight` (Linear(d, 1), no bias):
+    the trunk is loaded with the prefix stripped, and one message says so (rank 0)."""
+    keys = checkpoint_keys(path_or_id, allow_pickle_weights, **hub_kwargs)
+    if not is_dschat_reward_layout(keys):
+        trunk = from_pretrained_checked(
+            AutoModel,
+            path_or_id,
+            allow_pickle_weights=allow_pickle_weights,
+            trunk=True,
+            hub_kwargs=hub_kwargs,
+            **kwargs,
+        )
+        return trunk, None
+    dist.print_rank0(
+        f"[model] {path_or_id}: a DeepSpeed-Chat reward model ({DSCHAT_TRUNK_PREFIX}*, {DSCHAT_HEAD_KEY}), "
+        "converted on load: its trunk, and v_head as the value head with bias 0; scores not normalised. "
+        f"`python -m common.convert_dschat {path_or_id} DST` writes it once in this project's layout."
+    )
+    trunk = from_pretrained_checked(
+        AutoModel,
+        path_or_id,
+        allow_pickle_weights=allow_pickle_weights,
+        key_mapping={f"^{re.escape(DSCHAT_TRUNK_PREFIX)}": ""},
+        allowed_unexpected={DSCHAT_HEAD_KEY},
+        hub_kwargs=hub_kwargs,
+        **kwargs,
+    )
+    return trunk, read_checkpoint_tensor(path_or_id, DSCHAT_HEAD_KEY, allow_pickle_weights, **hub_kwargs)
 
 
 def _pop_meta(config: PretrainedConfig) -> Any | None:
@@ -365,10 +418,24 @@ def _pop_meta(config: PretrainedConfig) -> Any | None:
 
 
 def _assemble(
-    cls: type[RewardModel], backbone: PreTrainedModel, path_or_id: str | os.PathLike, hub_kwargs: dict
+    cls: type[RewardModel],
+    backbone: PreTrainedModel,
+    path_or_id: str | os.PathLike,
+    hub_kwargs: dict,
+    dschat_head: torch.Tensor | None = None,
+    require_saved_head: bool = False,
 ) -> RewardModel:
-    """Backbone + the saved head and normalisation named in its config, or + a fresh head."""
+    """Backbone + the saved head and normalisation named in its config, or + DeepSpeed-Chat's v_head
+    (1, d) with bias 0, or + a fresh head (a ValueError with `require_saved_head`)."""
     meta = _pop_meta(backbone.config)
+    if meta is None and dschat_head is not None:
+        return _with_dschat_head(cls(backbone), dschat_head, path_or_id)
+    if meta is None and require_saved_head:
+        raise ValueError(
+            f"{path_or_id}: not a reward model: its config.json has no '{CONFIG_KEY}' entry (what step2_reward "
+            "saves) and it is not a DeepSpeed-Chat reward model, so its value head would be random. "
+            "Pass the output of step2_reward/main.py."
+        )
     if meta is None:
         return cls(backbone)
     where = f"{path_or_id}/config.json [{CONFIG_KEY}]"
@@ -381,6 +448,21 @@ def _assemble(
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad normalisation: {e}") from e
+    return model
+
+
+def _with_dschat_head(model: RewardModel, weight: torch.Tensor, path_or_id: str | os.PathLike) -> RewardModel:
+    """`model` (a fresh head of the right width and dtype) with DeepSpeed-Chat's v_head weight, bias 0, and
+    no normalisation (gain 1, bias 0)."""
+    d = model.value_head.in_features
+    if tuple(weight.shape) != (1, d):
+        raise ValueError(
+            f"{path_or_id}: {DSCHAT_HEAD_KEY} has shape {tuple(weight.shape)}, the trunk needs (1, {d})"
+        )
+    with torch.no_grad():
+        model.value_head.weight.copy_(weight)
+        model.value_head.bias.zero_()
+    model.set_normalization(1.0, 0.0, DSCHAT_SAMPLE)
     return model
 
 
@@ -424,11 +506,15 @@ def load_reward_model_for_training(
     dropout: float | None = None,
     ds_config: dict | None = None,
     allow_pickle_weights: bool = False,
+    require_saved_head: bool = False,
 ) -> RewardModel:
     """A RewardModel to train or to run in a DeepSpeed engine, loaded like `common.model.load_causal_lm`.
 
     name_or_path: a hub id or directory: a causal LM (trunk + fresh head drawn from the global torch RNG,
-    so seed it identically on every rank) or a saved reward model (trunk + saved head + normalisation).
+    so seed it identically on every rank; with `require_saved_head` a ValueError instead, for the reward
+    model and critic of stage 3), a saved reward model (trunk + saved head + normalisation), or a
+    DeepSpeed-Chat reward model (converted on load: trunk + its v_head, bias 0, no normalisation).
+    Trunk weights that do not fit the model are a `common.model.WeightsMismatchError`.
     dropout: overrides every dropout probability of the config before the trunk is built (None keeps it).
     ds_config: the engine's DeepSpeed config; under ZeRO-3 the trunk is built already partitioned (the
     head is left whole: DeepSpeed partitions it when the engine is initialised).
@@ -439,19 +525,15 @@ def load_reward_model_for_training(
     config = load_config(name_or_path, dropout)
     meta = _pop_meta(config)
     with ZeRO3Init(ds_config):
-        backbone = AutoModel.from_pretrained(
-            name_or_path,
-            config=config,
-            dtype=dtype,
-            trust_remote_code=False,
-            use_safetensors=None if allow_pickle_weights else True,
+        backbone, dschat_head = _load_trunk(
+            name_or_path, allow_pickle_weights, {}, config=config, dtype=dtype, trust_remote_code=False
         )
         if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
     align_special_tokens(backbone, tokenizer)
     if meta is not None:
         setattr(backbone.config, CONFIG_KEY, meta)  # read (and removed again) by _assemble
-    return _assemble(RewardModel, backbone, name_or_path, {})
+    return _assemble(RewardModel, backbone, name_or_path, {}, dschat_head, require_saved_head)
 
 
 def apply_lora_to_backbone(
