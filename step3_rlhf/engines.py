@@ -209,6 +209,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dropout=args.critic_dropout,
         ds_config=critic_cfg,
         allow_pickle_weights=args.allow_pickle_weights,
+        require_saved_head=True,
     )
     critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
@@ -252,6 +253,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         dropout=0.0,
         ds_config=reward_cfg,
         allow_pickle_weights=args.allow_pickle_weights,
+        require_saved_head=True,
     )
     disable_dropout(reward_model)
     reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
