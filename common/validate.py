@@ -1,8 +1,10 @@
 """Checks of a stage's flags against the models they name, run before any data is tokenised or model built.
 
-Each stage's main calls `validate_sft`, `validate_reward` or `validate_ppo` right after parsing its flags and
-initialising torch.distributed (every rank runs them, so every rank stops). They read config.json and the
-tokenizer files only; LoRA names are matched on a model built on the meta device (no weights, no memory).
+Each stage's main calls `validate_sft`, `validate_ppo` or `step2_reward.validate.validate_reward` (which
+composes the checks below with those of the normalisation policy, a stage-2 flag) right after parsing its flags
+and initialising torch.distributed (every rank runs them, so every rank stops); nothing here imports a stage.
+They read config.json and the tokenizer files only; LoRA names are matched on a model built on the meta device
+(no weights, no memory).
 Every failure is a SystemExit whose message names the flag, the path and what is wrong:
 
 - model path: a local directory must exist, be readable, hold a readable config.json and safetensors weights
@@ -267,34 +269,6 @@ def validate_sft(args: argparse.Namespace) -> None:
     if args.lora_dim > 0:
         lora = ("--lora_module_name", args.lora_module_name)
         check_lora_modules(*lora, flag, path, config, trunk=False, trust_remote_code=args.trust_remote_code)
-
-
-def validate_reward(args: argparse.Namespace) -> None:
-    """Stage 2: as stage 1 for the reward model's trunk, plus the normalisation policy when it is used."""
-    from common.data.tokenize import tokenizer_fingerprint
-    from common.model import load_tokenizer
-    from step2_reward.normalize import resolve_sample
-
-    flag, path = "--model_name_or_path", args.model_name_or_path
-    config = _check_model(args, flag, path)
-    tokenizer = load_checked_tokenizer(flag, path)
-    check_vocab(flag, path, tokenizer, config)
-    check_length(flag, path, config, args.max_seq_len, f"--max_seq_len {args.max_seq_len}")
-    if args.lora_dim > 0:
-        check_lora_modules("--lora_module_name", args.lora_module_name, flag, path, config, trunk=True)
-    if resolve_sample(args) != "policy":
-        return
-    pflag, ppath = "--normalization_policy_path", args.normalization_policy_path
-    pconfig = _check_model(args, pflag, ppath)
-    load_checked_tokenizer(pflag, ppath)
-    if tokenizer_fingerprint(load_tokenizer(ppath)) != tokenizer_fingerprint(load_tokenizer(path)):
-        raise SystemExit(
-            f"{pflag} {ppath}: its tokenizer differs from the reward model's ({flag} {path}), so the token "
-            "ids it samples would mean something else to the reward model; use a policy trained with the "
-            "same tokenizer (e.g. the stage-1 output of the same base model)"
-        )
-    check_vocab(pflag, ppath, tokenizer, pconfig, f"{flag} {path}")
-    check_length(pflag, ppath, pconfig, args.max_seq_len, f"--max_seq_len {args.max_seq_len}")
 
 
 def validate_ppo(args: argparse.Namespace) -> None:

@@ -9,6 +9,8 @@ evaluate, train with the pairwise loss -logsigmoid(r_chosen - r_rejected - margi
 (evaluating every --eval_interval steps), evaluate on the whole held-out set, fit the normalisation
 (step2_reward/normalize.py), save one Hugging Face directory that `RewardModel.from_pretrained` loads,
 plus rm_metrics.json (accuracy curve, final metrics, normalisation) and normalization_sample.jsonl.
+Beside it: the flags (args.py), their checks against the models (validate.py), the loss, scores and
+metrics of pairs (pairwise.py), the normalisation (normalize.py).
 
 The OpenAI recipe (ppo-fidelity item 10) is one epoch with the learning rate annealed to 0: the
 defaults (1 epoch, cosine schedule over the run) do exactly that.
@@ -16,28 +18,15 @@ defaults (1 epoch, cosine schedule over the run) do exactly that.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
-import torch.nn.functional as F
 
 from common import dist
-from common.args import (
-    add_checkpoint_args,
-    add_data_args,
-    add_deepspeed_args,
-    add_lora_args,
-    add_model_args,
-    add_output_args,
-    add_training_args,
-    check_args,
-    data_config,
-)
+from common.args import data_config
 from common.checkpoint import (
     append_train_log,
     check_finite_grad_norm,
@@ -52,12 +41,7 @@ from common.data import PairCollator, build_stage_data
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 from common.monitor import Monitor, progress
-from common.reward_model import (
-    RewardModel,
-    apply_lora_to_backbone,
-    load_reward_model_for_training,
-    save_reward_model,
-)
+from common.reward_model import apply_lora_to_backbone, load_reward_model_for_training, save_reward_model
 from common.training import (
     device,
     eval_loader,
@@ -68,138 +52,13 @@ from common.training import (
     to_device,
     train_loader,
 )
-from common.validate import exit_cleanly_on_data_errors, validate_reward
-from step2_reward.normalize import (
-    add_normalization_args,
-    check_normalization_args,
-    normalize_reward_model,
-    write_sample,
-)
+from common.validate import exit_cleanly_on_data_errors
+from step2_reward.args import parse_args
+from step2_reward.normalize import normalize_reward_model, write_sample
+from step2_reward.pairwise import evaluate, forward_pairs, log_eval, pairwise_loss, saved_scores_max_diff
+from step2_reward.validate import validate_reward
 
 METRICS_FILE = "rm_metrics.json"
-
-
-def add_reward_args(parser: argparse.ArgumentParser) -> None:
-    """Stage-2-only flags (DeepSpeed-Chat's step-2 names where they exist)."""
-    g = parser.add_argument_group("reward model")
-    g.add_argument(
-        "--eval_interval",
-        type=int,
-        default=0,
-        help="Evaluate every this many optimizer steps (0: only before and after training).",
-    )
-    g.add_argument(
-        "--eval_iters",
-        type=int,
-        default=100,
-        help="At most this many eval batches per rank in the evaluations before and during training "
-        "(0: all). The final evaluation always covers the whole eval set.",
-    )
-    g.add_argument(
-        "--margin",
-        type=float,
-        default=0.0,
-        help="Loss -logsigmoid(r_chosen - r_rejected - margin); 0 is the plain pairwise loss.",
-    )
-    g.add_argument(
-        "--num_padding_at_beginning",
-        type=int,
-        default=1,
-        help="Accepted for DeepSpeed-Chat compatibility and ignored: the score is read at the last valid "
-        "token found through the attention mask, whatever the padding.",
-    )
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Stage 2: reward model")
-    add_model_args(parser)
-    add_data_args(parser, stage=2)
-    add_training_args(parser, stage=2)
-    add_lora_args(parser)
-    add_deepspeed_args(parser, stage=2)
-    add_output_args(parser)
-    add_checkpoint_args(parser)
-    add_reward_args(parser)
-    add_normalization_args(parser)
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    check_args(args)
-    if args.trust_remote_code:
-        raise SystemExit(
-            "--trust_remote_code: the reward model loads only built-in transformers architectures"
-        )
-    if args.eval_interval < 0 or args.eval_iters < 0:
-        raise SystemExit("--eval_interval and --eval_iters must be >= 0")
-    check_normalization_args(args)
-    return args
-
-
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
-    """Per-pair loss -log sigmoid(chosen - rejected - margin) in fp32; chosen, rejected (B,) -> (B,)."""
-    return -F.logsigmoid(chosen.float() - rejected.float() - margin)
-
-
-def forward_pairs(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of a PairCollator batch ((2B, T): chosen rows first) -> chosen (B,), rejected (B,)."""
-    scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores
-    half = scores.shape[0] // 2
-    return scores[:half], scores[half:]
-
-
-@torch.no_grad()
-def evaluate(engine, loader, dev: torch.device, margin: float, max_batches: int = 0) -> dict[str, float]:
-    """Pairwise metrics over the eval set (its first `max_batches` batches per rank if > 0), summed across
-    ranks: accuracy (share of pairs with r_chosen > r_rejected), mean chosen and rejected score, mean
-    margin r_chosen - r_rejected, mean loss, and the number of pairs."""
-    engine.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=dev)  # pairs, correct, chosen, rejected, margin, loss
-    for i, (batch, real) in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        chosen, rejected = forward_pairs(engine, to_device(batch, dev))
-        real = real.to(dev)  # placeholder rows (padding the shards to equal length) count for nothing
-        chosen, rejected = chosen.double()[real], rejected.double()[real]
-        sums += torch.stack(
-            [
-                real.sum().double(),
-                (chosen > rejected).double().sum(),
-                chosen.sum(),
-                rejected.sum(),
-                (chosen - rejected).sum(),
-                pairwise_loss(chosen, rejected, margin).double().sum(),
-            ]
-        )
-    if dist.get_world_size() > 1:
-        torch.distributed.all_reduce(sums)
-    engine.train()
-    n = max(sums[0].item(), 1.0)
-    names = ("accuracy", "chosen_mean", "rejected_mean", "margin_mean", "loss")
-    return {"pairs": int(sums[0].item()), **{k: sums[i + 1].item() / n for i, k in enumerate(names)}}
-
-
-@torch.no_grad()
-def saved_scores_max_diff(engine, output_dir: str, batch: dict[str, torch.Tensor]) -> float | None:
-    """Reload the saved model with RewardModel.from_pretrained and return max |raw score - engine raw score|
-    on `batch` (rank 0; None elsewhere). Collective under ZeRO-3: every rank must call it."""
-    engine.eval()
-    reference = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores
-    diff = None
-    if dist.is_rank0():
-        dtype = next(engine.module.value_head.parameters()).dtype
-        reloaded = RewardModel.from_pretrained(output_dir, dtype=dtype).to(reference.device).eval()
-        scores = reloaded(batch["input_ids"], batch["attention_mask"]).scores
-        diff = (scores - reference).abs().max().item()
-    engine.train()
-    return diff
-
-
-def _log_eval(tag: str, step: int, metrics: dict[str, float], monitor: Monitor) -> None:
-    dist.print_rank0(
-        f"[reward] {tag} step {step}: accuracy {metrics['accuracy']:.4f} over {metrics['pairs']} pairs, "
-        f"chosen {metrics['chosen_mean']:.4f}, rejected {metrics['rejected_mean']:.4f}, "
-        f"margin {metrics['margin_mean']:.4f}, loss {metrics['loss']:.4f}"
-    )
-    monitor.log({f"eval/{k}": v for k, v in metrics.items()}, step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_eval(max_batches: int, tag: str) -> dict[str, float]:
         metrics = evaluate(engine, eval_dl, dev, args.margin, max_batches)
         curve.append({"step": engine.global_steps, **metrics})
-        _log_eval(tag, engine.global_steps, metrics, monitor)
+        log_eval(tag, engine.global_steps, metrics, monitor)
         return metrics
 
     if not curve:  # a resumed run has it from the checkpoint

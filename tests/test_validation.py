@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.validate import check_tensor_parallel, validate_ppo, validate_reward, validate_sft
+from common.validate import check_tensor_parallel, validate_ppo, validate_sft
 from step1_sft.main import parse_args as sft_args
 from step2_reward.main import parse_args as reward_args
+from step2_reward.validate import validate_reward
 from step3_rlhf.args import parse_args as ppo_args
 from tests.launch import run_failing_stage
 

@@ -1,0 +1,75 @@
+"""Stage-2 flags: the shared groups from common.args plus the reward model's own and the normalisation's
+(step2_reward/normalize.py), and the cross-flag checks run before any compute."""
+
+from __future__ import annotations
+
+import argparse
+
+import deepspeed
+
+from common.args import (
+    add_checkpoint_args,
+    add_data_args,
+    add_deepspeed_args,
+    add_lora_args,
+    add_model_args,
+    add_output_args,
+    add_training_args,
+    check_args,
+)
+from step2_reward.normalize import add_normalization_args, check_normalization_args
+
+
+def add_reward_args(parser: argparse.ArgumentParser) -> None:
+    """Stage-2-only flags (DeepSpeed-Chat's step-2 names where they exist)."""
+    g = parser.add_argument_group("reward model")
+    g.add_argument(
+        "--eval_interval",
+        type=int,
+        default=0,
+        help="Evaluate every this many optimizer steps (0: only before and after training).",
+    )
+    g.add_argument(
+        "--eval_iters",
+        type=int,
+        default=100,
+        help="At most this many eval batches per rank in the evaluations before and during training "
+        "(0: all). The final evaluation always covers the whole eval set.",
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="Loss -logsigmoid(r_chosen - r_rejected - margin); 0 is the plain pairwise loss.",
+    )
+    g.add_argument(
+        "--num_padding_at_beginning",
+        type=int,
+        default=1,
+        help="Accepted for DeepSpeed-Chat compatibility and ignored: the score is read at the last valid "
+        "token found through the attention mask, whatever the padding.",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Stage 2: reward model")
+    add_model_args(parser)
+    add_data_args(parser, stage=2)
+    add_training_args(parser, stage=2)
+    add_lora_args(parser)
+    add_deepspeed_args(parser, stage=2)
+    add_output_args(parser)
+    add_checkpoint_args(parser)
+    add_reward_args(parser)
+    add_normalization_args(parser)
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    check_args(args)
+    if args.trust_remote_code:
+        raise SystemExit(
+            "--trust_remote_code: the reward model loads only built-in transformers architectures"
+        )
+    if args.eval_interval < 0 or args.eval_iters < 0:
+        raise SystemExit("--eval_interval and --eval_iters must be >= 0")
+    check_normalization_args(args)
+    return args
