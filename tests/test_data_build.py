@@ -129,17 +129,62 @@ def test_sft_only_sources_are_used_whole_by_stage_one_only(tmp_path, tok):
         build_stage_data(cfg_for(tmp_path, [pairs], sft_only_data_path=[str(pairs)]), tok, 1)
 
 
-def test_stage_two_leaves_out_rows_without_rejected_and_counts_them(tmp_path, tok):
+def test_stage_two_leaves_out_rows_without_rejected_and_counts_them(tmp_path, tok, capsys):
     rows = pair_rows(40)
     for r in rows[::2]:
         del r["rejected"]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = build_stage_data(cfg_for(tmp_path, [path], data_split="0,1,0"), tok, 2)
-    assert data.stats["train_without_rejected"] + len(data.train) == 36
-    assert data.stats["train_without_rejected"] > 0
+    source = data.stats["sources"][str(path)]
+    left_out = source["without_rejected"]
+    assert left_out["train"] + len(data.train) == source["stage_train_rows"] == 36  # 9:1 split of 40
+    assert left_out["eval"] + len(data.eval) == source["eval_rows"] == 4
+    assert left_out["train"] + left_out["eval"] == 20  # exactly half: trained on, not an error
+    assert data.stats["train_without_rejected"] == left_out["train"] > 0
+    assert data.stats["eval_without_rejected"] == left_out["eval"]
+    printed = (
+        f"[data] {path}: stage 2 left out {left_out['train']} of its 36 train rows and {left_out['eval']} "
+        "of its 4 eval rows: no 'rejected' response"
+    )
+    assert printed in capsys.readouterr().out
+    again = build_stage_data(cfg_for(tmp_path, [path], data_split="0,1,0"), tok, 2)
+    assert again.stats["from_cache"] and printed in capsys.readouterr().out  # printed again from the cache
+    stage1 = build_stage_data(cfg_for(tmp_path, [path], data_split="1,0,0"), tok, 1)
+    assert "without_rejected" not in stage1.stats["sources"][str(path)]  # stage 1 trains on every row
+    assert len(stage1.train) == 36
+
+
+def _mostly_sft_rows(n: int) -> list[dict]:
+    """n rows of which every one but each third (rows 0, 3, 6, ...) lacks `rejected`."""
+    rows = pair_rows(n)
+    for i, r in enumerate(rows):
+        if i % 3:
+            del r["rejected"]
+    return rows
+
+
+def test_stage_two_stops_when_a_source_loses_most_rows_unless_skip_bad_rows(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", _mostly_sft_rows(30))
+    cfg = cfg_for(tmp_path, [path], data_split="0,1,0")  # stage 2 takes all 27 train rows + the 3 eval rows
+    with pytest.raises(DataError) as e:
+        build_stage_data(cfg, tok, 2)
+    assert str(e.value) == (
+        f"{path}: 20 of the 30 rows stage 2 takes from it (train slice + eval) have no 'rejected' response, "
+        "and the reward model trains on pairs only, so it would keep 10; put SFT-only data in "
+        "--sft_only_data_path, or pass --skip_bad_rows to train on the pairs anyway"
+    )
+    assert not list((tmp_path / "cache").glob("*.pt"))  # stopped before anything was tokenised or written
+    assert (
+        len(build_stage_data(cfg_for(tmp_path, [path], data_split="1,0,0"), tok, 1).train) == 27
+    )  # valid SFT
+    data = build_stage_data(cfg_for(tmp_path, [path], data_split="0,1,0", skip_bad_rows=True), tok, 2)
+    left_out = data.stats["sources"][str(path)]["without_rejected"]
+    assert (len(data.train) + len(data.eval), left_out["train"] + left_out["eval"]) == (10, 20)
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "chosen": f"c{i}"} for i in range(20)])
-    with pytest.raises(DataError, match="stage 2 has no training rows"):
+    with pytest.raises(DataError, match=f"^{sft}: 20 of the 20 rows stage 2 takes from it"):
         build_stage_data(cfg_for(tmp_path, [sft], data_split="0,1,0"), tok, 2)
+    with pytest.raises(DataError, match="stage 2 has no training rows"):
+        build_stage_data(cfg_for(tmp_path, [sft], data_split="0,1,0", skip_bad_rows=True), tok, 2)
 
 
 def test_every_sft_and_rm_sequence_ends_in_one_eos(tmp_path, tok):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.data import DataConfig, DataError, build_stage_data
-from tests.launch import run_failing_stage
+from tests.launch import run_failing_stage, run_stage
 from tests.test_data_helpers import make_tokenizer, pair_rows, write_json, write_jsonl
 
 GOOD = 20  # good rows in every file that has any
@@ -246,3 +246,58 @@ def test_stage_run_prints_the_data_error_without_a_traceback(tiny_dir, tmp_path)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not list((tmp_path / "cache").glob("*.pt"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------- stage 2: rows without a rejected response
+
+
+def _rows_without_rejected(tmp: Path, n: int, without: list[int]) -> Path:
+    """n pair rows in a train.jsonl, the rows at indices `without` with no `rejected` (valid rows for stage 1,
+    which trains on prompt + chosen; stage 2 cannot use them)."""
+    rows = pair_rows(n)
+    for i in without:
+        del rows[i]["rejected"]
+    return write_jsonl(tmp / "d" / "train.jsonl", rows)
+
+
+def _stage2_argv(tiny_dir: Path, data: Path, tmp: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(tiny_dir), "--data_path", str(data.parent), "--data_split", "0,1,0",
+        "--output_dir", str(tmp / "out"), "--data_output_path", str(tmp / "cache"), "--max_seq_len", "64",
+        "--per_device_train_batch_size", "4", "--eval_iters", "1", "--normalization_sample", "none",
+    ]  # fmt: skip
+
+
+def test_stage2_stops_on_a_file_whose_rows_mostly_lack_rejected(tiny_dir, tmp_path):
+    """`python step2_reward/main.py` on a file where 2 rows of 3 have no `rejected`: the message names the
+    file, how many of how many rows, and the flag; no traceback, nothing tokenised, trained or saved."""
+    data = _rows_without_rejected(tmp_path, 24, [i for i in range(24) if i % 3])  # 16 of 24
+    proc = run_failing_stage("step2_reward/main.py", _stage2_argv(tiny_dir, data, tmp_path))
+    assert proc.returncode == 1
+    expected = (
+        f"data error: {data.parent}: 16 of the 24 rows stage 2 takes from it (train slice + eval) have no "
+        "'rejected' response, and the reward model trains on pairs only, so it would keep 8; put SFT-only data "
+        "in --sft_only_data_path, or pass --skip_bad_rows to train on the pairs anyway"
+    )
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "cache").glob("*.pt"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_stage2_trains_on_a_file_losing_a_minority_of_rows_and_logs_the_count(tiny_dir, tmp_path):
+    """A third of the rows lack `rejected`: stage 2 trains on the pairs and prints how many rows it left out
+    of its train slice and eval split, and why."""
+    data = _rows_without_rejected(tmp_path, 30, list(range(0, 30, 3)))  # 10 of 30
+    out = run_stage("step2_reward/main.py", _stage2_argv(tiny_dir, data, tmp_path), num_procs=1)
+    printed = re.search(
+        rf"\[data\] {re.escape(str(data.parent))}: stage 2 left out (\d+) of its 27 train rows and (\d+) of its "
+        r"3 eval rows: no 'rejected' response \(the reward model trains on pairs only\)",
+        out,
+    )
+    assert printed, out[-3000:]
+    train_out, eval_out = int(printed[1]), int(printed[2])
+    assert train_out + eval_out == 10
+    assert f"'rows_in': {27 - train_out}," in out  # the tokenizer's count of the train rows it was given
+    metrics = json.loads((tmp_path / "out" / "rm_metrics.json").read_text())
+    assert metrics["final"]["pairs"] == 3 - eval_out

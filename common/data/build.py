@@ -9,8 +9,10 @@ Order of work (validation comes before any splitting or tokenization):
    the source's whole eval split (stages never train on eval rows, so they need no disjointness, and the
    whole split gives less noisy metrics than a 20% slice).
 4. Stage 1 also gets all rows (train and eval) of the sft_only_data_path sources.
-5. Stage 2 needs pairs: rows without a rejected response are left out and counted (an SFT-only hub dataset
-   in data_path is an error at once).
+5. Stage 2 needs pairs: rows without a rejected response are left out and counted per source (printed, and
+   in its stats as `without_rejected`); a source that would lose more than half of the rows stage 2 takes
+   from it (train slice + eval) this way is a DataError unless skip_bad_rows (an SFT-only hub dataset in
+   data_path is an error at once).
 6. Train rows of all sources are mixed by a seeded permutation; eval keeps source order.
 7. Tokenize for the stage, save atomically, and every rank loads the file.
 `stats` (also printed on rank 0) holds per-source row counts, skipped/filtered rows and the truncation and
@@ -154,7 +156,7 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
             taken = [own_train[i] for i in stage_indices(len(own_train), cfg.data_split, stage, cfg.seed)]
         else:  # sft_only: stage 1 takes everything
             taken = own_train
-        stats["sources"][src.name] = {
+        source_stats = stats["sources"][src.name] = {
             "role": role,
             "train_rows": len(own_train),
             "eval_rows": len(own_eval),
@@ -162,12 +164,18 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
             **rows.tally.as_dict(),
         }
         rows.tally.report()
+        if stage == 2:
+            taken, own_eval, source_stats["without_rejected"] = _pairs_only(
+                src.name, taken, own_eval, cfg.skip_bad_rows
+            )
         train_rows += taken
         eval_rows += own_eval
 
     if stage == 2:
-        train_rows, stats["train_without_rejected"] = _pairs_only(train_rows)
-        eval_rows, stats["eval_without_rejected"] = _pairs_only(eval_rows)
+        for split in ("train", "eval"):
+            stats[f"{split}_without_rejected"] = sum(
+                info["without_rejected"][split] for info in stats["sources"].values()
+            )
     if not train_rows:
         why = "; stage 2 keeps only rows that have a rejected response" if stage == 2 else ""
         raise DataError(
@@ -184,9 +192,24 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
     return {"stats": stats, "train": _to_state(train), "eval": _to_state(evals)}
 
 
-def _pairs_only(rows: list[Row]) -> tuple[list[Row], int]:
-    kept = [r for r in rows if r.rejected is not None]
-    return kept, len(rows) - len(kept)
+def _pairs_only(
+    source: str, train: list[Row], evals: list[Row], skip_bad_rows: bool
+) -> tuple[list[Row], list[Row], dict[str, int]]:
+    """The rows of `source` that have a rejected response (stage 2 trains and evaluates on pairs), and how
+    many were left out of train and eval. More than half left out is a DataError unless skip_bad_rows: the
+    file is then mostly SFT data, and training on the few pairs in it is unlikely to be what was meant."""
+    kept_train = [r for r in train if r.rejected is not None]
+    kept_eval = [r for r in evals if r.rejected is not None]
+    left_out = {"train": len(train) - len(kept_train), "eval": len(evals) - len(kept_eval)}
+    lost, total = sum(left_out.values()), len(train) + len(evals)
+    if 2 * lost > total and not skip_bad_rows:
+        raise DataError(
+            f"{source}: {lost} of the {total} rows stage 2 takes from it (train slice + eval) have no "
+            f"'rejected' response, and the reward model trains on pairs only, so it would keep "
+            f"{total - lost}; put SFT-only data in --sft_only_data_path, or pass --skip_bad_rows to train "
+            "on the pairs anyway"
+        )
+    return kept_train, kept_eval, left_out
 
 
 def _tokenize(rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig) -> tuple[dict[str, list], dict]:
@@ -220,5 +243,12 @@ def _report(stats: dict[str, Any]) -> None:
     print_rank0(f"[data] stage {stats['stage']} ({origin}): train {stats['train']}, eval {stats['eval']}")
     for name, info in stats["sources"].items():
         print_rank0(f"[data]   {name}: {info}")
+        left_out = info.get("without_rejected", {})
+        if any(left_out.values()):
+            print_rank0(
+                f"[data] {name}: stage 2 left out {left_out['train']} of its {info['stage_train_rows']} train "
+                f"rows and {left_out['eval']} of its {info['eval_rows']} eval rows: no 'rejected' response "
+                "(the reward model trains on pairs only)"
+            )
     if stats["eval"]["rows_out"] == 0:
         print_rank0(f"[data] WARNING: stage {stats['stage']} has no eval rows")
