@@ -7,13 +7,14 @@ float32). Three parts:
 
 1. the PPO math and the value head on bf16 inputs give float32 results equal to the float32 computation
    on the same (upcast) inputs, with hand-computed cases where bf16 arithmetic would visibly round;
-2. in one process, bf16 and fp32 stage-3 engines (ZeRO-0) built from the same tiny models
-   (tests/test_step3_fidelity.py's fixtures): the bf16 rollout's tensors are float32, KL is exactly 0 and
-   the ratio exactly 1 before the first update in both precisions, and on the same sampled sequences the
-   bf16 log-probs, values, scores and first-iteration rewards are within stated tolerances of fp32;
-3. the real scripts in bf16: stage 1 (ZeRO-0) and stage 2 (ZeRO-2) in one process, stage 3 under ZeRO-2 in
-   one process and under ZeRO-3 on 2 CPU ranks, each on a 96/16-row slice of the bundled data; every run
-   finishes with finite losses and saves models that reload with from_pretrained.
+2. in one process, fp32 (ZeRO-0) and bf16 (actor and critic under ZeRO-2) stage-3 engines built from the
+   same tiny models (tests/test_step3_fidelity.py's fixtures): the bf16 rollout's tensors are float32, KL
+   is exactly 0 and the ratio exactly 1 before the first update in both precisions, on the same sampled
+   sequences the bf16 log-probs, values, scores and first-iteration rewards are within stated tolerances
+   of fp32, and a bf16 ZeRO-2 update (fp32 master weights) is finite and saves models that reload;
+3. the real scripts in bf16: stage 1 (ZeRO-0) and stage 2 (ZeRO-2) in one process, stage 3 under ZeRO-3
+   on 2 CPU ranks, on a 96/16-row slice of the bundled data; every run finishes with finite losses and
+   saves models that reload with from_pretrained.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.model import response_logits
-from common.reward_model import RewardModel, ValueHead
+from common.model import response_logits, save_hf_model
+from common.reward_model import RewardModel, ValueHead, save_reward_model
 from common.rl_math import (
     entropy_from_logits,
     gae,
@@ -43,6 +44,7 @@ from common.rl_math import (
     value_loss,
 )
 from step3_rlhf.experience import Rollout
+from step3_rlhf.ppo_trainer import PPOTrainer
 from tests.launch import REPO, run_stage
 from tests.test_step3_fidelity import GEN_BATCHES, Stage, _stage, _train_forward, models  # noqa: F401
 
@@ -180,7 +182,12 @@ def fp32_stage(models) -> Stage:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def bf16_stage(models) -> Stage:  # noqa: F811
-    return _stage(models, "--dtype", "bf16")
+    """bf16 engines, actor and critic under ZeRO-2 (the reference and reward model are frozen: ZeRO-0).
+    Learning rates 1e-3 so that one update visibly moves bf16 weights. Trained by the last test of this
+    section; the tests before it only read."""
+    zero2 = ("--actor_zero_stage", "2", "--critic_zero_stage", "2")
+    rates = ("--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3")
+    return _stage(models, "--dtype", "bf16", *zero2, *rates)
 
 
 def _rollout(stage: Stage, batches: list[dict[str, torch.Tensor]], seed: int) -> Rollout:
@@ -291,6 +298,38 @@ def test_bf16_tracks_fp32_on_the_same_tokens(rollouts):
     assert torch.equal(r16.kl[m], torch.zeros(int(m.sum()))), "first iteration: KL exactly 0 in bf16 too"
 
 
+def test_bf16_zero2_update_is_finite_and_saves_models_that_reload(models, bf16_stage, rollouts, tmp_path):  # noqa: F811
+    """Trains the shared bf16 engines (so it comes last in this section): one PPOTrainer.train on the bf16
+    rollout (2 epochs, one optimizer step each) gives finite losses; ZeRO-2 keeps float32 master weights;
+    the actor's bf16 weights move; the saved actor reloads in bf16 with the engine's logits exactly, and the
+    saved critic reloads with float32 values equal to the engine's."""
+    e, tok = bf16_stage.engines, models.tok
+    assert all(p.dtype == torch.float32 for p in e.actor.optimizer.single_partition_of_fp32_groups)
+    before = {k: v.detach().clone() for k, v in e.actor.module.named_parameters()}
+    stats = PPOTrainer(e, bf16_stage.args, None, zero3_actor=False).train(rollouts["bf16"])
+    print(f"bf16 ZeRO-2 update: { ({k: round(v, 4) for k, v in stats.items()}) }")
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl"):
+        assert math.isfinite(stats[key]), (key, stats)
+    moved = [k for k, v in e.actor.module.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert len(moved) > len(before) // 2, f"only {len(moved)} of {len(before)} bf16 tensors moved"
+
+    save_hf_model(e.actor, tmp_path / "actor", tok, zero_stage=2)
+    save_reward_model(e.critic, tmp_path / "critic", tok, zero_stage=2)
+    r = rollouts["bf16"]
+    with torch.no_grad():
+        engine_logits = response_logits(e.actor, r.seq, r.attention_mask, r.prompt_len)
+        engine_values = e.critic(r.seq, r.attention_mask).values
+        actor = AutoModelForCausalLM.from_pretrained(tmp_path / "actor").eval()
+        assert actor.dtype == torch.bfloat16
+        torch.testing.assert_close(
+            response_logits(actor, r.seq, r.attention_mask, r.prompt_len), engine_logits, atol=0, rtol=0
+        )
+        critic = RewardModel.from_pretrained(tmp_path / "critic").eval()
+        values = critic(r.seq, r.attention_mask).values
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, engine_values, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------ 3. the stage scripts in bf16
 
 BF16 = ["--dtype", "bf16", "--data_split", "1,1,1"]  # 32 training rows per stage
@@ -386,9 +425,13 @@ def test_stage2_bf16_trains_and_saves_a_reward_model_that_reloads(rm_run):
     assert rm(ids, torch.ones_like(ids)).scores.dtype == torch.float32
 
 
-def _ppo_run(root: Path, small_data: Path, out: Path, zero_stage: int, num_procs: int) -> dict:
-    """One PPO iteration in bf16 with actor and critic under `zero_stage`: 2 prompts per rank, 8-token
-    answers, one optimizer step of each engine. Returns ppo_metrics.json."""
+@pytest.mark.distributed
+def test_stage3_bf16_zero3_two_ranks(rm_run, small_data, tmp_path):
+    """One PPO iteration in bf16, actor and critic under ZeRO-3 on 2 ranks: 2 prompts per rank, 8-token
+    answers, one optimizer step of each engine. KL exactly 0 and ratio exactly 1 at the first step (the
+    micro-batch is the generation batch), finite losses, an actor that moved and reloads in bf16, a critic
+    that reloads with float32 values."""
+    root, out = rm_run, tmp_path / "ppo_z3"
     run_stage(
         "step3_rlhf/main.py",
         [
@@ -400,21 +443,16 @@ def _ppo_run(root: Path, small_data: Path, out: Path, zero_stage: int, num_procs
             ),
             *("--output_dir", str(out)),
             *_data_flags(small_data, root / "cache"),
-            *("--actor_zero_stage", str(zero_stage), "--critic_zero_stage", str(zero_stage)),
+            *("--actor_zero_stage", "3", "--critic_zero_stage", "3"),
             *("--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2"),
             *("--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--eval_num_prompts", "2"),
             *("--enable_test_mode", "--test_stop_step", "1"),
         ],
-        num_procs=num_procs,
+        num_procs=2,
     )
-    return json.loads((out / "ppo_metrics.json").read_text())
-
-
-def _check_ppo_run(metrics: dict, root: Path, out: Path) -> None:
-    """KL exactly 0 and ratio exactly 1 at the first step (the micro-batch is the generation batch), finite
-    losses, an actor that moved and reloads, a critic that reloads with float32 values."""
-    first = metrics["history"][0]
-    print(f"bf16 stage 3: { ({k: first[k] for k in ('score_mean', 'kl', 'policy_loss', 'value_loss')}) }")
+    first = json.loads((out / "ppo_metrics.json").read_text())["history"][0]
+    shown = {k: first[k] for k in ("score_mean", "kl", "policy_loss", "value_loss")}
+    print(f"bf16 stage 3 (ZeRO-3, 2 ranks), first step: {shown}")
     assert first["kl"] == 0.0 and first["ratio_mean"] == 1.0 and first["approx_kl"] == 0.0, first
     for key in ("score_mean", "policy_loss", "value_loss", "entropy"):
         assert math.isfinite(first[key]), (key, first)
@@ -426,14 +464,3 @@ def _check_ppo_run(metrics: dict, root: Path, out: Path) -> None:
     critic = RewardModel.from_pretrained(out / "critic")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert critic(ids, torch.ones_like(ids)).values.dtype == torch.float32
-
-
-def test_stage3_bf16_zero2_one_process(rm_run, small_data, tmp_path):
-    out = tmp_path / "ppo_z2"
-    _check_ppo_run(_ppo_run(rm_run, small_data, out, zero_stage=2, num_procs=1), rm_run, out)
-
-
-@pytest.mark.distributed
-def test_stage3_bf16_zero3_two_ranks(rm_run, small_data, tmp_path):
-    out = tmp_path / "ppo_z3"
-    _check_ppo_run(_ppo_run(rm_run, small_data, out, zero_stage=3, num_procs=2), rm_run, out)
