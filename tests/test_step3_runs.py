@@ -118,6 +118,11 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
     )
     assert metrics["score_gain"] >= 0.5, metrics["evals"]
     assert metrics["history"][0]["kl"] == 0.0  # the actor equals the reference before the first update
+    # the bundled data: its gold scores every evaluation, 6 of them during PPO (the default --eval_interval: 20 // 6 = 3)
+    assert metrics["gold_reward"] == "common.gold:synthetic_gold"
+    assert [e["step"] for e in metrics["evals"]] == [0, 3, 6, 9, 12, 15, 18, 20]
+    assert all(-1 <= e["gold_mean"] <= 1 and "gold_share_malformed" in e for e in metrics["evals"])
+    assert metrics["evals"][0]["kl"] == 0.0 < metrics["evals"][-1]["kl"]
     assert "score gain" in log
     assert AutoModelForCausalLM.from_pretrained(out / "actor") is not None
     assert AutoModelForCausalLM.from_pretrained(out / "actor_ema") is not None  # EMA gathered under ZeRO-3
@@ -126,8 +131,8 @@ def test_ppo_raises_heldout_score_two_ranks_actor_zero3(sft_and_rm, tmp_path):
 
 
 def check_heldout_answers(out, args: list[str], metrics: dict) -> None:
-    """heldout_answers.jsonl has one row per held-out prompt, in the eval set's order, and its scores average
-    to the before/after scores of ppo_metrics.json."""
+    """heldout_answers.jsonl has one row per held-out prompt, in the eval set's order, and its proxy and gold
+    scores and gold labels average to the before/after figures of ppo_metrics.json."""
     from common.args import data_config
     from common.data import build_stage_data
     from common.model import load_tokenizer
@@ -145,6 +150,10 @@ def check_heldout_answers(out, args: list[str], metrics: dict) -> None:
     for when in ("before", "after"):
         mean = sum(r[f"score_{when}"] for r in rows) / len(rows)
         assert mean == pytest.approx(metrics[when]["score"], abs=1e-6), when
+        gold = sum(r[f"gold_{when}"] for r in rows) / len(rows)
+        assert gold == pytest.approx(metrics[when]["gold_mean"], abs=1e-9), when
+        best = sum(r[f"gold_label_{when}"] == "best" for r in rows) / len(rows)
+        assert best == pytest.approx(metrics[when]["gold_share_best"]), when
     assert any(r["before"] != r["after"] for r in rows)
 
 
