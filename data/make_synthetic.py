@@ -19,20 +19,20 @@ let the reward model learn what the gold reward (`common/gold.py`) prefers among
                    (a polite opener followed by generic advice with no content)
     bad (0)      = rude, a flat refusal, or off-topic ("I would rather talk about <other topic>. <its tip>")
   and malformed answers (-1), made the ways a policy's samples go wrong (shares sampled per answer):
-    stacked closers 20%  a best answer + 1-3 more closers, or a vague one + 2-3, often the same one again
+    stacked closers 25%  a best answer + 1-3 more closers, or a vague one + 2-3, often the same one again
     word salad      20%  a polite opener, then 6-14 words shuffled from the topic's tips and generic advice
-    truncated       15%  a best or mediocre answer cut after a random word
+    truncated       20%  a best or mediocre answer cut after a random word
     second turn     15%  a best or mediocre answer that goes on with "\\n\\nHuman: ..." (and maybe "Assistant:")
-    off-topic tip   15%  another topic's tip in polite framing (opener + tip + closer)
-    near miss       15%  pieces recombined wrongly: opener + tip, tip + closer, opener + generic + closer,
-                         or the best answer with its tip said twice
-- Pairs (chosen, rejected), exact counts: (best, mediocre) 20%, (best, malformed) 10%, (mediocre, bad) 20%,
-  (mediocre, malformed) 50%. `chosen` is always well-formed, best in 30% of rows and mediocre in 70%: an
+    off-topic tip   20%  another topic's tip in polite framing (opener + tip + closer)
+  (No "near misses" such as opener + tip without a closer: pairs that rank them below a curt tip alone blur
+  the best > mediocre contrast, which is what PPO climbs, and an SFT policy rarely writes them.)
+- Pairs (chosen, rejected), exact counts: (best, mediocre) 30%, (best, malformed) 10%, (mediocre, bad) 15%,
+  (mediocre, malformed) 45%. `chosen` is always well-formed, best in 40% of rows and mediocre in 60%: an
   SFT model imitating `chosen` writes well-formed answers, mostly mediocre, which leaves PPO room to raise
-  the reward by moving the policy towards the best level. `rejected` is malformed in 60% of rows, so the
+  the reward by moving the policy towards the best level. `rejected` is malformed in 55% of rows, so the
   reward model learns to score such text low instead of meeting it first in PPO's samples. Every row is
   checked against the gold: gold(chosen) > gold(rejected).
-- Well-formed responses are 8-30 words (malformed ones up to ~50), so generation with the tiny tokenizer
+- Well-formed responses are 8-30 words (malformed ones up to ~55), so generation with the tiny tokenizer
   needs at most ~48 tokens.
 
 `response_level(prompt, response)` (common/synthetic_task.py, re-exported here) is the exact oracle for the
@@ -76,10 +76,10 @@ FIELDS = ("prompt", "response", "chosen", "rejected")
 MALFORMED = UNRECOGNISED  # the "level" of a rejected answer made malformed on purpose
 # (chosen level, rejected level) -> share of rows; counts are exact (rounded, remainder to the largest).
 PAIR_MIX: dict[tuple[int, int], float] = {
-    (BEST, MEDIOCRE): 0.20,
+    (BEST, MEDIOCRE): 0.30,
     (BEST, MALFORMED): 0.10,
-    (MEDIOCRE, BAD): 0.20,
-    (MEDIOCRE, MALFORMED): 0.50,
+    (MEDIOCRE, BAD): 0.15,
+    (MEDIOCRE, MALFORMED): 0.45,
 }
 MULTI_TURN_SHARE = 0.10
 DEFAULT_SEED = 0
@@ -92,12 +92,11 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic"
 MEDIOCRE_STYLES = (("curt", 0.5), ("vague", 0.5))
 BAD_STYLES = (("rude", 0.4), ("refusal", 0.3), ("off_topic", 0.3))
 MALFORMED_STYLES = (
-    ("stacked_closers", 0.20),
+    ("stacked_closers", 0.25),
     ("word_salad", 0.20),
-    ("truncated", 0.15),
+    ("truncated", 0.20),
     ("second_turn", 0.15),
-    ("off_topic_tip", 0.15),
-    ("near_miss", 0.15),
+    ("off_topic_tip", 0.20),
 )
 
 
@@ -139,7 +138,7 @@ def _other_topic(topic_index: int, rng: random.Random) -> Topic:
 def _malformed(style: str, topic_index: int, rng: random.Random) -> str:
     """A malformed answer in one of MALFORMED_STYLES (see the module docstring)."""
     topic = TOPICS[topic_index]
-    opener, tip, closer = rng.choice(OPENERS), rng.choice(topic.tips), rng.choice(CLOSERS)
+    opener, closer = rng.choice(OPENERS), rng.choice(CLOSERS)
     if style == "stacked_closers":
         best = rng.random() < 0.6  # else a vague answer, which gets two or three closers
         start = _best(topic, rng) if best else f" {opener} {rng.choice(GENERIC)}"
@@ -162,15 +161,6 @@ def _malformed(style: str, topic_index: int, rng: random.Random) -> str:
         return f"{answer}\n\nHuman: {turn}{tail}"
     if style == "off_topic_tip":
         return f" {opener} {rng.choice(_other_topic(topic_index, rng).tips)} {closer}"
-    if style == "near_miss":
-        return rng.choice(
-            (
-                f" {opener} {tip}",
-                f" {tip} {closer}",
-                f" {opener} {rng.choice(GENERIC)} {closer}",
-                f" {opener} {tip} {tip} {closer}",
-            )
-        )
     raise ValueError(f"unknown malformed style {style!r}; expected one of {[s for s, _ in MALFORMED_STYLES]}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import sys
 from collections import Counter
@@ -83,7 +84,7 @@ def test_schema_and_prompt_format(rows, split):
                 assert "\n" not in text, where
                 assert 8 <= len(text.split()) <= 30, (where, text)
             else:  # malformed on purpose (only `rejected`): a truncated answer may be one word
-                assert side == "rejected" and 1 <= len(text.split()) <= 50, (where, text)
+                assert side == "rejected" and 1 <= len(text.split()) <= 60, (where, text)
 
 
 def test_multi_turn_prompts_present(rows):
@@ -112,9 +113,9 @@ def test_level_mix_as_designed(rows, split):
     assert dict(pairs) == ms.pair_counts(len(split_rows))
     assert set(pairs) == set(ms.PAIR_MIX)  # chosen well-formed, ranked best > mediocre > bad > malformed
     best_chosen = sum(n for (c, _), n in pairs.items() if c == ms.BEST) / len(split_rows)
-    assert best_chosen == pytest.approx(0.30, abs=0.005)  # SFT on `chosen` sees best in 30% of rows
+    assert best_chosen == pytest.approx(0.40, abs=0.005)  # SFT on `chosen` sees best in 40% of rows
     malformed = sum(n for (_, r), n in pairs.items() if r == ms.MALFORMED) / len(split_rows)
-    assert malformed == pytest.approx(0.60, abs=0.005)
+    assert malformed == pytest.approx(0.55, abs=0.005)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -145,7 +146,6 @@ def test_malformed_styles():
         "truncated": lambda t: any(full.startswith(t + " ") for full in well_formed),
         "second_turn": lambda t: "\n\nHuman: " in t,
         "off_topic_tip": lambda t: any(tip in t for tip in others) and "rather" not in t,
-        "near_miss": lambda t: "\n" not in t,
     }
     assert set(checks) == {style for style, _ in ms.MALFORMED_STYLES}
     rng = random.Random(0)
@@ -181,7 +181,11 @@ def test_styles_within_levels(rows):
     for counts, styles in ((mediocre, ms.MEDIOCRE_STYLES), (bad, ms.BAD_STYLES)):
         total = sum(counts.values())
         for style, share in styles:
-            assert abs(counts[style] / total - share) < 0.04, (style, counts)
+            # sampled per answer: within 4 standard errors (bad answers are rarer now: ~450 in train)
+            assert abs(counts[style] / total - share) < 4 * math.sqrt(share * (1 - share) / total), (
+                style,
+                counts,
+            )
 
 
 def test_response_level_oracle():
