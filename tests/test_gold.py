@@ -156,3 +156,14 @@ def test_summarize():
     }
     with pytest.raises(ValueError, match="at least one"):
         summarize([])
+
+
+def test_heldout_answers_are_cut_at_the_first_eos():
+    from bench.gold_eval import split_at_eos
+
+    assert split_at_eos(f"{BEST}<|endoftext|><pad><pad>") == (BEST, True)
+    assert split_at_eos(f"{BEST} Good luck!<|endoftext|> more<|endoftext|>") == (f"{BEST} Good luck!", True)
+    assert split_at_eos(" Of course! Rinse the rice, use two") == (
+        " Of course! Rinse the rice, use two",
+        False,
+    )
