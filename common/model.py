@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import zipfile
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,14 +205,15 @@ def from_pretrained_checked(
     (revision, cache_dir, ...) locate the files.
     """
     hub_kwargs = hub_kwargs or {}
-    model, info = auto_class.from_pretrained(
-        name_or_path,
-        output_loading_info=True,
-        key_mapping=key_mapping,
-        use_safetensors=None if allow_pickle_weights else True,
-        **hub_kwargs,
-        **kwargs,
-    )
+    with _without_load_report():  # what it reports is checked below, and raised with the path
+        model, info = auto_class.from_pretrained(
+            name_or_path,
+            output_loading_info=True,
+            key_mapping=key_mapping,
+            use_safetensors=None if allow_pickle_weights else True,
+            **hub_kwargs,
+            **kwargs,
+        )
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     missing = {key for key in info["missing_keys"] if key in parameters}
     if is_deepspeed_zero3_enabled():
@@ -227,6 +230,25 @@ def from_pretrained_checked(
     if key_mapping and hasattr(model, "_weight_conversions"):
         del model._weight_conversions  # transformers would save under the checkpoint's names again
     return model
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Leave out transformers' LOAD REPORT warning when it lists only missing / unexpected keys: on a load
+    that passes the checks they are what is dropped by design ("UNEXPECTED lm_head.weight"), and a real
+    mismatch is raised with the path and keys instead. A report of wrong shapes or failed conversions stays:
+    transformers raises after it, pointing to it."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "LOAD REPORT" not in text or "MISMATCH" in text or "CONVERSION" in text
+
+    report_logger.addFilter(no_report)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(no_report)
 
 
 def is_dschat_reward_layout(keys: Collection[str]) -> bool:

@@ -10,8 +10,10 @@ bias 0, whose scores are v_head . h(last token) computed by hand here."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,20 @@ FC1 = "decoder.layers.0.fc1.weight"  # a trunk weight of the tiny OPT; the causa
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
     return load_tokenizer(str(tiny_dir))
+
+
+@pytest.fixture
+def load_reports() -> Iterator[list[str]]:
+    """The LOAD REPORT tables transformers logs (it prints them to the terminal, past pytest's capture)."""
+    reports: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: (
+        reports.append(str(record.msg)) if "LOAD REPORT" in str(record.msg) else None
+    )
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    yield reports
+    logger.removeHandler(handler)
 
 
 def _variant(tiny_dir: Path, out: Path, edit_weights=None, edit_config=None) -> Path:
@@ -96,6 +112,16 @@ def test_an_extra_weight_is_an_error_naming_it_and_the_path(loader, tiny_dir, to
         WeightsMismatchError, match=rf"^{re.escape(str(path))}: .*1 weights in it have no place .*\({extra}\)"
     ):
         load(path, tok)
+
+
+def test_a_weight_of_the_wrong_shape_stops_the_load_with_transformers_report(
+    tiny_dir, tok, tmp_path, load_reports
+):
+    path = _variant(tiny_dir, tmp_path / "s", lambda sd: {**sd, f"model.{FC1}": torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        load_causal_lm(str(path), tok)
+    assert len(load_reports) == 1 and f"from: {path}" in load_reports[0]
+    assert f"model.{FC1} | MISMATCH" in load_reports[0]
 
 
 def test_untied_lm_head_must_be_in_the_checkpoint_but_a_trunk_drops_it(tiny_dir, tok, tmp_path):
@@ -201,12 +227,13 @@ def _scores(rm: RewardModel) -> torch.Tensor:
         return rm.eval()(ids, mask).scores
 
 
-def test_dschat_reward_model_is_converted_on_load(tiny_dir, dschat_dir, tok, capsys):
+def test_dschat_reward_model_is_converted_on_load(tiny_dir, dschat_dir, tok, capsys, load_reports):
     rm = load_reward_model_for_training(
         str(dschat_dir), tok, allow_pickle_weights=True, require_saved_head=True
     )
     out = capsys.readouterr().out
     assert out.count("DeepSpeed-Chat reward model") == 1 and f"[model] {dschat_dir}: " in out
+    assert load_reports == []  # transformers' table would call v_head.weight UNEXPECTED
     assert rm.value_head.bias.item() == 0.0
     assert (rm.gain, rm.bias, rm.normalization_sample) == (1.0, 0.0, DSCHAT_SAMPLE)
     torch.testing.assert_close(_scores(rm), _hand_scores(tiny_dir, dschat_dir), atol=1e-5, rtol=1e-5)
