@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         raise SystemExit(f"rw_eval: {e}") from None
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    rm = RewardModel.from_pretrained(args.model_name_or_path, dtype=dtype).eval()
+    try:  # a causal LM here would score with a random head
+        rm = RewardModel.from_pretrained(args.model_name_or_path, dtype=dtype, require_saved_head=True).eval()
+    except ValueError as e:
+        raise SystemExit(f"rw_eval: {e}") from None
     if torch.cuda.is_available():
         rm = rm.cuda()
     raw, normalized = score_sequences(rm, sequences, tokenizer.pad_token_id, args.batch_size)

@@ -274,3 +274,6 @@ def test_rw_eval_main_scores_like_the_model(tiny_dir, tmp_path, capsys):
         rw_eval.main(
             ["--model_name_or_path", str(tmp_path / "rm"), "--input_file", str(tmp_path / "missing.jsonl")]
         )
+    # a causal LM is not a reward model: its head would be random, so rw_eval refuses it
+    with pytest.raises(SystemExit, match="rw_eval: .*not a reward model"):
+        rw_eval.main(["--model_name_or_path", str(tiny_dir), "--input_file", str(tmp_path / "in.jsonl")])
