@@ -178,7 +178,14 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "answer (responses decoded without special tokens, cut at EOS; finished: ended with EOS). auto: the "
         "bundled task's common.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
     )
-    g.add_argument("--eval_num_prompts", type=int, default=0, help="Held-out prompts to score (0: all).")
+    g.add_argument(
+        "--eval_num_prompts",
+        type=int,
+        default=256,
+        help="Held-out prompts sampled and scored at each evaluation (the first N of the eval split; 0: all). "
+        "Each evaluation generates an answer per prompt, so the whole eval split of a real dataset (5103 "
+        "prompts for Dahoas/rm-static) would cost more than the PPO iterations between evaluations.",
+    )
     g.add_argument("--print_answers", action="store_true")
     g.add_argument("--print_answers_interval", type=int, default=1)
     g.add_argument("--enable_test_mode", action="store_true", help="Stop after --test_stop_step iterations.")
