@@ -394,7 +394,7 @@ def rm_run(sft_run, small_data) -> Path:
 
 
 def test_stage1_bf16_learns_and_saves_a_bf16_model_that_reloads(sft_run, tiny_dir):
-    """Held-out perplexity falls (the untrained model is near-uniform over the 1650-token vocabulary, so
+    """Held-out perplexity falls (the untrained model is near-uniform over the ~1650-token vocabulary, so
     even 4 steps more than halve it); the saved weights are bf16 and, reloaded in bf16, give the engine's
     logits exactly."""
     metrics = json.loads((sft_run / "sft" / "sft_metrics.json").read_text())

@@ -58,7 +58,9 @@ def test_the_installed_versions_are_the_pinned_ones():
         pytest.skip("check_latest.sh: newest releases on purpose")
     pins = _pins()
     for name in ("deepspeed", "transformers", "peft", "datasets", "tokenizers", "safetensors"):
-        assert version(name) == pins[name], f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"
+        assert version(name) == pins[name], (
+            f"{name} {version(name)} installed, constraints.txt pins {pins[name]}"
+        )
 
 
 def test_extensions_are_built_inside_the_environment(tmp_path):

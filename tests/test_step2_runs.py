@@ -3,7 +3,9 @@ with 2 CPU ranks, under ZeRO-3 with LoRA (so saving gathers partitions and merge
 the policy's samples) and under ZeRO-0 (normalised on chosen responses). Each run is shared by the tests
 of its module fixture; both share one data cache.
 
-Training setting (found to reach >= 0.99 held-out accuracy for several seeds in about 20 optimizer steps):
+Training setting (about 20 optimizer steps; on the data before 2026-12 it reached >= 0.99 held-out accuracy, on
+today's harder pairs, whose rejected answers include malformed ones and off-topic tips that only the prompt
+gives away, it reaches 0.65-0.68 from 0.48 at step 0; the demo's two epochs over 1200 pairs reach 0.75):
 one epoch, learning rate 1e-3 annealed to 0 by the cosine schedule, 2 ranks x 8 pairs per step, over a
 10% stage-2 slice (--data_split 2,1,7: 300 pairs) instead of the default 40% (1200 pairs) to keep the
 suite fast; the eval set is the whole bundled test split (300 pairs).
@@ -106,11 +108,11 @@ def test_held_out_accuracy_and_curve(run):
     metrics = _metrics(out)
     final = metrics["final"]
     assert final["pairs"] == 300  # the final evaluation covers the whole eval set, summed over both ranks
-    assert final["accuracy"] >= 0.9, metrics["eval_curve"]
+    assert final["accuracy"] >= 0.6, metrics["eval_curve"]
     assert final["margin_mean"] == pytest.approx(final["chosen_mean"] - final["rejected_mean"], abs=1e-6)
     curve = metrics["eval_curve"]
     assert [c["step"] for c in curve] == [0, 5, 10, 15, metrics["optimizer_steps"]]
-    assert curve[0]["accuracy"] < 0.8  # the fresh head knows nothing: the accuracy was learned
+    assert curve[0]["accuracy"] < 0.55  # the fresh head knows nothing: the accuracy was learned
     assert all(c["pairs"] == 64 for c in curve[:-1])  # --eval_iters 1: one batch of 32 pairs per rank
     assert "[reward] accuracy curve: step 0:" in log
     assert metrics["saved_scores_max_abs_diff"] <= 1e-5

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from common.validate import check_tensor_parallel, validate_ppo, validate_sft
 from step1_sft.main import parse_args as sft_args
@@ -132,8 +133,9 @@ def test_hub_id_goes_through_hub_loading(offline_hub):
     from common.model import load_causal_lm, load_tokenizer
 
     validate_sft(_sft("testorg/tiny"))  # not a local path: config and tokenizer come from the hub cache
-    model = load_causal_lm("testorg/tiny", load_tokenizer("testorg/tiny"))
-    assert model.config.vocab_size == 1650
+    tok = load_tokenizer("testorg/tiny")
+    model = load_causal_lm("testorg/tiny", tok)
+    assert model.config.vocab_size == len(tok)  # the tiny model's: weights really came from the hub cache
 
 
 @pytest.mark.parametrize("name", ["testorg/not-there", "out/typo", "org/bad id!"])
@@ -151,9 +153,10 @@ def test_hub_id_that_fails_to_load_names_the_flag(offline_hub, name):
 def test_tokenizer_with_ids_beyond_the_model_vocabulary(tiny_dir, tmp_path):
     model = _copy(tiny_dir, tmp_path / "small_vocab")
     _edit_config(model, vocab_size=1000)
+    top = len(AutoTokenizer.from_pretrained(tiny_dir)) - 1  # the tiny tokenizer's largest id
     with pytest.raises(
         SystemExit,
-        match=f"^--model_name_or_path {model}: .*token ids up to 1649 \\(added tokens not counted\\), but .*vocab_size 1000",
+        match=f"^--model_name_or_path {model}: .*token ids up to {top} \\(added tokens not counted\\), but .*vocab_size 1000",
     ):
         validate_sft(_sft(model))
     with pytest.raises(SystemExit, match="vocab_size 1000"):
@@ -191,7 +194,6 @@ def test_pad_token_beyond_the_vocabulary_is_not_a_mismatch(pad, tmp_path):
 @pytest.fixture
 def other_tokenizer_model(tiny_dir, tmp_path) -> Path:
     """The tiny model with one token added to its tokenizer."""
-    from transformers import AutoTokenizer
 
     model = _copy(tiny_dir, tmp_path / "other_tok")
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -204,10 +206,11 @@ def other_tokenizer_model(tiny_dir, tmp_path) -> Path:
 def test_critic_and_reward_tokenizers_must_be_the_actors(flag, tiny_dir, other_tokenizer_model):
     paths = {"--critic_model_name_or_path": str(tiny_dir), flag: str(other_tokenizer_model)}
     argv = ["--actor_model_name_or_path", str(tiny_dir), *[x for item in paths.items() for x in item]]
+    n = len(AutoTokenizer.from_pretrained(tiny_dir))
     with pytest.raises(
         SystemExit,
         match=f"^{flag} {other_tokenizer_model}: its tokenizer differs from the one of --actor_model_name_or_path "
-        rf"{tiny_dir} \(1650 vs 1651 tokens; '<extra>' has id None vs 1650\)",
+        rf"{tiny_dir} \({n} vs {n + 1} tokens; '<extra>' has id None vs {n}\)",
     ):
         validate_ppo(ppo_args([*argv, "--output_dir", "unused"]))
 
