@@ -139,6 +139,8 @@ def destroy() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Environment helpers for DeepSpeed.")
-    parser.add_argument("--prebuild-ops", action="store_true", help="build DeepSpeed's CPU ops now (setup does)")
+    parser.add_argument(
+        "--prebuild-ops", action="store_true", help="build DeepSpeed's CPU ops now (setup does)"
+    )
     if parser.parse_args().prebuild_ops:
         print(f"[setup] {prebuild_cpu_ops()}")

@@ -258,9 +258,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     disable_dropout(reward_model)
     reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
 
-    return Engines(
-        actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None
-    )
+    return Engines(actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None)
 
 
 @torch.no_grad()
