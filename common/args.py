@@ -230,6 +230,28 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_single_model_args(parser: argparse.ArgumentParser, stage: int) -> None:
+    """The groups of a stage that trains one model (1: SFT, 2: reward model): model, data, training, LoRA,
+    DeepSpeed, output and checkpoints. Stage 3 composes its own (two models, prefixed)."""
+    add_model_args(parser)
+    add_data_args(parser, stage=stage)
+    add_training_args(parser, stage=stage)
+    add_lora_args(parser)
+    add_deepspeed_args(parser, stage=stage)
+    add_output_args(parser)
+    add_checkpoint_args(parser)
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add DeepSpeed's own flags (--deepspeed_config, ...; the launcher passes --local_rank), parse `argv`
+    and run the checks every stage shares (`check_args`)."""
+    import deepspeed
+
+    args = deepspeed.add_config_arguments(parser).parse_args(argv)
+    check_args(args)
+    return args
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Validate cross-flag constraints before any compute; raise SystemExit with a clear message."""
     from common.validate import check_counts

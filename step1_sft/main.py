@@ -15,21 +15,10 @@ import math
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 
 from common import dist
-from common.args import (
-    add_checkpoint_args,
-    add_data_args,
-    add_deepspeed_args,
-    add_lora_args,
-    add_model_args,
-    add_output_args,
-    add_training_args,
-    check_args,
-    data_config,
-)
+from common.args import add_single_model_args, data_config, parse_stage_args
 from common.checkpoint import (
     append_train_log,
     check_finite_grad_norm,
@@ -66,17 +55,8 @@ from common.validate import exit_cleanly_on_data_errors, validate_sft
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Stage 1: supervised fine-tuning")
-    add_model_args(parser)
-    add_data_args(parser, stage=1)
-    add_training_args(parser, stage=1)
-    add_lora_args(parser)
-    add_deepspeed_args(parser, stage=1)
-    add_output_args(parser)
-    add_checkpoint_args(parser)
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    check_args(args)
-    return args
+    add_single_model_args(parser, stage=1)
+    return parse_stage_args(parser, argv)
 
 
 def forward_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

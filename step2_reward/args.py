@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-import deepspeed
-
-from common.args import (
-    add_checkpoint_args,
-    add_data_args,
-    add_deepspeed_args,
-    add_lora_args,
-    add_model_args,
-    add_output_args,
-    add_training_args,
-    check_args,
-)
+from common.args import add_single_model_args, parse_stage_args
 from step2_reward.normalize import add_normalization_args, check_normalization_args
 
 
@@ -53,18 +42,10 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Stage 2: reward model")
-    add_model_args(parser)
-    add_data_args(parser, stage=2)
-    add_training_args(parser, stage=2)
-    add_lora_args(parser)
-    add_deepspeed_args(parser, stage=2)
-    add_output_args(parser)
-    add_checkpoint_args(parser)
+    add_single_model_args(parser, stage=2)
     add_reward_args(parser)
     add_normalization_args(parser)
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    check_args(args)
+    args = parse_stage_args(parser, argv)
     if args.trust_remote_code:
         raise SystemExit(
             "--trust_remote_code: the reward model loads only built-in transformers architectures"

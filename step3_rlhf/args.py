@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import deepspeed
-
 from common.args import (
     add_checkpoint_args,
     add_data_args,
@@ -18,7 +16,7 @@ from common.args import (
     add_model_args,
     add_output_args,
     add_training_args,
-    check_args,
+    parse_stage_args,
 )
 
 
@@ -209,9 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_compat_args(parser)
     add_output_args(parser)
     add_checkpoint_args(parser)
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    check_args(args)
+    args = parse_stage_args(parser, argv)
     check_ppo_args(args)
     return args
 
