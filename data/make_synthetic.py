@@ -19,19 +19,25 @@ let the reward model learn what the gold reward (`common/gold.py`) prefers among
                    (a polite opener followed by generic advice with no content)
     bad (0)      = rude, a flat refusal, or off-topic ("I would rather talk about <other topic>. <its tip>")
   and malformed answers (-1), made the ways a policy's samples go wrong (shares sampled per answer):
-    stacked closers 25%  a best answer + 1-3 more closers, or a vague one + 2-3, often the same one again
-    word salad      20%  a polite opener, then 6-14 words shuffled from the topic's tips and generic advice
-    truncated       20%  a best or mediocre answer cut after a random word
-    second turn     15%  a best or mediocre answer that goes on with "\\n\\nHuman: ..." (and maybe "Assistant:")
-    off-topic tip   20%  another topic's tip in polite framing (opener + tip + closer)
+    stacked closers 20%  a best answer + 1-3 more closers, or a vague one + 2-3, often the same one again
+    word salad      15%  a polite opener, then 6-14 words shuffled from the topic's tips and generic advice
+    truncated       15%  a best or mediocre answer cut after a random word
+    second turn     10%  a best or mediocre answer that goes on with "\n\nHuman: ..." (and maybe "Assistant:")
+    off-topic tip   15%  another topic's tip in polite framing (opener + tip + closer)
+    spliced tip     15%  opener + the start of one tip joined to the end of another + closer
+    garbled tip     10%  opener + the topic's tip with a slip (1-3 words repeated, dropped or swapped) + closer
   (No "near misses" such as opener + tip without a closer: pairs that rank them below a curt tip alone blur
   the best > mediocre contrast, which is what PPO climbs, and an SFT policy rarely writes them.)
-- Pairs (chosen, rejected), exact counts: (best, mediocre) 30%, (best, malformed) 10%, (mediocre, bad) 15%,
+- Pairs (chosen, rejected), exact counts: (best, mediocre) 25%, (best, malformed) 15%, (mediocre, bad) 15%,
   (mediocre, malformed) 45%. `chosen` is always well-formed, best in 40% of rows and mediocre in 60%: an
   SFT model imitating `chosen` writes well-formed answers, mostly mediocre, which leaves PPO room to raise
-  the reward by moving the policy towards the best level. `rejected` is malformed in 55% of rows, so the
-  reward model learns to score such text low instead of meeting it first in PPO's samples. Every row is
-  checked against the gold: gold(chosen) > gold(rejected).
+  the reward by moving the policy towards the best level. `rejected` is malformed in 60% of rows, so the
+  reward model learns to score such text low instead of meeting it first in PPO's samples. Half of the
+  malformed rejected answers (`TWIN_SHARE`) are the chosen answer's wrong-tip twin: the same answer with its
+  tip or generic advice replaced by another topic's tip, a spliced tip or a garbled one (a third each).
+  Those pairs differ only in content, so the reward model must read the tip against the question; without
+  them it scored polite framing alone, and PPO learnt polite off-topic tips. Every row is checked against
+  the gold: gold(chosen) > gold(rejected).
 - Well-formed responses are 8-30 words (malformed ones up to ~55), so generation with the tiny tokenizer
   needs at most ~48 tokens.
 
@@ -76,8 +82,8 @@ FIELDS = ("prompt", "response", "chosen", "rejected")
 MALFORMED = UNRECOGNISED  # the "level" of a rejected answer made malformed on purpose
 # (chosen level, rejected level) -> share of rows; counts are exact (rounded, remainder to the largest).
 PAIR_MIX: dict[tuple[int, int], float] = {
-    (BEST, MEDIOCRE): 0.30,
-    (BEST, MALFORMED): 0.10,
+    (BEST, MEDIOCRE): 0.25,
+    (BEST, MALFORMED): 0.15,
     (MEDIOCRE, BAD): 0.15,
     (MEDIOCRE, MALFORMED): 0.45,
 }
@@ -92,12 +98,18 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "synthetic"
 MEDIOCRE_STYLES = (("curt", 0.5), ("vague", 0.5))
 BAD_STYLES = (("rude", 0.4), ("refusal", 0.3), ("off_topic", 0.3))
 MALFORMED_STYLES = (
-    ("stacked_closers", 0.25),
-    ("word_salad", 0.20),
-    ("truncated", 0.20),
-    ("second_turn", 0.15),
-    ("off_topic_tip", 0.20),
+    ("stacked_closers", 0.20),
+    ("word_salad", 0.15),
+    ("truncated", 0.15),
+    ("second_turn", 0.10),
+    ("off_topic_tip", 0.15),
+    ("spliced_tip", 0.15),
+    ("garbled_tip", 0.10),
 )
+# Share of malformed rejected answers that are the chosen answer's "wrong-tip twin": the same answer with
+# its tip (or generic advice) replaced by another topic's tip or a spliced one. Such pairs differ only in
+# the content, so the reward model must read the tip against the question to rank them.
+TWIN_SHARE = 0.5
 
 
 def _best(topic: Topic, rng: random.Random) -> str:
@@ -161,7 +173,61 @@ def _malformed(style: str, topic_index: int, rng: random.Random) -> str:
         return f"{answer}\n\nHuman: {turn}{tail}"
     if style == "off_topic_tip":
         return f" {opener} {rng.choice(_other_topic(topic_index, rng).tips)} {closer}"
+    if style == "spliced_tip":
+        return f" {opener} {_spliced_tip(topic_index, rng)} {closer}"
+    if style == "garbled_tip":
+        return f" {opener} {_garbled(rng.choice(topic.tips), rng)} {closer}"
     raise ValueError(f"unknown malformed style {style!r}; expected one of {[s for s, _ in MALFORMED_STYLES]}")
+
+
+def wrong_tip_twin(answer: str, topic_index: int, rng: random.Random) -> str:
+    """`answer` (well-formed, to a question on TOPICS[topic_index]) with its tip or generic advice replaced
+    by another topic's tip or a spliced tip (half each): malformed, and ranked below `answer` by the gold."""
+    topic = TOPICS[topic_index]
+    content = [s for s in (*topic.tips, *GENERIC) if f" {s}" in answer]
+    if len(content) != 1:
+        raise ValueError(f"expected one tip or generic sentence in {answer!r}, found {content}")
+    kind = rng.randrange(3)
+    if kind == 0:
+        wrong = rng.choice(_other_topic(topic_index, rng).tips)
+    elif kind == 1:
+        wrong = _spliced_tip(topic_index, rng)
+    else:
+        wrong = _garbled(rng.choice(topic.tips), rng)
+    return answer.replace(f" {content[0]}", f" {wrong}")
+
+
+def _spliced_tip(topic_index: int, rng: random.Random) -> str:
+    """A tip-like sentence that is no tip: the start of one tip joined to the end of another (the first from
+    the prompt's topic half of the time), the way a policy's samples drift between memorised sentences."""
+    all_tips = [tip for t in TOPICS for tip in t.tips]
+    while True:
+        first = rng.choice(TOPICS[topic_index].tips) if rng.random() < 0.5 else rng.choice(all_tips)
+        second = rng.choice(all_tips)
+        a, b = first.rstrip(".").split(), second.split()
+        text = " ".join(a[: rng.randint(2, len(a) - 2)] + b[rng.randint(2, len(b) - 2) :])
+        if text not in all_tips:
+            return text
+
+
+def _garbled(tip: str, rng: random.Random) -> str:
+    """`tip` with a slip of the kind sampling makes: a run of 1-3 words repeated, dropped, or swapped for
+    words from elsewhere in the grammar's tips. Still ends with "."; never equal to a tip."""
+    words = tip.rstrip(".").split()
+    pool = [w.strip(",.") for t in TOPICS for s in t.tips for w in s.split()]
+    while True:
+        i = rng.randrange(1, len(words) - 1)
+        n = rng.randint(1, min(3, len(words) - i))
+        kind = rng.randrange(3)
+        if kind == 0:
+            out = words[: i + n] + words[i : i + n] + words[i + n :]
+        elif kind == 1:
+            out = words[:i] + words[i + n :]
+        else:
+            out = words[:i] + [rng.choice(pool) for _ in range(n)] + words[i + n :]
+        text = " ".join(out) + "."
+        if text != tip:
+            return text
 
 
 def make_prompt(
@@ -213,7 +279,10 @@ def make_split(n: int, test: bool, seed: int) -> list[dict[str, str]]:
         template = heldout[topic] if test else _train_template(topic, heldout, rng)
         prompt = make_prompt(topic, template, rng.random() < MULTI_TURN_SHARE, heldout, rng)
         chosen = make_response(chosen_level, topic, rng)
-        rejected = make_response(rejected_level, topic, rng)
+        if rejected_level == MALFORMED and rng.random() < TWIN_SHARE:
+            rejected = wrong_tip_twin(chosen, topic, rng)
+        else:
+            rejected = make_response(rejected_level, topic, rng)
         gold = synthetic_gold([prompt, prompt], [chosen, rejected], [True, True])
         if not gold[0].score > gold[1].score or (rejected_level == MALFORMED) != (
             gold[1].label == "malformed"

@@ -115,7 +115,7 @@ def test_level_mix_as_designed(rows, split):
     best_chosen = sum(n for (c, _), n in pairs.items() if c == ms.BEST) / len(split_rows)
     assert best_chosen == pytest.approx(0.40, abs=0.005)  # SFT on `chosen` sees best in 40% of rows
     malformed = sum(n for (_, r), n in pairs.items() if r == ms.MALFORMED) / len(split_rows)
-    assert malformed == pytest.approx(0.55, abs=0.005)
+    assert malformed == pytest.approx(0.60, abs=0.005)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -134,6 +134,13 @@ def test_malformed_styles():
     prompt = "\n\nHuman: How do I cook rice?\n\nAssistant:"
     others = {tip for i, t in enumerate(ms.TOPICS) if i != rice for tip in t.tips}
     well_formed = [f" {o} {t} {c}" for o in ms.OPENERS for t in ms.TOPICS[rice].tips for c in ms.CLOSERS]
+    all_tips = others | set(ms.TOPICS[rice].tips)
+
+    def framed(text: str) -> bool:  # opener + one sentence + closer
+        return any(text.startswith(f" {o} ") for o in ms.OPENERS) and any(
+            text.endswith(f" {c}") for c in ms.CLOSERS
+        )
+
     well_formed += [f" {t}" for t in ms.TOPICS[rice].tips] + [
         f" {o} {g}" for o in ms.OPENERS for g in ms.GENERIC
     ]
@@ -146,6 +153,8 @@ def test_malformed_styles():
         "truncated": lambda t: any(full.startswith(t + " ") for full in well_formed),
         "second_turn": lambda t: "\n\nHuman: " in t,
         "off_topic_tip": lambda t: any(tip in t for tip in others) and "rather" not in t,
+        "spliced_tip": lambda t: framed(t) and not any(tip in t for tip in all_tips),
+        "garbled_tip": lambda t: framed(t) and not any(tip in t for tip in all_tips),
     }
     assert set(checks) == {style for style, _ in ms.MALFORMED_STYLES}
     rng = random.Random(0)
@@ -154,6 +163,34 @@ def test_malformed_styles():
             text = ms._malformed(style, rice, rng)
             assert gold_score(prompt, text, True).label == "malformed", (style, text)
             assert check(text), (style, text)
+
+
+def test_wrong_tip_twin_changes_only_the_content():
+    """The twin keeps the answer's opener and closer, swaps its one tip or generic sentence for another
+    topic's tip, a spliced tip or a garbled one (all three occur), and the gold ranks it malformed."""
+    rice = next(i for i, t in enumerate(ms.TOPICS) if t.thing == "rice")
+    prompt = "\n\nHuman: How do I cook rice?\n\nAssistant:"
+    others = {tip for i, t in enumerate(ms.TOPICS) if i != rice for tip in t.tips}
+    rng = random.Random(0)
+    kinds = Counter()
+    for answer in (
+        f" Of course! {ms.TOPICS[rice].tips[0]} Good luck!",  # best
+        f" {ms.TOPICS[rice].tips[1]}",  # curt
+        f" Happy to help! {ms.GENERIC[2]}",  # vague
+    ):
+        content = next(s for s in (*ms.TOPICS[rice].tips, *ms.GENERIC) if s in answer)
+        head, tail = answer.split(content)
+        for _ in range(30):
+            twin = ms.wrong_tip_twin(answer, rice, rng)
+            assert twin.startswith(head) and twin.endswith(tail), (answer, twin)
+            middle = twin[len(head) : len(twin) - len(tail)]
+            assert middle != content and middle.endswith(".")
+            kinds["off_topic" if middle in others else "spliced_or_garbled"] += 1
+            assert gold_score(prompt, twin, True).label == "malformed", twin
+            assert gold_score(prompt, twin, True).score < gold_score(prompt, answer, True).score
+    assert kinds["off_topic"] > 10 and kinds["spliced_or_garbled"] > 20
+    with pytest.raises(ValueError, match="expected one tip or generic sentence"):
+        ms.wrong_tip_twin(" Good luck!", rice, rng)
 
 
 def test_pair_counts_exact():
