@@ -1,6 +1,7 @@
-"""The whole pipeline in one command: SFT -> reward model -> PPO, then a summary table and a plot.
+"""The whole pipeline in one command: SFT -> reward model -> PPO (or SFT -> DPO), then a summary table and a plot.
 
     python e2e_rlhf.py --tiny                      # the built-in tiny default (CPU, or one GPU when present)
+    python e2e_rlhf.py --tiny --algo dpo           # SFT -> DPO on the same data (reuses a finished sft/)
     python e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
         --deployment-type single_gpu --output-dir out/opt-1.3b
     python e2e_rlhf.py --actor-model meta-llama/Llama-2-7b-hf --deployment-type multi_node --step 3
@@ -13,6 +14,8 @@ settings for that model size and hardware (see launch/lib.sh). Output layout und
     sft/       stage-1 model (Hugging Face format), sft_metrics.json, training.log, stage_run.json
     rm/        stage-2 reward model, rm_metrics.json, training.log, stage_run.json
     ppo/       actor/, critic/ (and actor_ema/), ppo_metrics.json, heldout_answers.jsonl, ppo_curves.png,
+               training.log, stage_run.json
+    dpo/       (--algo dpo) the DPO policy (Hugging Face format), dpo_metrics.json, heldout_answers.jsonl,
                training.log, stage_run.json
     tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
 
@@ -44,8 +47,9 @@ LAUNCH_DIR = REPO / "launch"
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
 RUN_RECORD = "stage_run.json"
 STAGE_LOG = "training.log"
-# Lines of a stage's output shown on the console (everything goes to its training.log).
-CONSOLE_LINE = re.compile(r"^(\[(sft|reward|ppo|data|launch)\]|\+ |launch: )")
+# Lines of a stage's output shown on the console (everything goes to its training.log): a stage's tagged
+# lines, also where they follow a progress bar that had not ended its line, and the launch scripts' lines.
+CONSOLE_LINE = re.compile(r"^(\+ |launch: )|\[(sft|reward|ppo|dpo|data|launch)\] ")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class Stage:
     name: str  # its directory under the output root
     title: str
     metrics: str  # written by the stage script last: its presence means "finished"
+    launch_step: str = ""  # the launch scripts' STEP argument ('' = the step number)
+
+    @property
+    def launch_arg(self) -> str:
+        return self.launch_step or str(self.step)
 
     def dir(self, out: Path) -> Path:
         return out / self.name
@@ -67,6 +76,9 @@ STAGES = {
     2: Stage(2, "rm", "reward model", "rm_metrics.json"),
     3: Stage(3, "ppo", "PPO", "ppo_metrics.json"),
 }
+# --algo dpo: the same stage 1, then DPO on stage 2's pairs in place of the reward model and PPO.
+DPO_STAGES = {1: STAGES[1], 2: Stage(2, "dpo", "DPO", "dpo_metrics.json", launch_step="dpo")}
+PIPELINES = {"ppo": STAGES, "dpo": DPO_STAGES}
 
 
 @dataclass(frozen=True)
@@ -174,22 +186,26 @@ def is_finished(stage: Stage, out: Path) -> bool:
     return stage.metrics_path(out).is_file()
 
 
-def plan_stages(out: Path, steps: Sequence[int], force: bool) -> list[PlannedStage]:
+def plan_stages(
+    out: Path, steps: Sequence[int], force: bool, stages: dict[int, Stage] = STAGES
+) -> list[PlannedStage]:
     """Decide, for each selected step in order, whether it runs or is skipped, and why.
 
     A step runs when forced, when its metrics file is missing, or when an earlier selected step runs (its
     input changes). Every step needs the outputs of the steps before it: they must be selected or finished,
     otherwise ValueError says which step to run first."""
     selected = sorted(set(steps))
+    if not set(selected) <= set(stages):
+        raise ValueError(f"this pipeline has steps {sorted(stages)}, not {selected}")
     plan: list[PlannedStage] = []
     upstream_runs = None
     for step in selected:
-        stage = STAGES[step]
+        stage = stages[step]
         for earlier in range(1, step):
-            if earlier not in selected and not is_finished(STAGES[earlier], out):
+            if earlier not in selected and not is_finished(stages[earlier], out):
                 raise ValueError(
                     f"step {step} needs the output of step {earlier}, but "
-                    f"{STAGES[earlier].metrics_path(out)} does not exist: add {earlier} to --step"
+                    f"{stages[earlier].metrics_path(out)} does not exist: add {earlier} to --step"
                 )
         if force:
             plan.append(PlannedStage(stage, True, "--force"))
@@ -206,13 +222,20 @@ def plan_stages(out: Path, steps: Sequence[int], force: bool) -> list[PlannedSta
     return plan
 
 
-def stale_after(out: Path, plan: Sequence[PlannedStage]) -> list[Stage]:
-    """Finished stages that are not selected but come after a stage that runs: their input changes."""
+def stale_after(out: Path, plan: Sequence[PlannedStage], stages: dict[int, Stage] = STAGES) -> list[Stage]:
+    """Finished stages that are not selected but come after a stage that runs: their input changes (the
+    other pipeline's stages too: a rerun stage 1 makes a finished rm/, ppo/ or dpo/ stale)."""
     running = [p.stage.step for p in plan if p.run]
     selected = {p.stage.step for p in plan}
     if not running:
         return []
-    return [s for n, s in STAGES.items() if n > min(running) and n not in selected and is_finished(s, out)]
+    later = [s for n, s in stages.items() if n > min(running) and n not in selected]
+    if min(running) == 1:  # every stage of either pipeline was made from the stage-1 model
+        others = [
+            s for p in PIPELINES.values() for s in p.values() if s.step > 1 and s not in stages.values()
+        ]
+        later += others
+    return [s for s in later if is_finished(s, out)]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -245,8 +268,11 @@ def run_subprocess(run: StageRun) -> int:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
-            if run.verbose or CONSOLE_LINE.match(line):
+            shown = CONSOLE_LINE.search(line)
+            if run.verbose:
                 print(line, flush=True)
+            elif shown:
+                print(line[shown.start() :], flush=True)
         status = proc.wait()
     except KeyboardInterrupt:
         proc.wait()
@@ -257,7 +283,7 @@ def run_subprocess(run: StageRun) -> int:
 
 def stage_command(
     script: Path,
-    step: int,
+    step: int | str,
     out: Path,
     zero_stage: str,
     critic_zero_stage: str,
@@ -266,7 +292,7 @@ def stage_command(
 ) -> list[str]:
     """`bash SCRIPT STEP OUT [ZERO [CRITIC_ZERO]] [--dry-run] [-- EXTRA...]` ('' ZeRO = the script's value)."""
     command = ["bash", str(script), str(step), str(out), zero_stage]
-    if step == 3:
+    if str(step) == "3":
         command.append(critic_zero_stage)
     if dry_run:
         command.append("--dry-run")
@@ -325,12 +351,14 @@ def _duration(seconds: float) -> str:
     return f"{int(round(seconds))} s ({m}:{s:02d})"
 
 
-def summary_rows(out: Path, ran: set[int] | None = None) -> list[tuple[str, str]]:
-    """(label, value) rows from the stages' metrics files and run records under `out`; `ran` marks the
-    steps that ran in this invocation (the others' wall time is from an earlier run)."""
+def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows from the stages' metrics files and run records under `out` (both pipelines' when
+    both ran there); `ran` names the stage directories ("sft", "rm", "ppo", "dpo") that ran in this
+    invocation (the others' wall time is from an earlier run)."""
     sft = _load(STAGES[1].metrics_path(out))
     rm = _load(STAGES[2].metrics_path(out))
     ppo = _load(STAGES[3].metrics_path(out))
+    dpo = _load(DPO_STAGES[2].metrics_path(out))
     rows: list[tuple[str, str]] = []
     if sft:
         ppl = sft["perplexity_per_epoch"]
@@ -350,13 +378,18 @@ def summary_rows(out: Path, ran: set[int] | None = None) -> list[tuple[str, str]
         )
         rows.append(("stage 3: final KL to the reference (per sequence)", f"{ppo['final_kl']:.3f}"))
         rows += gold_rows(ppo)
+    if dpo:
+        rows += dpo_rows(dpo)
     total = 0.0
-    for step, stage in STAGES.items():
+    for stage in [*STAGES.values(), DPO_STAGES[2]]:
         record = _load(stage.dir(out) / RUN_RECORD)
         if record:
             total += record["seconds"]
-            when = "" if ran is None or step in ran else "  (earlier run)"
-            rows.append((f"wall time: step {step} ({stage.title})", _duration(record["seconds"]) + when))
+            when = "" if ran is None or stage.name in ran else "  (earlier run)"
+            label = (
+                f"wall time: step {stage.step} ({stage.title})" if stage.name != "dpo" else "wall time: DPO"
+            )
+            rows.append((label, _duration(record["seconds"]) + when))
     if total:
         rows.append(("wall time: all stages", _duration(total)))
     return rows
@@ -403,13 +436,40 @@ def gold_rows(ppo: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
+    """DPO's rows: held-out pair accuracy and margin, the KL of its answers to the stage-1 policy, and (when a
+    gold was known) the gold score and the best and malformed shares before -> after, with the same
+    reward-hacking measures as PPO's."""
+    before, after = dpo["before"], dpo["after"]
+    rows = [
+        (
+            "DPO: held-out pair accuracy before -> after",
+            f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
+        ),
+        ("DPO: held-out implicit-reward margin", f"{before['margin']:+.3f} -> {after['margin']:+.3f}"),
+    ]
+    if "kl" in after:
+        rows.append(("DPO: final KL to the stage-1 policy (per sequence)", f"{after['kl']:.3f}"))
+    if "gold_mean" in before and "gold_mean" in after:
+        gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({dpo['gold_reward']})"
+        rows.append(("DPO: held-out gold score before -> after", gold))
+        for label in ("best", "malformed"):
+            key = f"gold_share_{label}"
+            if key in before and key in after:
+                rows.append((f"DPO: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
+    for key, label in MEASURE_ROWS:
+        if key in before and key in after:
+            rows.append((f"DPO: {label}", f"{before[key]:.3f} -> {after[key]:.3f}"))
+    return rows
+
+
 def format_table(rows: Sequence[tuple[str, str]]) -> str:
     width = max(len(label) for label, _ in rows)
     rule = "=" * (width + 36)
     return "\n".join([rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule])
 
 
-def report(out: Path, ran: set[int]) -> None:
+def report(out: Path, ran: set[str]) -> None:
     """Plot the PPO curves (when stage 3 has finished) and print the summary table and where things are."""
     ppo_metrics = STAGES[3].metrics_path(out)
     png = None
@@ -464,7 +524,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Which launch script (single_gpu).",
     )
     parser.add_argument(
-        "--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="Steps to run (all)."
+        "--algo",
+        choices=sorted(PIPELINES),
+        default="ppo",
+        help="ppo: SFT -> reward model -> PPO (steps 1 2 3); dpo: SFT -> DPO on the same pairs (steps 1 2: "
+        "step 2 is DPO, in dpo/). Both write under one --output-dir, so they share a finished stage 1.",
+    )
+    parser.add_argument(
+        "--step", type=int, nargs="+", choices=(1, 2, 3), default=None, help="Steps to run (all)."
     )
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="Output root (default: output/<actor model name>)."
@@ -491,7 +558,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             metavar="FLAGS",
             help=f"Extra flags for step {step}, appended to the script's (write --step{step}-args='--flag v').",
         )
+    parser.add_argument(
+        "--dpo-args", default="", metavar="FLAGS", help="Extra flags for the DPO step (--algo dpo)."
+    )
     args = parser.parse_args(argv)
+    if args.step is None:
+        args.step = sorted(PIPELINES[args.algo])
     if args.tiny:
         args.actor_model = "tiny"
     return args
@@ -502,19 +574,19 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     actor = resolve_actor(args.actor_model)
     reward_model = resolve_reward(args.reward_model, actor)
     script = launch_script(actor, args.deployment_type)
+    stages = PIPELINES[args.algo]
     out = (args.output_dir or REPO / "output" / actor.hub_id.split("/")[-1]).resolve()
     try:
-        plan = plan_stages(out, args.step, args.force)
+        plan = plan_stages(out, args.step, args.force, stages)
     except ValueError as e:
-        if not args.dry_run:
+        if not args.dry_run or not set(args.step) <= set(stages):
             raise SystemExit(f"e2e_rlhf: {e}") from None
         print(f"note: {e}")
-        plan = [PlannedStage(STAGES[s], True, "dry run") for s in sorted(set(args.step))]
-    print(
-        f"pipeline: actor {actor.hub_id}, reward model {reward_model}, {args.deployment_type}, output {out}"
-    )
+        plan = [PlannedStage(stages[s], True, "dry run") for s in sorted(set(args.step))]
+    models = f"actor {actor.hub_id}, " + (f"reward model {reward_model}" if args.algo == "ppo" else "DPO")
+    print(f"pipeline: {models}, {args.deployment_type}, output {out}")
     env = stage_env(actor, reward_model)
-    ran: set[int] = set()
+    ran: set[str] = set()
     started = time.perf_counter()
     for planned in plan:
         stage = planned.stage
@@ -522,9 +594,12 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
         if not planned.run:
             print(f"{header}: skipped, {planned.reason}")
             continue
-        zero = args.actor_zero_stage if stage.step in (1, 3) else args.reward_zero_stage
-        extra = shlex.split(getattr(args, f"step{stage.step}_args"))
-        command = stage_command(script, stage.step, out, zero, args.reward_zero_stage, args.dry_run, extra)
+        trains_policy = stage.step in (1, 3) or stage.name == "dpo"
+        zero = args.actor_zero_stage if trains_policy else args.reward_zero_stage
+        extra = shlex.split(args.dpo_args if stage.name == "dpo" else getattr(args, f"step{stage.step}_args"))
+        command = stage_command(
+            script, stage.launch_arg, out, zero, args.reward_zero_stage, args.dry_run, extra
+        )
         print(f"{header} ({planned.reason})\n   {shlex.join(command)}", flush=True)
         run = StageRun(
             stage.step, command, env, stage.dir(out) / STAGE_LOG, verbose=args.verbose or args.dry_run
@@ -544,14 +619,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
             print(f"step {stage.step} exited 0 but wrote no {stage.metrics_path(out)}; log: {run.log_path}")
             return 1
         write_run_record(stage, out, command, seconds)
-        ran.add(stage.step)
+        ran.add(stage.name)
         print(f"{header}: done in {_duration(seconds)}", flush=True)
     if args.dry_run:
         return 0
-    for stage in stale_after(out, plan):
+    for stage in stale_after(out, plan, stages):
         print(
             f"note: {stage.dir(out)} was made from the previous outputs of earlier steps; rerun it with "
-            f"--step {stage.step} --force"
+            f"{'--algo dpo ' if stage.name == 'dpo' else ''}--step {stage.step} --force"
         )
     report(out, ran)
     print(f"this invocation: {_duration(time.perf_counter() - started)}")

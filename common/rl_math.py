@@ -1,4 +1,5 @@
-"""PPO math for language models: pure functions over tensors with explicit masks.
+"""RL math for language models (PPO, and the preference losses of DPO): pure functions over tensors with
+explicit masks.
 
 Nothing here touches a model, an optimizer or DeepSpeed; every function takes tensors and returns tensors,
 so each formula can be unit-tested against hand-computed numbers (tests/test_rl_math.py).
@@ -46,6 +47,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "PREFERENCE_LOSSES",
     "entropy_from_logits",
     "gae",
     "get_advantage_estimator",
@@ -57,7 +59,10 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "pair_response_mask",
+    "preference_loss",
     "response_logprobs",
+    "response_mask",
     "response_positions",
     "shape_rewards",
     "value_loss",
@@ -249,6 +254,24 @@ def response_logprobs(
     return logprobs_from_logits(
         response_positions(logits, context_len), input_ids[:, context_len:], temperature=temperature
     )
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) sampled tokens -> (mask (B, R) long, ends_with_eos (B,) bool): mask is 1 up to and including
+    each row's first EOS (the whole row when it has none); what follows the first EOS is not the answer."""
+    is_eos = (responses == eos_id).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).long(), is_eos.bool().any(dim=1)
+
+
+def pair_response_mask(attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """Mask over the next-token targets input_ids[:, 1:] of right-padded prompt + response rows: (B, L)
+    attention mask and (B,) prompt lengths -> (B, L - 1), 1 where target j + 1 is a response token (at or
+    after its row's prompt length and not padding). Pairs with `logprobs_from_logits(logits[:, :-1],
+    input_ids[:, 1:])`: summing the masked log-probs gives log pi(response | prompt)."""
+    positions = torch.arange(1, attention_mask.shape[1], device=attention_mask.device)
+    after_prompt = positions[None, :] >= prompt_lens.to(attention_mask.device)[:, None]
+    return (after_prompt & attention_mask[:, 1:].bool()).long()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -526,3 +549,76 @@ def value_loss(
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask)}
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preference losses: DPO and its variants (stage 2, DPO)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _dpo_sigmoid(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), conservative with label_smoothing e (the label flipped with probability e):
+    -(1 - e) * log sigmoid(beta * h) - e * log sigmoid(-beta * h)."""
+    return -(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h) - (
+        label_smoothing * torch.nn.functional.logsigmoid(-beta * h)
+    )
+
+
+def _ipo(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): (h - 1 / (2 * beta))^2, h over whole-sequence log-ratios (the paper's form)."""
+    if label_smoothing:
+        raise ValueError("preference_loss: label_smoothing is a DPO (sigmoid) option; IPO has none")
+    return (h - 1 / (2 * beta)) ** 2
+
+
+PREFERENCE_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+    "sigmoid": _dpo_sigmoid,
+    "ipo": _ipo,
+}
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference loss of pairs from whole-response log-probabilities, each (B,): the sums of
+    log pi(token) over each response's tokens (EOS included) under the policy and under the frozen reference.
+
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), the margin of the implicit rewards
+    r = beta * (log pi - log pi_ref) divided by beta; `loss_type` picks the loss of h (PREFERENCE_LOSSES:
+    "sigmoid" = DPO, conservative DPO when label_smoothing > 0; "ipo" = IPO). beta is 0.1 in DPO's paper.
+    Returns (losses (B,), stats): stats are detached (B,) tensors: chosen_reward and rejected_reward
+    (beta * log-ratio), margin (their difference), accuracy (1 where chosen_reward > rejected_reward).
+    """
+    _check_same_shape(
+        "preference_loss",
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+    )
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(
+            f"preference_loss: unknown loss_type {loss_type!r}, expected one of {sorted(PREFERENCE_LOSSES)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"preference_loss: beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"preference_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = _upcast(policy_chosen) - _upcast(ref_chosen).detach()
+    rejected_ratio = _upcast(policy_rejected) - _upcast(ref_rejected).detach()
+    losses = PREFERENCE_LOSSES[loss_type](chosen_ratio - rejected_ratio, beta, label_smoothing)
+    with torch.no_grad():
+        chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+        stats = {
+            "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward,
+            "margin": chosen_reward - rejected_reward,
+            "accuracy": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
+        }
+    return losses, stats

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import dist
+from common.ds_config import eval_config
 from common.optim import build_optimizer, build_scheduler
 
 
@@ -96,6 +97,25 @@ def init_engine(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    return engine
+
+
+def frozen_engine(
+    model: torch.nn.Module, zero_stage: int, offload: bool, micro_batch: int, dtype: str
+) -> torch.nn.Module:
+    """Inference-only engine; offloading a frozen model means ZeRO-3 with its parameters on CPU."""
+    stage = 3 if offload else zero_stage
+    cfg = eval_config(
+        zero_stage=stage,
+        micro_batch_size=micro_batch,
+        world_size=dist.get_world_size(),
+        dtype=dtype,
+        offload=offload,
+    )
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
     return engine
 
 

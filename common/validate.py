@@ -271,6 +271,33 @@ def validate_sft(args: argparse.Namespace) -> None:
         check_lora_modules(*lora, flag, path, config, trunk=False, trust_remote_code=args.trust_remote_code)
 
 
+def validate_dpo(args: argparse.Namespace) -> None:
+    """DPO: the policy as stage 1's model (path, weights, vocabulary, --max_seq_len, LoRA names); the
+    reference, when another model, with the policy's tokenizer; prompt + answer of the held-out evaluation
+    within the policy's positions."""
+    validate_sft(args)
+    flag, path = "--model_name_or_path", args.model_name_or_path
+    config = _check_model(args, flag, path)
+    ref = args.reference_model_name_or_path
+    if ref and ref != path:
+        ref_config = _check_model(args, "--reference_model_name_or_path", ref)
+        check_same_tokenizer(flag, path, {"--reference_model_name_or_path": ref}, args.trust_remote_code)
+        check_length(
+            "--reference_model_name_or_path",
+            ref,
+            ref_config,
+            args.max_seq_len,
+            f"--max_seq_len {args.max_seq_len}",
+        )
+    if args.eval_num_prompts:
+        total = args.max_prompt_seq_len + args.max_answer_seq_len
+        what = (
+            f"--max_prompt_seq_len {args.max_prompt_seq_len} + --max_answer_seq_len {args.max_answer_seq_len} "
+            "(the held-out answers)"
+        )
+        check_length(flag, path, config, total, what)
+
+
 def validate_ppo(args: argparse.Namespace) -> None:
     """Stage 3: every model path, one tokenizer for actor, critic and reward model, prompt + answer length
     against every model, LoRA names of actor and critic, the hybrid engine's tensor-parallel size."""

@@ -5,12 +5,12 @@
 #
 # Usage of a launch script (one script per model size and deployment, one stage per call):
 #     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
-#   STEP               1 (SFT), 2 (reward model) or 3 (PPO)
+#   STEP               1 (SFT), 2 (reward model), 3 (PPO), or dpo (DPO from the SFT model: the alternative to 2 + 3)
 #   OUTPUT             the pipeline's output root: models in OUTPUT/sft, OUTPUT/rm, OUTPUT/ppo, each stage's
-#                      log in its directory (training.log), TensorBoard in OUTPUT/tensorboard/<stage>,
+#                      (and OUTPUT/dpo), log in its directory (training.log), TensorBoard in OUTPUT/tensorboard/<stage>,
 #                      tokenised-data cache in OUTPUT/data_cache
 #   ZERO_STAGE         overrides the script's ZeRO stage of the trained model (step 1: the SFT model,
-#                      step 2: the reward model, step 3: the actor); '' keeps the script's value
+#                      step 2: the reward model, step 3: the actor, dpo: the policy); '' keeps the script's value
 #   CRITIC_ZERO_STAGE  step 3 only: overrides the critic's ZeRO stage
 #   --dry-run          print the final command(s), prefixed '+ ', and run nothing (also DRY_RUN=1)
 #   -- FLAGS...        appended to the stage's command; a flag given twice takes the later value
@@ -21,8 +21,8 @@
 #   DEPLOYMENT      process (plain python: CPU or one GPU) | single_gpu | single_node | multi_node
 #   ACTOR_MODEL     stage-1 base model;   REWARD_MODEL  stage-2 base model
 #   DATA            array: --data_path ... --data_split ...
-#   STEP1_ZERO STEP2_ZERO STEP3_ACTOR_ZERO STEP3_CRITIC_ZERO   default ZeRO stages
-#   STEP1_ARGS STEP2_ARGS STEP3_ARGS                          arrays of the stages' other flags
+#   STEP1_ZERO STEP2_ZERO STEP3_ACTOR_ZERO STEP3_CRITIC_ZERO DPO_ZERO   default ZeRO stages
+#   STEP1_ARGS STEP2_ARGS STEP3_ARGS DPO_ARGS                          arrays of the stages' other flags
 #   PREPARE         optional array, a command run before step 1 unless PREPARE_CREATES exists
 
 set -euo pipefail
@@ -62,7 +62,7 @@ STEP="${_positional[0]}"
 OUTPUT="${_positional[1]}"
 ZERO_OVERRIDE="${_positional[2]:-}"
 CRITIC_ZERO_OVERRIDE="${_positional[3]:-}"
-case "$STEP" in 1|2|3) ;; *) launch_usage "STEP must be 1, 2 or 3, got '$STEP'" ;; esac
+case "$STEP" in 1|2|3|dpo) ;; *) launch_usage "STEP must be 1, 2, 3 or dpo, got '$STEP'" ;; esac
 for _z in "$ZERO_OVERRIDE" "$CRITIC_ZERO_OVERRIDE"; do
     case "$_z" in ''|0|1|2|3) ;; *) launch_usage "a ZeRO stage must be 0, 1, 2 or 3, got '$_z'" ;; esac
 done
@@ -75,6 +75,7 @@ DATA=()
 STEP1_ARGS=()
 STEP2_ARGS=()
 STEP3_ARGS=()
+DPO_ARGS=()
 PREPARE=()
 PREPARE_CREATES=""
 
@@ -90,7 +91,7 @@ RECIPE_OPTIONS=" sft_offload sft_lora rm_offload rm_lora rm_chosen ppo_offload o
 recipe() {
     [ $# -ge 11 ] || { echo "launch: recipe needs 11 numbers, got: $*" >&2; exit 2; }
     recipe_data
-    STEP1_ZERO=$1 STEP2_ZERO=$4 STEP3_ACTOR_ZERO=$7 STEP3_CRITIC_ZERO=$8
+    STEP1_ZERO=$1 STEP2_ZERO=$4 STEP3_ACTOR_ZERO=$7 STEP3_CRITIC_ZERO=$8 DPO_ZERO=$7
     local s1_batch=$2 s1_accum=$3 s2_batch=$5 s2_accum=$6 gen=$9 train=${10} accum=${11} opt
     shift 11
     local options=" $* "
@@ -129,6 +130,14 @@ recipe() {
     if _on critic_lora; then
         STEP3_ARGS+=(--critic_lora_dim 128 --critic_lora_module_name "$LORA_MODULE" --critic_lora_learning_rate 5e-4); fi
     if _on actor_lora || _on critic_lora; then STEP3_ARGS+=(--only_optimize_lora); fi
+
+    # DPO trains the policy (the actor's ZeRO stage and batch) on stage 2's pairs: DPO's paper settings (beta
+    # 0.1, lr 1e-6 after a warm-up), one epoch; its held-out answers are sampled like stage 3's.
+    DPO_ARGS=(--max_seq_len 512 --per_device_train_batch_size "$train" --per_device_eval_batch_size "$train"
+        --gradient_accumulation_steps "$accum" --learning_rate 1e-6 --beta 0.1 "${schedule[@]}"
+        --eval_interval 100 --eval_iters 50 --max_prompt_seq_len 256 --max_answer_seq_len 256)
+    if _on actor_lora; then DPO_ARGS+=("${lora[@]}"); fi
+    if _on ppo_offload; then DPO_ARGS+=(--offload); fi
 }
 
 # The deployment's data: DeepSpeed-Chat's Dahoas/rm-static on one GPU, its four-dataset mix on a node or cluster.
@@ -190,6 +199,11 @@ _stage_command() {
                 --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}"
                 --critic_zero_stage "${CRITIC_ZERO_OVERRIDE:-$STEP3_CRITIC_ZERO}" "${STEP3_ARGS[@]}"
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/ppo" --output_dir "$STAGE_DIR") ;;
+        dpo)
+            STAGE_DIR="$OUTPUT/dpo"
+            CMD=("${LAUNCHER[@]}" step2_dpo/main.py --model_name_or_path "$OUTPUT/sft" "${DATA[@]}"
+                --data_output_path "$OUTPUT/data_cache" --zero_stage "${ZERO_OVERRIDE:-$DPO_ZERO}" "${DPO_ARGS[@]}"
+                --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/dpo" --output_dir "$STAGE_DIR") ;;
     esac
     CMD+=("${EXTRA[@]}")
 }
@@ -205,7 +219,7 @@ launch() {
         return 0
     fi
     case "$STEP" in
-        2) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
+        2|dpo) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
         3) _require "$OUTPUT/sft/config.json" "the stage-1 model"
            _require "$OUTPUT/rm/config.json" "the stage-2 reward model" ;;
     esac

@@ -46,7 +46,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install --no-build-isolation --no-deps -e "$ROOT"
     "$PY" -c "import torch, deepspeed, transformers, peft, datasets, common" \
         || { echo "[setup] installation incomplete" >&2; exit 1; }
-    "$PY" -m common.dist --prebuild-ops || { echo "[setup] building DeepSpeed's CPU ops failed" >&2; exit 1; }
+    # With the environment's bin/ first on PATH, as every run has it: the build then uses the ninja that runs
+    # will use, and a run does not rebuild the op (another ninja rejects the build log and rebuilds: ~40 s).
+    PATH="$VENV/bin:$PATH" "$PY" -m common.dist --prebuild-ops \
+        || { echo "[setup] building DeepSpeed's CPU ops failed" >&2; exit 1; }
     echo "$want" >"$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

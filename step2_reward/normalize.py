@@ -43,6 +43,7 @@ from common.data.tokenize import tokenizer_fingerprint
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 from common.reward_model import RewardModel, fit_normalization
+from common.rl_math import response_mask
 from common.training import eval_loader, to_device
 
 SAMPLE_CHOICES = ("auto", "policy", "chosen", "none")
@@ -118,14 +119,6 @@ class _ChosenCollator:
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         ids, mask = pad_sequences([b["chosen_input_ids"] for b in batch], self.pad_token_id, "right")
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, T) generated ids -> (B, T) 0/1 mask that keeps each row up to and including its first EOS
-    (the whole row when it has none)."""
-    is_eos = (response == eos_token_id).long()
-    eos_before = is_eos.cumsum(dim=1) - is_eos  # EOS tokens strictly before each position
-    return (eos_before == 0).long()
 
 
 def _sample_index(rank: int, world: int, position: int) -> int:
@@ -226,7 +219,7 @@ def _policy_records(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=gen_config
         )
         response = out[:, width:]
-        mask = torch.cat([batch["attention_mask"], response_mask(response, tokenizer.eos_token_id)], dim=1)
+        mask = torch.cat([batch["attention_mask"], response_mask(response, tokenizer.eos_token_id)[0]], dim=1)
         scores = _score(engine, {"input_ids": out, "attention_mask": mask}).cpu()
         out, mask = out.cpu(), mask.cpu()
         for row in range(len(real)):

@@ -31,7 +31,7 @@ from common import dist
 from common.ds_config import eval_config, torch_dtype, train_config
 from common.model import apply_lora, disable_dropout, load_causal_lm
 from common.reward_model import apply_lora_to_backbone, load_reward_model_for_training
-from common.training import init_engine
+from common.training import frozen_engine, init_engine
 
 
 @dataclass
@@ -88,23 +88,6 @@ def _hybrid_engine_config(args: argparse.Namespace, model: nn.Module) -> dict | 
         "pin_parameters": not args.unpin_actor_parameters,
         "tp_gather_partition_size": args.tp_gather_partition_size,
     }
-
-
-def _frozen_engine(
-    model: nn.Module, zero_stage: int, offload: bool, micro_batch: int, dtype: str
-) -> nn.Module:
-    """Inference-only engine; offloading a frozen model means ZeRO-3 with its parameters on CPU."""
-    stage = 3 if offload else zero_stage
-    cfg = eval_config(
-        zero_stage=stage,
-        micro_batch_size=micro_batch,
-        world_size=dist.get_world_size(),
-        dtype=dtype,
-        offload=offload,
-    )
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    engine.eval()
-    return engine
 
 
 def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_steps: int) -> Engines:
@@ -185,12 +168,12 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         allow_pickle_weights=args.allow_pickle_weights,
     )
     disable_dropout(ref_model)
-    ref = _frozen_engine(ref_model, ref_stage, args.offload_reference_model, gen_micro, args.dtype)
+    ref = frozen_engine(ref_model, ref_stage, args.offload_reference_model, gen_micro, args.dtype)
 
     # EMA of the actor: same construction (LoRA included) so parameter names match one to one.
     ema = None
     if args.enable_ema:
-        ema = _frozen_engine(new_actor_model(), ref_stage, False, gen_micro, args.dtype)
+        ema = frozen_engine(new_actor_model(), ref_stage, False, gen_micro, args.dtype)
 
     # critic: initialised from the reward model
     critic_cfg = train_config(
@@ -256,7 +239,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         require_saved_head=True,
     )
     disable_dropout(reward_model)
-    reward = _frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
+    reward = frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
 
     return Engines(actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None)
 

@@ -31,6 +31,7 @@ from common.rl_math import (
     kl_penalty,
     logprobs_from_logits,
     masked_whiten,
+    response_mask,
     response_positions,
     shape_rewards,
 )
@@ -81,18 +82,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.seq.shape[0]
-
-
-def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) sampled tokens -> (mask, ends_with_eos): mask 1 up to and including the first EOS (all R
-    positions when there is none); ends_with_eos (B,) bool."""
-    is_eos = responses == eos_id
-    ends = is_eos.any(1)
-    first = torch.where(
-        ends, is_eos.float().argmax(1), torch.full_like(ends, responses.shape[1] - 1, dtype=torch.long)
-    )
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    return (positions[None, :] <= first[:, None]).long(), ends
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

@@ -6,39 +6,24 @@ evaluation records
     score               the reward model's (proxy's) mean normalised score: what PPO maximises
     kl                  the mean per-sequence KL of the answers to the reference policy (the x axis of the
                         over-optimisation curve)
-    gold_mean, gold_share_<label>
-                        the gold reward's mean and the share of each of its labels, when a gold is known
-                        (`--gold_reward`: the bundled task's `common.gold:synthetic_gold` by default)
-    eos_fraction, response_length, repeated_3gram_rate, distinct_2, leaked_turn_markers
-                        measures that flag reward hacking on any data (common/text_metrics.py)
+    gold_mean, gold_share_<label>, eos_fraction, response_length, repeated_3gram_rate, distinct_2,
+    leaked_turn_markers
+                        the gold's figures and the reward-hacking measures (common/heldout.py)
 When the proxy rises while the gold falls, PPO is fooling the reward model. The before and after answers
 themselves go to `heldout_answers.jsonl`, one row per prompt, with their proxy and gold scores.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import math
-import numbers
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from common import dist
-from common.args import BUNDLED_DATA
+from common.heldout import MEASURES, GoldReward, SampledAnswers, evaluate_answers
 from common.rl_math import kl_penalty, masked_sum
-from common.text_metrics import answer_measures
-from common.training import to_device
 from step3_rlhf.experience import ExperienceMaker
 
-ANSWERS_FILE = "heldout_answers.jsonl"
-BUNDLED_GOLD = "common.gold:synthetic_gold"
-MEASURES = ("eos_fraction", "repeated_3gram_rate", "distinct_2", "leaked_turn_markers")
 # TensorBoard Custom Scalars charts of the evaluations (common.monitor.Monitor.charts): title -> scalars
 HELDOUT_CHARTS = {
     "proxy and gold": ["eval/score", "eval/gold_mean"],
@@ -46,257 +31,23 @@ HELDOUT_CHARTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- gold reward
-
-
-@dataclass(frozen=True)
-class GoldReward:
-    """A gold scorer: `fn(prompts, responses, finished)` -> one float, or one object with `.score` (and
-    optionally `.label`), per answer. `labels`: the labels it can give, recorded even when none occurs."""
-
-    name: str  # "module:function", as given to --gold_reward
-    fn: Callable[[list[str], list[str], list[bool]], Sequence[Any]]
-    labels: tuple[str, ...] = ()
-
-
-def is_bundled_data(data_path: Sequence[str]) -> bool:
-    """Whether --data_path names exactly the bundled synthetic dataset (however the path is spelled)."""
-    return [Path(p).resolve() for p in data_path] == [Path(BUNDLED_DATA).resolve()]
-
-
-def load_gold_reward(spec: str, data_path: Sequence[str]) -> GoldReward | None:
-    """The --gold_reward flag -> a GoldReward, or None. 'none': no gold; 'auto': the bundled task's gold when
-    --data_path is the bundled dataset, else none; 'module:function': that function (importable from the
-    working directory or PYTHONPATH). SystemExit saying what is wrong when it cannot be loaded."""
-    if spec == "none" or (spec == "auto" and not is_bundled_data(data_path)):
-        return None
-    name = BUNDLED_GOLD if spec == "auto" else spec
-    module_name, sep, function = name.partition(":")
-    if not sep or not module_name or not function:
-        raise SystemExit(f"--gold_reward {spec!r}: expected 'module:function', 'auto' or 'none'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise SystemExit(
-            f"--gold_reward {name}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-            "it must be importable from the working directory or PYTHONPATH"
-        ) from None
-    fn = getattr(module, function, None)
-    if fn is None:
-        raise SystemExit(f"--gold_reward {name}: module {module_name!r} has no {function!r}")
-    if not callable(fn):
-        raise SystemExit(f"--gold_reward {name}: {function!r} is a {type(fn).__name__}, not a function")
-    labels = tuple(getattr(module, "LABELS", ())) if name == BUNDLED_GOLD else ()
-    return GoldReward(name, fn, labels)
-
-
-def gold_scores(
-    gold: GoldReward, prompts: list[str], responses: list[str], finished: list[bool]
-) -> tuple[list[float], list[str | None]]:
-    """Call the gold scorer on held-out answers -> (scores, labels; None where it gave no label).
-
-    SystemExit naming the function and the held-out sample when it raises (the batch is retried one answer
-    at a time to find the sample), returns the wrong number of scores, a non-number, a non-finite score
-    or a label that is not a string."""
-    n = len(prompts)
-    try:
-        out = list(gold.fn(list(prompts), list(responses), list(finished)))
-    except Exception as e:
-        culprit = _first_raising_sample(gold, prompts, responses, finished)
-        where = (
-            f"held-out sample {culprit} (answer {responses[culprit]!r})"
-            if culprit is not None
-            else f"{n} answers"
-        )
-        raise SystemExit(f"--gold_reward {gold.name} raised {type(e).__name__}: {e} on {where}") from None
-    if len(out) != n:
-        raise SystemExit(f"--gold_reward {gold.name} returned {len(out)} scores for {n} held-out answers")
-    scores, labels = [], []
-    for i, item in enumerate(out):
-        score, label = getattr(item, "score", item), getattr(item, "label", None)
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
-            raise SystemExit(
-                f"--gold_reward {gold.name} gave held-out sample {i} the score {score!r}; expected a finite "
-                f"number (answer {responses[i]!r})"
-            )
-        if label is not None and not isinstance(label, str):
-            raise SystemExit(
-                f"--gold_reward {gold.name} gave held-out sample {i} a non-string label {label!r}"
-            )
-        scores.append(float(score))
-        labels.append(label)
-    return scores, labels
-
-
-def _first_raising_sample(
-    gold: GoldReward, prompts: list[str], responses: list[str], finished: list[bool]
-) -> int | None:
-    for i in range(len(prompts)):
-        try:
-            gold.fn([prompts[i]], [responses[i]], [finished[i]])
-        except Exception:
-            return i
-    return None
-
-
-def gold_stats(gold: GoldReward, scores: list[float], labels: list[str | None]) -> dict[str, float]:
-    """{"gold_mean": mean score, "gold_share_<label>": share of answers with that label} over the labels of
-    `gold.labels` and those given."""
-    n = max(len(scores), 1)
-    stats = {"gold_mean": sum(scores) / n}
-    for label in dict.fromkeys([*gold.labels, *(x for x in labels if x is not None)]):
-        stats[f"gold_share_{label}"] = sum(x == label for x in labels) / n
-    return stats
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def role_token_ids(tokenizer) -> set[int]:
-    """Special tokens an answer should never hold other than EOS and padding (a chat template's role tokens
-    such as <|im_start|>), as ids: their presence in an answer counts as a leaked turn marker."""
-    routine = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
-    return set(tokenizer.all_special_ids) - routine
-
-
-@torch.no_grad()
 def evaluate(
     maker: ExperienceMaker, loader: DataLoader, dev: torch.device, seed: int, gold: GoldReward | None = None
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The statistics of the module docstring over sampled answers to the held-out prompts (the same on
-    every rank), and (on rank 0; empty elsewhere) every prompt with its answer, score and gold score, in the
-    eval set's order.
+    every rank), and (on rank 0; empty elsewhere) every prompt with its answer, proxy score and gold score,
+    in the eval set's order (`common.heldout.evaluate_answers`)."""
+    args = maker.args
 
-    `loader` is a `common.training.eval_loader`: rank r holds rows r, r + world, ... padded with placeholder
-    rows (`real` False) that are sampled, to keep ranks in step, but not counted. Per batch: sequences
-    (B, P + R), action mask (B, R), proxy scores and per-sequence KL (B,)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tokenizer, args = maker.tokenizer, maker.args
-    totals = torch.zeros(5, dtype=torch.float64, device=dev)  # score, length, eos, kl, count
-    answers: list[dict[str, Any]] = []
-    position = 0  # of this rank's rows
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed + rank)
-        for batch, real in loader:
-            batch = to_device(batch, dev)
-            prompt_len = batch["input_ids"].shape[1]
-            seq, attn, mask, ends = maker.sample(batch["input_ids"], batch["attention_mask"])
-            s = maker.score(seq, attn, prompt_len)
-            scores = s["scores"].double()
-            kl = masked_sum(
-                kl_penalty(s["logprobs"], s["ref_logprobs"], args.kl_estimator, args.kl_clamp), mask, 1
-            )
-            r = real.to(dev)
-            lengths = mask.sum(1)
-            totals += torch.stack(
-                [
-                    scores[r].sum(),
-                    lengths[r].double().sum(),
-                    ends[r].double().sum(),
-                    kl[r].double().sum(),
-                    r.sum().double(),
-                ]
-            )
-            for i in range(seq.shape[0]):
-                if real[i]:
-                    response = seq[i, prompt_len:][mask[i].bool()]
-                    tokens = response[:-1] if ends[i] else response  # without the EOS
-                    answers.append(
-                        {
-                            "index": rank + (position + i) * world,
-                            "prompt": tokenizer.decode(seq[i, :prompt_len], skip_special_tokens=True),
-                            "answer": tokenizer.decode(response),
-                            "score": scores[i].item(),
-                            "_tokens": tokens.tolist(),
-                            "_text": tokenizer.decode(tokens, skip_special_tokens=True),
-                            "_finished": bool(ends[i]),
-                        }
-                    )
-            position += seq.shape[0]
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-        gathered: list[list[dict[str, Any]]] | None = [[] for _ in range(world)] if rank == 0 else None
-        torch.distributed.gather_object(answers, gathered, dst=0)
-        answers = [a for part in gathered for a in part] if gathered is not None else []
-    answers.sort(key=lambda a: a["index"])
-    n = max(totals[4].item(), 1.0)
-    stats = {
-        "score": totals[0].item() / n,
-        "kl": totals[3].item() / n,
-        "response_length": totals[1].item() / n,
-        "eos_fraction": totals[2].item() / n,
-    }
-    stats.update(_rank0_answer_stats(answers, gold, role_token_ids(tokenizer)))
-    return stats, answers
+    def sample(prompts: torch.Tensor, prompt_mask: torch.Tensor) -> SampledAnswers:
+        seq, attn, mask, ends = maker.sample(prompts, prompt_mask)
+        s = maker.score(seq, attn, prompts.shape[1])
+        kl = masked_sum(
+            kl_penalty(s["logprobs"], s["ref_logprobs"], args.kl_estimator, args.kl_clamp), mask, 1
+        )
+        return SampledAnswers(seq=seq, mask=mask, ends=ends, kl=kl, scores=s["scores"])
 
-
-def _rank0_answer_stats(
-    answers: list[dict[str, Any]], gold: GoldReward | None, roles: set[int]
-) -> dict[str, float]:
-    """Text measures and gold statistics of the gathered answers, computed on rank 0 and sent to every rank
-    (so a failing gold stops all ranks with its message). Adds "gold" (and "gold_label") to each answer and
-    removes the token-level fields."""
-    result: dict[str, float] | str = {}
-    if dist.is_rank0():
-        texts, tokens = [a["_text"] for a in answers], [a["_tokens"] for a in answers]
-        try:
-            result = answer_measures(texts, tokens, roles)
-            if gold is not None:
-                prompts, finished = [a["prompt"] for a in answers], [a["_finished"] for a in answers]
-                scores, labels = gold_scores(gold, prompts, texts, finished)
-                result.update(gold_stats(gold, scores, labels))
-                for a, score, label in zip(answers, scores, labels, strict=True):
-                    a["gold"], a["gold_label"] = score, label
-        except SystemExit as e:
-            result = str(e)
-        for a in answers:
-            for key in ("_tokens", "_text", "_finished"):
-                del a[key]
-    if dist.get_world_size() > 1:
-        box = [result]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result = box[0]
-    if isinstance(result, str):
-        raise SystemExit(result)
-    return result
-
-
-def format_eval(stats: dict[str, float]) -> str:
-    """One line of an evaluation's statistics for the log: proxy, KL, gold, then the hacking measures."""
-    parts = [f"proxy {stats['score']:+.3f}", f"kl {stats['kl']:.3f}"]
-    if "gold_mean" in stats:
-        parts.append(f"gold {stats['gold_mean']:+.3f}")
-    shares = [
-        f"{k.removeprefix('gold_share_')} {v:.2f}" for k, v in stats.items() if k.startswith("gold_share_")
-    ]
-    if shares:
-        parts.append(" ".join(shares))
-    parts += [
-        f"eos {stats['eos_fraction']:.2f}",
-        f"len {stats['response_length']:.1f}",
-        f"rep3 {stats['repeated_3gram_rate']:.3f}",
-        f"distinct2 {stats['distinct_2']:.3f}",
-        f"turn markers {stats['leaked_turn_markers']:.2f}",
-    ]
-    return " | ".join(parts)
-
-
-def write_heldout_answers(path: Path, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
-    """One JSON line per held-out prompt: prompt, the stage-1 policy's and the PPO policy's answers and
-    proxy scores, and, when a gold is known, their gold scores and labels. Answers are decoded with special
-    tokens, so an answer that stopped at EOS shows it."""
-    if [a["index"] for a in before] != [a["index"] for a in after]:
-        raise ValueError("write_heldout_answers: the before and after evaluations cover different prompts")
-    with open(path, "w") as f:
-        for b, a in zip(before, after, strict=True):
-            row = {
-                "prompt": b["prompt"],
-                "before": b["answer"],
-                "after": a["answer"],
-                "score_before": b["score"],
-                "score_after": a["score"],
-            }
-            for key in ("gold", "gold_label"):
-                if key in b and key in a:
-                    row[f"{key}_before"], row[f"{key}_after"] = b[key], a[key]
-            f.write(json.dumps(row) + "\n")
+    return evaluate_answers(sample, loader, dev, seed, maker.tokenizer, gold)

@@ -35,6 +35,7 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.data import PromptCollator, build_stage_data, load_unsupervised
+from common.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_heldout_answers
 from common.model import load_tokenizer, save_hf_model
 from common.monitor import Monitor, progress
 from common.reward_model import save_reward_model
@@ -44,14 +45,7 @@ from common.validate import exit_cleanly_on_data_errors, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
-from step3_rlhf.heldout import (
-    ANSWERS_FILE,
-    HELDOUT_CHARTS,
-    evaluate,
-    format_eval,
-    load_gold_reward,
-    write_heldout_answers,
-)
+from step3_rlhf.heldout import HELDOUT_CHARTS, evaluate
 from step3_rlhf.ppo_trainer import PPOTrainer
 from step3_rlhf.resume import (
     ema_writer,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny built-in model and tokenizer, written once per test session."""
+"""Shared fixtures, made once per test session: the tiny built-in model and tokenizer, and stages 1 and 2 of
+the README's main command at its own settings (the stage-1 policy and reward model the demo trains)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_stages(tmp_path_factory) -> Path:
+    """Output root of `e2e_rlhf.py --tiny --step 1 2`: the demo's stage-1 model (sft/), reward model (rm/),
+    data cache (data_cache/, split 4,4,2) and tiny base model (tiny/). About 4 minutes on 2 cores; tests that
+    need a stage-1 policy that writes well-formed answers and a reward model that ranks them by content (the
+    gold gain of PPO) share it. Its stage 3 belongs to tests/test_gold_pipeline.py: others write elsewhere."""
+    from tests.launch import run_e2e
+
+    out = tmp_path_factory.mktemp("demo") / "pipeline"
+    run_e2e(out, "--step", "1", "2")
+    return out

@@ -33,6 +33,18 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     return out
 
 
+def run_e2e(out: Path, *flags: str, timeout: int = 900) -> str:
+    """Run the README's main command, `python e2e_rlhf.py --tiny --output-dir OUT FLAGS...`, as a user would;
+    returns its stdout, or raises AssertionError with the output's tail when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    proc = subprocess.run(
+        [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 def assert_no_shm_left(port: int) -> None:
     """Fail if the run on `port` left DeepSpeed's shared-memory all-reduce buffers in /dev/shm (RAM that
     nothing frees until reboot; see `common.dist._unlink_shm_allreduce_buffer`)."""

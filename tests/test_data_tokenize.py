@@ -165,13 +165,30 @@ def test_sft_labels_are_ignored_exactly_on_pads_and_masked_prompts(tok, mask_pro
 
 def test_pair_collator_stacks_chosen_then_rejected(tok):
     out, _ = tokenize_pairs(ROWS, tok, 512)
-    ds = PairDataset(TokenLists.from_lists(out["chosen"]), TokenLists.from_lists(out["rejected"]))
+    lens = [torch.tensor(out[f"{side}_prompt_len"]) for side in ("chosen", "rejected")]
+    ds = PairDataset(TokenLists.from_lists(out["chosen"]), TokenLists.from_lists(out["rejected"]), *lens)
     batch = PairCollator(tok.pad_token_id)([ds[i] for i in range(3)])
     assert batch["input_ids"].shape[0] == 6
     for i, seq in enumerate(out["chosen"] + out["rejected"]):
         assert batch["input_ids"][i, : len(seq)].tolist() == seq
         assert batch["attention_mask"][i].sum() == len(seq)
         assert (batch["input_ids"][i, len(seq) :] == tok.pad_token_id).all()
+    prompts = [encode(tok, row.prompt) for row in ROWS]
+    assert batch["prompt_lens"].tolist() == [len(p) for p in prompts] * 2
+
+
+def test_pair_prompt_lengths_count_the_prompt_tokens_each_side_kept(tok):
+    """DPO scores the tokens after the prompt: each side's prompt_len is where its response starts, also
+    when truncation cut the two sides' prompts differently."""
+    prompt = "\n\nHuman: " + "tell me a long story about bread " * 3 + "\n\nAssistant:"
+    rows = rows_of((prompt, " Short.", " A much longer rejected answer that takes more room."))
+    max_len = len(encode(tok, rows[0].rejected)) + 5  # room for 4 prompt tokens beside the rejected answer
+    out, _ = tokenize_pairs(rows, tok, max_seq_len=max_len)
+    for side in ("chosen", "rejected"):
+        seq, n = out[side][0], out[f"{side}_prompt_len"][0]
+        response = encode(tok, getattr(rows[0], side)) + [tok.eos_token_id]
+        assert seq[n:] == response and seq[:n] == encode(tok, prompt)[-n:]
+    assert out["chosen_prompt_len"][0] > out["rejected_prompt_len"][0]
 
 
 def test_prompt_collator_pads_on_the_left(tok):

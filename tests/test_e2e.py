@@ -1,20 +1,19 @@
 """The orchestrator e2e_rlhf.py: which stages run or are skipped (with an injected runner that plays the
-stages), the commands it hands the launch scripts, the summary table, and one real run of the tiny default
-through the real launch script: finished stages are then skipped without starting a process, and --force
---step 1 reruns step 1 alone."""
+stages), the commands it hands the launch scripts, the summary table, and the DPO pipeline beside the PPO
+one. The real run of the tiny default through the real launch script, skipping its finished stages, is
+tests/test_gold_pipeline.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import e2e_rlhf
-from e2e_rlhf import STAGES, StageRun
+from e2e_rlhf import DPO_STAGES, STAGES, StageRun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "launch" / "tiny" / "single_gpu.sh"
@@ -67,6 +66,34 @@ FAKE_METRICS = {
 }
 
 
+_ANSWERS = {"response_length": 12.0, "eos_fraction": 1.0, "repeated_3gram_rate": 0.0, "distinct_2": 0.5}
+FAKE_METRICS["dpo"] = {
+    "before": {
+        "accuracy": 0.0,
+        "margin": 0.0,
+        "kl": 0.0,
+        "gold_mean": 0.5,
+        "gold_share_best": 0.25,
+        **_ANSWERS,
+    },
+    "after": {
+        "accuracy": 0.75,
+        "margin": 1.5,
+        "kl": 3.25,
+        "gold_mean": 0.625,
+        "gold_share_best": 0.5,
+        **_ANSWERS,
+    },
+    "gold_reward": "common.gold:synthetic_gold",
+    "final_kl": 3.25,
+}
+
+
+def stage_of(run: StageRun) -> e2e_rlhf.Stage:
+    """The stage a launch-script call runs: its STEP argument (1, 2, 3 or dpo)."""
+    return DPO_STAGES[2] if run.command[2] == "dpo" else STAGES[run.step]
+
+
 class FakeStages:
     """Plays the launch scripts: records each call and, unless told to fail, writes the step's metrics file
     as the real stage does when it finishes (nothing in dry-run mode)."""
@@ -76,7 +103,7 @@ class FakeStages:
         self.calls: list[tuple[int, list[str], bool]] = []  # step, command, metrics existed at call time
 
     def __call__(self, run: StageRun) -> int:
-        stage = STAGES[run.step]
+        stage = stage_of(run)
         self.calls.append((run.step, run.command, stage.metrics_path(self.out).exists()))
         if run.step == self.fail_step:
             run.output_tail = ["Traceback (most recent call last):", "RuntimeError: CUDA out of memory"]
@@ -85,7 +112,8 @@ class FakeStages:
             stage.dir(self.out).mkdir(parents=True, exist_ok=True)
             (stage.dir(self.out) / "training.log").write_text(f"step {run.step}\n")
             if self.write_metrics:
-                stage.metrics_path(self.out).write_text(json.dumps(FAKE_METRICS[run.step]))
+                metrics = FAKE_METRICS["dpo" if stage.name == "dpo" else run.step]
+                stage.metrics_path(self.out).write_text(json.dumps(metrics))
         return 0
 
     @property
@@ -229,7 +257,7 @@ def test_summary_rows(tmp_path):
         stage.metrics_path(tmp_path).write_text(json.dumps(FAKE_METRICS[step]))
     (tmp_path / "sft" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 61.4}))
     (tmp_path / "ppo" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 125.0}))
-    rows = dict(e2e_rlhf.summary_rows(tmp_path, ran={3}))
+    rows = dict(e2e_rlhf.summary_rows(tmp_path, ran={"ppo"}))
     assert rows == {
         "stage 1: held-out perplexity before -> after": "120.50 -> 18.00",
         "stage 2: held-out pairwise accuracy": "0.800 (300 pairs)",
@@ -259,78 +287,36 @@ def test_summary_rows(tmp_path):
     assert not any("gold" in label or "distinct" in label for label in rows)
 
 
-# ------------------------------------------------------------------ one real run of the tiny default
+def test_dpo_pipeline_reuses_a_finished_stage_1_and_reports_beside_ppo(tmp_path, capsys):
+    run_main(tmp_path)  # SFT -> RM -> PPO
+    capsys.readouterr()
+    status, fake = run_main(tmp_path, "--algo", "dpo")
+    assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["dpo"]
+    assert fake.calls[0][1][:5] == ["bash", str(TINY_SCRIPT), "dpo", str(tmp_path), ""]
+    out = capsys.readouterr().out
+    assert f"step 1: supervised fine-tuning: skipped, finished: {STAGES[1].metrics_path(tmp_path)}" in out
+    assert "== step 2: DPO (" in out
+    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    assert rows["DPO: held-out gold score before -> after"] == "+0.500 -> +0.625 (common.gold:synthetic_gold)"
+    assert rows["DPO: held-out best share"] == "0.25 -> 0.50"
+    assert rows["DPO: final KL to the stage-1 policy (per sequence)"] == "3.250"
+    assert rows["DPO: held-out pair accuracy before -> after"] == "0.000 -> 0.750"
+    assert "stage 3: held-out gold score before -> after" in rows  # both pipelines in one table
+    assert rows["wall time: DPO"].endswith("s (0:00)")
+
+    # a rerun stage 1 makes every later output stale, the other pipeline's included
+    status, fake = run_main(tmp_path, "--algo", "dpo", "--force", "--step", "1")
+    out = capsys.readouterr().out
+    assert status == 0 and fake.steps == [1]
+    assert (
+        f"note: {tmp_path / 'dpo'} was made from the previous outputs of earlier steps; rerun it with --algo dpo --step 2 --force"
+        in out
+    )
+    assert f"note: {tmp_path / 'ppo'} was made from the previous outputs" in out
 
 
-def small_budget(data: Path) -> list[str]:
-    """A few optimizer steps per stage on a small slice of the bundled data (300 train / 16 test rows): the
-    stages evaluate on the whole test split, so a small one keeps the run short. A slice is not the bundled
-    dataset's path, so stage 3 is told its gold reward."""
-    return [
-        f"--step1-args=--data_path {data} --num_train_epochs 1 --max_seq_len 64",
-        f"--step2-args=--data_path {data} --max_seq_len 64 --eval_iters 1 --normalization_num_samples 8 "
-        "--normalization_max_new_tokens 8",
-        f"--step3-args=--data_path {data} --test_stop_step 1 --eval_num_prompts 8 "
-        "--per_device_generation_batch_size 8 --per_device_training_batch_size 4 --max_prompt_seq_len 32 "
-        "--max_answer_seq_len 8 --gold_reward common.gold:synthetic_gold",
-    ]
-
-
-def small_dataset(root: Path) -> Path:
-    bundled = REPO / "data" / "synthetic"
-    root.mkdir()
-    for split, rows in (("train", 300), ("test", 16)):
-        lines = (bundled / f"{split}.jsonl").read_text().splitlines(keepends=True)[:rows]
-        (root / f"{split}.jsonl").write_text("".join(lines))
-    return root
-
-
-def e2e(out: Path, data: Path, *flags: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    proc = subprocess.run(
-        [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *small_budget(data), *flags],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
-def test_real_tiny_pipeline_then_skip_then_force_step_1(tmp_path):
-    out, data = tmp_path / "pipeline", small_dataset(tmp_path / "data")
-    first = e2e(out, data)
-    for label in (
-        "stage 1: held-out perplexity before -> after",
-        "stage 2: held-out pairwise accuracy",
-        "stage 3: held-out RM score, stage-1 policy",
-        "stage 3: held-out RM score, PPO policy",
-        "stage 3: final KL to the reference (per sequence)",
-        "stage 3: held-out gold score before -> after",
-        "stage 3: held-out malformed share",
-        "stage 3: proxy vs gold",
-        "stage 3: distinct-2",
-        "wall time: step 3 (PPO)",
-    ):
-        assert label in first
-    # each stage's log in its directory, TensorBoard events per stage, the PNG, the models
-    for name, tag in (("sft", "[sft]"), ("rm", "[reward]"), ("ppo", "[ppo]")):
-        assert tag in (out / name / "training.log").read_text()
-        assert list((out / "tensorboard" / name).glob("events.out.tfevents.*")), name
-    png = out / "ppo" / "ppo_curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for model_dir in ("sft", "rm", "ppo/actor", "ppo/critic"):
-        assert (out / model_dir / "model.safetensors").is_file(), model_dir
-
-    logs = {name: (out / name / "training.log").stat().st_mtime_ns for name in ("sft", "rm", "ppo")}
-    records = {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in ("sft", "rm", "ppo")}
-    second = e2e(out, data)
-    assert second.count("skipped, finished") == 3 and "[launch]" not in second  # no stage started
-    assert {name: (out / name / "training.log").stat().st_mtime_ns for name in logs} == logs
-    assert {name: (out / name / e2e_rlhf.RUN_RECORD).read_text() for name in records} == records
-
-    third = e2e(out, data, "--force", "--step", "1")
-    assert "[sft] saved to" in third and "[reward]" not in third and "[ppo]" not in third
-    assert (out / "sft" / "training.log").stat().st_mtime_ns != logs["sft"]
-    assert (out / "sft" / e2e_rlhf.RUN_RECORD).read_text() != records["sft"]
-    assert (out / "rm" / "training.log").stat().st_mtime_ns == logs["rm"]
-    assert (out / "ppo" / e2e_rlhf.RUN_RECORD).read_text() == records["ppo"]
-    assert f"note: {out / 'rm'} was made from the previous outputs" in third
+def test_dpo_pipeline_has_steps_1_and_2_only(tmp_path):
+    with pytest.raises(SystemExit, match=r"this pipeline has steps \[1, 2\], not \[3\]"):
+        run_main(tmp_path, "--algo", "dpo", "--step", "3")
+    status, fake = run_main(tmp_path, "--algo", "dpo", "--dry-run")
+    assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["1", "dpo"]

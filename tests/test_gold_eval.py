@@ -18,7 +18,7 @@ import pytest
 import e2e_rlhf
 from common import plot
 from common.args import BUNDLED_DATA
-from step3_rlhf.heldout import GoldReward, format_eval, gold_scores, gold_stats, load_gold_reward
+from common.heldout import GoldReward, format_eval, gold_scores, gold_stats, load_gold_reward
 from step3_rlhf.main import resolve_eval_interval
 from tests.launch import run_failing_stage, run_stage
 

@@ -14,14 +14,20 @@ import pytest
 
 import e2e_rlhf
 from step1_sft.main import parse_args as parse_step1
+from step2_dpo.args import parse_args as parse_dpo
 from step2_reward.main import parse_args as parse_step2
 from step3_rlhf.args import parse_args as parse_step3
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*.sh") if p.name not in ("lib.sh", "recipes.sh"))
-PARSERS = {1: parse_step1, 2: parse_step2, 3: parse_step3}
-MAIN = {1: "step1_sft/main.py", 2: "step2_reward/main.py", 3: "step3_rlhf/main.py"}
+PARSERS = {1: parse_step1, 2: parse_step2, 3: parse_step3, "dpo": parse_dpo}
+MAIN = {
+    1: "step1_sft/main.py",
+    2: "step2_reward/main.py",
+    3: "step3_rlhf/main.py",
+    "dpo": "step2_dpo/main.py",
+}
 EXPECTED_MODELS = {
     "opt": ["1.3b", "6.7b", "13b", "30b", "66b"],
     "llama2": ["7b", "13b", "70b"],
@@ -48,7 +54,7 @@ def dry_run_commands(script: Path, *args: str) -> list[list[str]]:
     return [shlex.split(line[2:]) for line in lines]
 
 
-def split_stage_command(argv: list[str], step: int) -> tuple[list[str], list[str]]:
+def split_stage_command(argv: list[str], step: int | str) -> tuple[list[str], list[str]]:
     """(launcher words, the stage's own arguments) of a printed command."""
     assert MAIN[step] in argv, f"{MAIN[step]} not in {argv}"
     at = argv.index(MAIN[step])
@@ -95,9 +101,9 @@ def test_every_model_and_deployment_has_a_script():
             assert e2e_rlhf.launch_script(spec, dep).is_file()
 
 
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("step", [1, 2, 3, "dpo"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
-def test_dry_run_parses_with_the_stage_parser(script: Path, step: int, tmp_path: Path):
+def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp_path: Path):
     out = tmp_path / "run"
     commands = dry_run_commands(script, str(step), str(out))
     launcher, stage_args = split_stage_command(commands[-1], step)
@@ -113,7 +119,7 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int, tmp_path:
     else:
         assert launcher[:3] == ["deepspeed", "--hostfile", "/job/hostfile"]
 
-    stage_dir = {1: "sft", 2: "rm", 3: "ppo"}[step]
+    stage_dir = {1: "sft", 2: "rm", 3: "ppo", "dpo": "dpo"}[step]
     assert args.output_dir == str(out / stage_dir)
     assert args.enable_tensorboard and args.tensorboard_path == str(out / "tensorboard" / stage_dir)
     assert args.data_output_path == str(out / "data_cache")
@@ -122,6 +128,13 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int, tmp_path:
     if step == 3:
         assert args.actor_model_name_or_path == str(out / "sft")
         assert args.critic_model_name_or_path == str(out / "rm")
+    if step == "dpo":  # trains the stage-1 model; its held-out answers are sampled like stage 3's
+        assert args.model_name_or_path == str(out / "sft") and args.eval_num_prompts > 0
+        stage3 = PARSERS[3](split_stage_command(dry_run_commands(script, "3", str(out))[-1], 3)[1])
+        assert (args.max_prompt_seq_len, args.max_answer_seq_len) == (
+            stage3.max_prompt_seq_len,
+            stage3.max_answer_seq_len,
+        )
     if script.parent.name != "tiny":
         assert args.data_path[0] == "Dahoas/rm-static" and args.data_split == "2,4,4"
         lora_dim = args.actor_lora_dim if step == 3 else args.lora_dim
@@ -139,6 +152,8 @@ def test_zero_stage_overrides(script: Path, tmp_path: Path):
     assert PARSERS[2](split_stage_command(dry_run_commands(script, "2", out, "1")[-1], 2)[1]).zero_stage == 1
     args = PARSERS[3](split_stage_command(dry_run_commands(script, "3", out, "2", "1")[-1], 3)[1])
     assert (args.actor_zero_stage, args.critic_zero_stage) == (2, 1)
+    dpo = split_stage_command(dry_run_commands(script, "dpo", out, "3")[-1], "dpo")[1]
+    assert PARSERS["dpo"](dpo).zero_stage == 3
     # without overrides, the script's own values
     declared = declared_zero_stages(script)
     assert (
@@ -199,7 +214,7 @@ def test_environment_overrides_models_and_hostfile(tmp_path: Path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["4", "out"], "STEP must be 1, 2 or 3"),
+        (["4", "out"], "STEP must be 1, 2, 3 or dpo"),
         (["1"], "STEP and OUTPUT are required"),
         (["1", "out", "5"], "a ZeRO stage must be 0, 1, 2 or 3"),
         (["1", "out", "2", "2"], "CRITIC_ZERO_STAGE applies to step 3 only"),

@@ -1,4 +1,4 @@
-"""Issue 12 item 4: the layers point one way. The stages (step1_sft/, step2_reward/, step3_rlhf/) import
+"""Issue 12 item 4: the layers point one way. The stages (step1_sft/, step2_reward/, step2_dpo/, step3_rlhf/) import
 common/; nothing in common/ imports a stage, at module level or inside a function."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("step1_sft", "step2_reward", "step3_rlhf")
+STAGES = ("step1_sft", "step2_reward", "step2_dpo", "step3_rlhf")
 
 
 def stage_imports(source: str) -> list[tuple[int, str]]:

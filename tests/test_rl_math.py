@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from common import rl_math
 from common.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -478,3 +479,81 @@ def test_value_loss_hand_numbers():
     assert v.grad[0, 0] == 0 and v.grad[0, 2] == 0 and v.grad[0, 4] == 0
     assert v.grad[0, 3].item() == pytest.approx(0.25)
     assert v.grad[0, 1].item() == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------- preference losses (DPO)
+
+
+def _pair_logps(requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    """Two pairs. Row 0: log-ratios chosen +2, rejected -1, so h = 3. Row 1: all four equal, so h = 0."""
+    pc = torch.tensor([-10.0, -7.0], dtype=torch.float64, requires_grad=requires_grad)
+    pr = torch.tensor([-15.0, -7.0], dtype=torch.float64, requires_grad=requires_grad)
+    rc = torch.tensor([-12.0, -7.0], dtype=torch.float64, requires_grad=requires_grad)
+    rr = torch.tensor([-14.0, -7.0], dtype=torch.float64, requires_grad=requires_grad)
+    return pc, pr, rc, rr
+
+
+def test_dpo_sigmoid_loss_rewards_and_accuracy_by_hand():
+    losses, stats = rl_math.preference_loss(*_pair_logps(), beta=0.1)
+    # row 0: -log sigmoid(0.1 * 3) = log(1 + e^-0.3); row 1: h = 0 gives log 2
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.3)), math.log(2)], abs=1e-12)
+    assert stats["chosen_reward"].tolist() == pytest.approx([0.2, 0.0], abs=1e-12)
+    assert stats["rejected_reward"].tolist() == pytest.approx([-0.1, 0.0], abs=1e-12)
+    assert stats["margin"].tolist() == pytest.approx([0.3, 0.0], abs=1e-12)
+    assert stats["accuracy"].tolist() == [1.0, 0.0]  # a tie is not a win
+
+
+def test_conservative_dpo_label_smoothing_by_hand():
+    losses, _ = rl_math.preference_loss(*_pair_logps(), beta=0.1, label_smoothing=0.1)
+    expected0 = 0.9 * math.log(1 + math.exp(-0.3)) + 0.1 * math.log(1 + math.exp(0.3))
+    assert losses.tolist() == pytest.approx([expected0, math.log(2)], abs=1e-12)
+
+
+def test_ipo_loss_by_hand():
+    losses, _ = rl_math.preference_loss(*_pair_logps(), beta=0.1, loss_type="ipo")
+    assert losses.tolist() == pytest.approx([(3 - 5) ** 2, (0 - 5) ** 2], abs=1e-12)  # 1 / (2 * 0.1) = 5
+    with pytest.raises(ValueError, match="label_smoothing is a DPO"):
+        rl_math.preference_loss(*_pair_logps(), beta=0.1, loss_type="ipo", label_smoothing=0.1)
+
+
+def test_dpo_gradient_reaches_the_policy_only():
+    pc, pr, rc, rr = _pair_logps(requires_grad=True)
+    losses, _ = rl_math.preference_loss(pc, pr, rc, rr, beta=0.1)
+    losses[0].backward()
+    # d/d pc of -log sigmoid(beta * h) = -beta * sigmoid(-beta * h); d/d pr is its opposite
+    sig = 1 / (1 + math.exp(0.3))
+    assert pc.grad.tolist() == pytest.approx([-0.1 * sig, 0.0], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([0.1 * sig, 0.0], abs=1e-12)
+    assert rc.grad is None and rr.grad is None  # the reference is frozen
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beta": 0.0}, "beta must be > 0"),
+        ({"beta": 0.1, "label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
+        ({"beta": 0.1, "loss_type": "hinge"}, "unknown loss_type 'hinge'"),
+    ],
+)
+def test_preference_loss_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rl_math.preference_loss(*_pair_logps(), **kwargs)
+
+
+def test_pair_response_mask_marks_response_targets_by_hand():
+    # row 0: prompt 2 tokens, response 3, no padding; row 1: prompt 3, response 1, 1 pad
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    mask = rl_math.pair_response_mask(attention, torch.tensor([2, 3]))
+    # targets are input_ids[:, 1:], i.e. positions 1..4
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 0]]
+
+
+def test_pair_response_logprobs_sum_to_the_response_likelihood():
+    """The masked sum of next-token log-probs equals log pi(response | prompt) computed token by token."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7, dtype=torch.float64)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    logp = rl_math.logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+    mask = rl_math.pair_response_mask(torch.ones_like(ids), torch.tensor([2]))
+    by_hand = sum(torch.log_softmax(logits[0, j - 1], -1)[ids[0, j]] for j in (2, 3, 4))
+    assert rl_math.masked_sum(logp, mask, dim=1).item() == pytest.approx(by_hand.item(), abs=1e-12)

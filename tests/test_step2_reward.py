@@ -18,9 +18,10 @@ from common.reward_model import (
     load_reward_model_for_training,
     reward_state_dict,
 )
+from common.rl_math import response_mask
 from step2_reward import rw_eval
 from step2_reward.main import evaluate, pairwise_loss, parse_args
-from step2_reward.normalize import resolve_sample, response_mask
+from step2_reward.normalize import resolve_sample
 
 # ------------------------------------------------------------------------------------------- loss
 
@@ -106,7 +107,8 @@ def test_response_mask_keeps_up_to_first_eos():
     eos = 0
     response = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [0, 1, 1, 1], [4, 4, 0, 1]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
-    assert torch.equal(response_mask(response, eos), expected)
+    mask, ends = response_mask(response, eos)
+    assert torch.equal(mask, expected) and ends.tolist() == [True, False, True, True]
 
 
 def _args(*extra: str):

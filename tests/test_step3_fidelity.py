@@ -32,13 +32,13 @@ from common.args import data_config
 from common.data import PromptCollator, build_stage_data
 from common.model import load_tokenizer, position_ids_from_mask
 from common.reward_model import RewardModel, load_reward_model_for_training, save_reward_model
-from common.rl_math import FixedKLController, masked_mean, masked_sum, masked_var
+from common.rl_math import FixedKLController, masked_mean, masked_sum, masked_var, response_mask
 from common.tiny import build_tiny_model
 from step3_rlhf import experience as experience_module
 from step3_rlhf import ppo_trainer as trainer_module
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import Engines, build_engines
-from step3_rlhf.experience import ExperienceMaker, Rollout, concat_rollouts, response_mask
+from step3_rlhf.experience import ExperienceMaker, Rollout, concat_rollouts
 from step3_rlhf.ppo_trainer import PPOTrainer, minibatch_schedule
 
 EOS_LOGIT_BOOST = 3.5  # some of the 16-token responses end with EOS, some not (3.3-3.7 do; 3.0 none, 4.0 all)

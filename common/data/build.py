@@ -223,7 +223,7 @@ def _tokenize(rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig) -> t
 def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for name, values in tokens.items():
-        if name == "prompt_len":
+        if name.endswith("prompt_len"):
             state[name] = torch.tensor(values, dtype=torch.int64)
         else:
             state[name] = TokenLists.from_lists(values).state()
@@ -234,7 +234,12 @@ def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
     if stage == 1:
         return SFTDataset(TokenLists.from_state(state["input_ids"]), state["prompt_len"], cfg.mask_prompt)
     if stage == 2:
-        return PairDataset(TokenLists.from_state(state["chosen"]), TokenLists.from_state(state["rejected"]))
+        return PairDataset(
+            TokenLists.from_state(state["chosen"]),
+            TokenLists.from_state(state["rejected"]),
+            state["chosen_prompt_len"],
+            state["rejected_prompt_len"],
+        )
     return PromptDataset(TokenLists.from_state(state["prompt"]))
 
 

@@ -42,8 +42,9 @@ class SFTCollator:
 
 
 class PairCollator:
-    """[{"chosen_input_ids", "rejected_input_ids"}] -> {"input_ids", "attention_mask"}, each (2B, T),
-    right-padded; rows [:B] are the chosen sequences, rows [B:] the rejected ones, in batch order."""
+    """[{"chosen_input_ids", "rejected_input_ids"[, "chosen_prompt_len", "rejected_prompt_len"]}] ->
+    {"input_ids", "attention_mask"}, each (2B, T), right-padded, plus "prompt_lens" (2B,) when the items carry
+    them; rows [:B] are the chosen sequences, rows [B:] the rejected ones, in batch order."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -51,7 +52,11 @@ class PairCollator:
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         seqs = [b["chosen_input_ids"] for b in batch] + [b["rejected_input_ids"] for b in batch]
         input_ids, attention_mask = pad_sequences(seqs, self.pad_token_id, "right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "chosen_prompt_len" in batch[0]:
+            lens = [b["chosen_prompt_len"] for b in batch] + [b["rejected_prompt_len"] for b in batch]
+            out["prompt_lens"] = torch.tensor([int(n) for n in lens], dtype=torch.long)
+        return out
 
 
 class PromptCollator:

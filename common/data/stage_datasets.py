@@ -2,7 +2,8 @@
 
 Items are unpadded 1-D LongTensors; the collators in `common.data.collate` pad them per batch.
 - SFTDataset   -> {"input_ids": (L,), "labels": (L,)}; labels are -100 on the prompt when mask_prompt.
-- PairDataset  -> {"chosen_input_ids": (Lc,), "rejected_input_ids": (Lr,)}
+- PairDataset  -> {"chosen_input_ids": (Lc,), "rejected_input_ids": (Lr,), "chosen_prompt_len": (),
+                   "rejected_prompt_len": ()}
 - PromptDataset -> {"input_ids": (P,)}
 - BlockDataset -> {"input_ids": (S,), "attention_mask": (S,), "labels": (S,)} fixed-size LM blocks.
 """
@@ -63,17 +64,31 @@ class SFTDataset(Dataset):
 
 
 class PairDataset(Dataset):
-    """Reward-model pairs: prompt + chosen + EOS and prompt + rejected + EOS."""
+    """Preference pairs: prompt + chosen + EOS and prompt + rejected + EOS, with the number of prompt tokens
+    each side kept (chosen_prompt_lens, rejected_prompt_lens: (N,) int64; the reward model ignores them,
+    DPO scores the tokens after them)."""
 
-    def __init__(self, chosen: TokenLists, rejected: TokenLists):
-        assert len(chosen) == len(rejected)
+    def __init__(
+        self,
+        chosen: TokenLists,
+        rejected: TokenLists,
+        chosen_prompt_lens: torch.Tensor,
+        rejected_prompt_lens: torch.Tensor,
+    ):
+        assert len(chosen) == len(rejected) == len(chosen_prompt_lens) == len(rejected_prompt_lens)
         self.chosen, self.rejected = chosen, rejected
+        self.chosen_prompt_lens, self.rejected_prompt_lens = chosen_prompt_lens, rejected_prompt_lens
 
     def __len__(self) -> int:
         return len(self.chosen)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"chosen_input_ids": self.chosen[i], "rejected_input_ids": self.rejected[i]}
+        return {
+            "chosen_input_ids": self.chosen[i],
+            "rejected_input_ids": self.rejected[i],
+            "chosen_prompt_len": self.chosen_prompt_lens[i],
+            "rejected_prompt_len": self.rejected_prompt_lens[i],
+        }
 
 
 class PromptDataset(Dataset):

@@ -116,7 +116,9 @@ def tokenize_sft(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tuple
 
 
 def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tuple[dict[str, list], dict]:
-    """RM rows -> {"chosen": [prompt + chosen + [eos]], "rejected": [prompt + rejected + [eos]]}, plus counts.
+    """Pair rows -> {"chosen": [prompt + chosen + [eos]], "rejected": [prompt + rejected + [eos]],
+    "chosen_prompt_len": [int], "rejected_prompt_len": [int]} (the prompt tokens each side kept, for DPO's
+    response mask), plus counts.
 
     A pair is dropped when either side is too long; it counts once."""
     eos = tokenizer.eos_token_id
@@ -125,7 +127,7 @@ def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tup
     rejecteds = encode_texts(tokenizer, [r.rejected for r in rows])
     for ids, column in ((prompts, "prompt"), (chosens, "chosen"), (rejecteds, "rejected")):
         _check_no_special(ids, rows, column, tokenizer)
-    out: dict[str, list] = {"chosen": [], "rejected": []}
+    out: dict[str, list] = {"chosen": [], "rejected": [], "chosen_prompt_len": [], "rejected_prompt_len": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "dropped_too_long": 0}
     for prompt, chosen, rejected in zip(prompts, chosens, rejecteds, strict=True):
         fitted_c = fit_to_length(prompt, chosen + [eos], max_seq_len)
@@ -136,6 +138,8 @@ def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tup
         counts["prompt_truncated"] += min(fitted_c[1], fitted_r[1]) < len(prompt)
         out["chosen"].append(fitted_c[0])
         out["rejected"].append(fitted_r[0])
+        out["chosen_prompt_len"].append(fitted_c[1])
+        out["rejected_prompt_len"].append(fitted_r[1])
     counts["rows_out"] = len(out["chosen"])
     return out, counts
 

@@ -39,4 +39,13 @@ STEP3_ARGS=(
     --actor_learning_rate 1.5e-4 --critic_learning_rate 5e-4 --lr_scheduler_type constant --seed 1234
     --missing_eos_penalty -3
 )
+# DPO (e2e_rlhf.py --tiny --algo dpo) from the same stage-1 model on stage 2's pairs; its held-out answers are
+# sampled as stage 3 samples them (same prompts, batch, budget and seed), so the two compare directly. beta 0.5
+# (0.1 with lr 2e-5 lowered the gold: the policy drifted into malformed answers) and lr 2e-5 for 2 epochs.
+DPO_ZERO=0
+DPO_ARGS=(
+    --per_device_train_batch_size 16 --per_device_eval_batch_size 16 --learning_rate 2e-5 --num_train_epochs 2
+    --max_seq_len 128 --beta 0.5 --lr_scheduler_type constant --eval_interval 50 --eval_num_prompts 128
+    --max_prompt_seq_len 64 --max_answer_seq_len 48 --seed 1234
+)
 launch

@@ -1,0 +1,247 @@
+"""DPO: train the stage-1 policy directly on the preference pairs of stage 2, against a frozen reference, with
+no reward model and no sampling during training (Rafailov et al. 2023). An alternative to stages 2 + 3.
+
+    deepspeed step2_dpo/main.py --model_name_or_path out/sft --data_path Dahoas/rm-static ...
+    python step2_dpo/main.py --model_name_or_path out/sft --output_dir out/dpo   # one process
+
+Reads top to bottom as the algorithm: parse flags, load the pairs (stage 2's data and split) and the held-out
+prompts (stage 3's eval split), build the policy engine and the frozen reference (its own engine, or the
+policy with its LoRA adapters disabled), evaluate, train on -log sigmoid(beta * h) (or IPO, conservative DPO,
+plus an optional SFT term: `common.rl_math.preference_loss`) evaluating every --eval_interval steps, evaluate
+again, save a Hugging Face model like stage 1's, plus dpo_metrics.json and heldout_answers.jsonl.
+
+Each evaluation has two parts: the pair metrics of the peers on held-out pairs (loss, reward accuracy, chosen
+and rejected implicit rewards beta * log(pi / pi_ref), their margin, the chosen and rejected log-probs), and
+answers sampled to held-out prompts exactly as stage 3 samples them, with their KL to the reference, the
+gold's figures when a gold is known, and the reward-hacking measures (common/heldout.py).
+Beside it: the flags (args.py), the pair math (pairs.py), the answer sampler (answers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from common import dist
+from common.args import data_config
+from common.checkpoint import (
+    append_train_log,
+    check_finite_grad_norm,
+    check_finite_loss,
+    check_output_dir,
+    claim_output_dir,
+    epoch_batches,
+    resume_if_asked,
+    save_checkpoint,
+)
+from common.data import PairCollator, PromptCollator, build_stage_data
+from common.ds_config import eval_config, torch_dtype
+from common.heldout import (
+    ANSWERS_FILE,
+    evaluate_answers,
+    format_eval,
+    load_gold_reward,
+    write_heldout_answers,
+)
+from common.model import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, save_hf_model
+from common.monitor import Monitor, progress
+from common.training import (
+    device,
+    eval_loader,
+    frozen_engine,
+    optimizer_steps,
+    set_seed,
+    stage_ds_config,
+    stage_engine,
+    to_device,
+    train_loader,
+)
+from common.validate import exit_cleanly_on_data_errors, validate_dpo
+from step2_dpo.answers import answer_sampler
+from step2_dpo.args import parse_args
+from step2_dpo.pairs import PAIR_STATS, Reference, dpo_loss, evaluate_pairs
+
+METRICS_FILE = "dpo_metrics.json"
+
+
+def build_policy_and_reference(args, tokenizer, ds_config: dict, batches_per_epoch: int):
+    """The policy engine (dropout off, LoRA if asked) and its frozen reference."""
+    dtype = torch_dtype(args.dtype)
+    load = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    load["allow_pickle_weights"] = args.allow_pickle_weights
+    model = load_causal_lm(args.model_name_or_path, tokenizer, dropout=0.0, ds_config=ds_config, **load)
+    disable_dropout(model)  # the policy's log-probs must equal the reference's before the first update
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.lora_dim > 0:
+        model = apply_lora(
+            model,
+            lora_dim=args.lora_dim,
+            module_name=args.lora_module_name,
+            alpha=args.lora_alpha,
+            only_optimize_lora=args.only_optimize_lora,
+        )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    policy = stage_engine(model, args, ds_config, batches_per_epoch)
+
+    adapters_only = args.lora_dim > 0 and args.only_optimize_lora
+    if adapters_only and args.reference_model_name_or_path in (None, args.model_name_or_path):
+        return policy, Reference(adapter_policy=policy)
+    stage = 3 if args.zero_stage == 3 else 0
+    ref_cfg = eval_config(
+        zero_stage=stage,
+        micro_batch_size=args.per_device_train_batch_size,
+        world_size=dist.get_world_size(),
+        dtype=args.dtype,
+    )
+    ref_model = load_causal_lm(
+        args.reference_model_name_or_path or args.model_name_or_path,
+        tokenizer,
+        dropout=0.0,
+        ds_config=ref_cfg,
+        **load,
+    )
+    disable_dropout(ref_model)
+    ref = frozen_engine(ref_model, stage, False, args.per_device_train_batch_size, args.dtype)
+    return policy, Reference(engine=ref)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist.init_distributed()
+    validate_dpo(args)  # model paths and weights, one tokenizer, lengths, LoRA names
+    exit_cleanly_on_data_errors()
+    gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
+    check_output_dir(args.output_dir, "dpo", args)
+    set_seed(args.seed)
+    dev = device()
+
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    pairs = build_stage_data(data_config(args), tokenizer, stage=2)
+    collate = PairCollator(tokenizer.pad_token_id)
+    train_dl = train_loader(pairs.train, collate, args.per_device_train_batch_size, args.seed)
+    eval_dl = eval_loader(pairs.eval, collate, args.per_device_eval_batch_size)
+    prompts_dl = None
+    if args.eval_num_prompts:
+        prompts = build_stage_data(data_config(args), tokenizer, stage=3).eval
+        prompts = Subset(prompts, range(min(args.eval_num_prompts, len(prompts))))
+        prompts_dl = eval_loader(
+            prompts, PromptCollator(tokenizer.pad_token_id), args.per_device_eval_batch_size
+        )
+
+    ds_config = stage_ds_config(args)
+    policy, reference = build_policy_and_reference(args, tokenizer, ds_config, len(train_dl))
+    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
+    sample = answer_sampler(policy, reference, tokenizer, args, zero3=args.zero_stage == 3)
+
+    claim_output_dir(args.output_dir, "dpo", args)
+    engines = {"model": policy}
+    state, resumed_from = resume_if_asked(args, engines, "dpo")
+
+    monitor = Monitor(
+        args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "dpo"
+    )
+    curve: list[dict[str, Any]] = state.extra.setdefault("evals", [])
+
+    def run_eval(max_batches: int, tag: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        step = policy.global_steps
+        result: dict[str, Any] = {
+            "step": step,
+            **evaluate_pairs(policy, reference, eval_dl, dev, args, max_batches),
+        }
+        answers: list[dict[str, Any]] = []
+        line = ""
+        if prompts_dl is not None:
+            answer_stats, answers = evaluate_answers(sample, prompts_dl, dev, args.seed, tokenizer, gold)
+            result.update(answer_stats)
+            line = f" | answers: {format_eval(answer_stats)}"
+        curve.append(result)
+        dist.print_rank0(
+            f"[dpo] {tag} step {step}: accuracy {result['accuracy']:.3f} margin {result['margin']:+.3f} "
+            f"chosen {result['chosen_reward']:+.3f} rejected {result['rejected_reward']:+.3f} "
+            f"loss {result['loss']:.4f} over {result['pairs']} pairs{line}"
+        )
+        monitor.log({f"eval/{k}": v for k, v in result.items() if k != "step"}, step)
+        return result, answers
+
+    before_answers: list[dict[str, Any]] = state.extra.get("before_answers", [])
+    if not curve:  # a resumed run has them from the checkpoint
+        _, before_answers = run_eval(args.eval_iters, "eval (stage-1 policy)")
+        state.extra["before_answers"] = before_answers
+    policy.train()
+    for epoch in range(state.epoch, args.num_train_epochs):
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
+        tick, window_pairs, window = time.perf_counter(), 0, []
+        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"dpo epoch {epoch + 1}"):
+            batch = to_device(batch, dev)
+            loss, stats = dpo_loss(policy, reference, batch, args)
+            step = policy.global_steps + 1
+            if not check_finite_loss(loss, stage="dpo", step=step, skip=args.skip_nonfinite_steps):
+                state.skipped_steps += 1
+                continue
+            policy.backward(loss)
+            boundary = policy.is_gradient_accumulation_boundary()
+            policy.step()
+            window_pairs += stats["loss"].shape[0]
+            window.append(torch.stack([loss.detach(), *(stats[k].mean() for k in PAIR_STATS[1:])]))
+            if not boundary:
+                continue
+            check_finite_grad_norm(policy, stage="dpo", step=step)
+            means = dist.all_reduce_mean(torch.stack(window).mean(0)).tolist()
+            record = {"step": step, **dict(zip(PAIR_STATS, means, strict=True))}
+            if args.print_loss:
+                dist.print_rank0(
+                    f"[dpo] epoch {epoch + 1} step {step} loss {record['loss']:.4f} "
+                    f"accuracy {record['accuracy']:.3f} margin {record['margin']:+.3f}"
+                )
+            pairs_per_s = window_pairs * dist.get_world_size() / (time.perf_counter() - tick)
+            scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
+            monitor.log({**scalars, "train/lr": policy.get_lr()[0], "train/pairs_per_s": pairs_per_s}, step)
+            append_train_log(args.output_dir, record)
+            if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+                run_eval(args.eval_iters, "eval")
+            if args.save_interval and step % args.save_interval == 0:
+                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
+                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
+            tick, window_pairs, window = time.perf_counter(), 0, []
+    final, after_answers = run_eval(0, "final eval (whole eval set)")
+
+    save_hf_model(policy, args.output_dir, tokenizer, args.zero_stage)
+    before = curve[0]
+    metrics = {
+        "evals": curve,
+        "before": before,
+        "after": final,
+        "final_kl": final.get("kl"),
+        "gold_reward": gold.name if gold is not None else None,
+        "loss_type": args.loss_type,
+        "beta": args.beta,
+        "optimizer_steps": policy.global_steps,
+        "skipped_nonfinite_steps": state.skipped_steps,
+    }
+    if dist.is_rank0():
+        if prompts_dl is not None:
+            write_heldout_answers(Path(args.output_dir) / ANSWERS_FILE, before_answers, after_answers)
+        (Path(args.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    if "gold_mean" in final:
+        dist.print_rank0(
+            f"[dpo] held-out gold {before['gold_mean']:+.3f} -> {final['gold_mean']:+.3f} at KL "
+            f"{final['kl']:.3f} per sequence"
+        )
+    dist.print_rank0(
+        f"[dpo] held-out pair accuracy {before['accuracy']:.3f} -> {final['accuracy']:.3f}; saved to "
+        f"{args.output_dir}"
+    )
+    monitor.close()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()
