@@ -417,6 +417,25 @@ def proxy_gold_verdict(proxy_gain: float, gold_gain: float) -> str:
     return f"neither rose ({gains})"
 
 
+def label_share_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+    """The best and malformed shares of the gold's labels, before -> after (where the gold gave them)."""
+    rows = []
+    for label in ("best", "malformed"):
+        key = f"gold_share_{label}"
+        if key in before and key in after:
+            rows.append((f"{prefix}: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
+    return rows
+
+
+def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+    """The reward-hacking measures of the held-out answers, before -> after."""
+    return [
+        (f"{prefix}: {label}", f"{before[key]:.3f} -> {after[key]:.3f}")
+        for key, label in MEASURE_ROWS
+        if key in before and key in after
+    ]
+
+
 def gold_rows(ppo: dict) -> list[tuple[str, str]]:
     """Stage 3's gold rows (gold score, best and malformed shares, the verdict; when a gold was known) and
     reward-hacking measures, before -> after; none for metrics written before they existed."""
@@ -425,15 +444,9 @@ def gold_rows(ppo: dict) -> list[tuple[str, str]]:
     if "gold_gain" in ppo:
         gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({ppo['gold_reward']})"
         rows.append(("stage 3: held-out gold score before -> after", gold))
-        for label in ("best", "malformed"):
-            key = f"gold_share_{label}"
-            if key in before and key in after:
-                rows.append((f"stage 3: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
+        rows += label_share_rows("stage 3", before, after)
         rows.append(("stage 3: proxy vs gold", proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"])))
-    for key, label in MEASURE_ROWS:
-        if key in before and key in after:
-            rows.append((f"stage 3: {label}", f"{before[key]:.3f} -> {after[key]:.3f}"))
-    return rows
+    return rows + measure_rows("stage 3", before, after)
 
 
 def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
@@ -453,14 +466,8 @@ def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
     if "gold_mean" in before and "gold_mean" in after:
         gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({dpo['gold_reward']})"
         rows.append(("DPO: held-out gold score before -> after", gold))
-        for label in ("best", "malformed"):
-            key = f"gold_share_{label}"
-            if key in before and key in after:
-                rows.append((f"DPO: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
-    for key, label in MEASURE_ROWS:
-        if key in before and key in after:
-            rows.append((f"DPO: {label}", f"{before[key]:.3f} -> {after[key]:.3f}"))
-    return rows
+        rows += label_share_rows("DPO", before, after)
+    return rows + measure_rows("DPO", before, after)
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:

@@ -54,8 +54,7 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
             help="Compute the SFT loss on response tokens only (labels -100 on the prompt).",
         )
     if stage == 3:
-        g.add_argument("--max_prompt_seq_len", type=int, default=256, help="Maximum prompt tokens.")
-        g.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum generated tokens.")
+        add_prompt_answer_length_args(g)
         g.add_argument(
             "--prompt_overflow",
             choices=["truncate_left", "drop"],
@@ -110,6 +109,44 @@ def add_lora_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         type=float,
         default=5e-4,
         help="Learning rate of the LoRA parameters.",
+    )
+
+
+def add_prompt_answer_length_args(g: argparse._ArgumentGroup) -> None:
+    """The lengths of the prompts a policy answers by sampling and of its answers (stage 3's rollouts and
+    held-out evaluation; DPO's held-out evaluation, which samples as stage 3 does)."""
+    g.add_argument("--max_prompt_seq_len", type=int, default=256, help="Maximum prompt tokens.")
+    g.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum generated tokens.")
+
+
+def add_pair_eval_args(g: argparse._ArgumentGroup) -> None:
+    """How often a stage trained on preference pairs (reward model, DPO) evaluates on the held-out pairs."""
+    g.add_argument(
+        "--eval_interval",
+        type=int,
+        default=0,
+        help="Evaluate every this many optimizer steps (0: only before and after training).",
+    )
+    g.add_argument(
+        "--eval_iters",
+        type=int,
+        default=100,
+        help="At most this many eval batches per rank in the evaluations before and during training "
+        "(0: all). The final evaluation always covers the whole eval set.",
+    )
+
+
+def add_gold_reward_arg(g: argparse._ArgumentGroup) -> None:
+    """--gold_reward: the ground truth that grades sampled held-out answers (stage 3, DPO; common/heldout.py)."""
+    g.add_argument(
+        "--gold_reward",
+        type=str,
+        default="auto",
+        metavar="MODULE:FUNCTION|auto|none",
+        help="Gold scorer of held-out answers, to tell real gains from reward hacking: a function "
+        "f(prompts, responses, finished) -> one float, or one object with .score and optional .label, per "
+        "answer (responses decoded without special tokens, cut at EOS; finished: ended with EOS). auto: the "
+        "bundled task's common.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
     )
 
 

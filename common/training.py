@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import dist
-from common.ds_config import eval_config
+from common.ds_config import eval_config, torch_dtype
+from common.model import apply_lora, load_causal_lm
 from common.optim import build_optimizer, build_scheduler
 
 
@@ -136,6 +137,34 @@ def stage_ds_config(args) -> dict:
         offload=args.offload,
         gradient_clipping=args.gradient_clipping,
     )
+
+
+def stage_causal_lm(args, tokenizer, ds_config: dict, dropout: float | None) -> torch.nn.Module:
+    """The causal LM a one-model stage trains (stage 1, DPO) from the shared flags: loaded from
+    --model_name_or_path (ZeRO-3-partitioned at load when ds_config says so), gradient checkpointing and LoRA
+    (peft) when asked. `dropout` None keeps the model's config."""
+    model = load_causal_lm(
+        args.model_name_or_path,
+        tokenizer,
+        dtype=torch_dtype(args.dtype),
+        dropout=dropout,
+        ds_config=ds_config,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle_weights=args.allow_pickle_weights,
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.lora_dim > 0:
+        model = apply_lora(
+            model,
+            lora_dim=args.lora_dim,
+            module_name=args.lora_module_name,
+            alpha=args.lora_alpha,
+            only_optimize_lora=args.only_optimize_lora,
+        )
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
 
 
 def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoch: int):

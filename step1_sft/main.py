@@ -30,11 +30,8 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.data import SFTCollator, build_stage_data
-from common.ds_config import torch_dtype
 from common.model import (
-    apply_lora,
     causal_lm_loss,
-    load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
     save_hf_model,
@@ -45,6 +42,7 @@ from common.training import (
     device,
     eval_loader,
     set_seed,
+    stage_causal_lm,
     stage_ds_config,
     stage_engine,
     to_device,
@@ -107,27 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_dl = eval_loader(data.eval, collate, args.per_device_eval_batch_size)
 
     ds_config = stage_ds_config(args)
-    model = load_causal_lm(
-        args.model_name_or_path,
-        tokenizer,
-        dtype=torch_dtype(args.dtype),
-        dropout=args.dropout,
-        ds_config=ds_config,
-        trust_remote_code=args.trust_remote_code,
-        allow_pickle_weights=args.allow_pickle_weights,
-    )
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if args.lora_dim > 0:
-        model = apply_lora(
-            model,
-            lora_dim=args.lora_dim,
-            module_name=args.lora_module_name,
-            alpha=args.lora_alpha,
-            only_optimize_lora=args.only_optimize_lora,
-        )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
+    model = stage_causal_lm(args, tokenizer, ds_config, dropout=args.dropout)
     engine = stage_engine(model, args, ds_config, len(train_dl))
 
     claim_output_dir(args.output_dir, "sft", args)

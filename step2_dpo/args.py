@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import argparse
 
-from common.args import add_single_model_args, parse_stage_args
+from common.args import (
+    add_gold_reward_arg,
+    add_pair_eval_args,
+    add_prompt_answer_length_args,
+    add_single_model_args,
+    parse_stage_args,
+)
 from common.rl_math import PREFERENCE_LOSSES
 
 
@@ -42,20 +48,7 @@ def add_dpo_args(parser: argparse.ArgumentParser) -> None:
         "--lora_dim and --only_optimize_lora the reference is the policy with its adapters disabled, and no "
         "second model is loaded.",
     )
-    g.add_argument(
-        "--eval_interval",
-        type=int,
-        default=0,
-        help="Evaluate on held-out pairs (and held-out prompts) every this many optimizer steps (0: only "
-        "before and after training).",
-    )
-    g.add_argument(
-        "--eval_iters",
-        type=int,
-        default=100,
-        help="At most this many held-out pair batches per rank in the evaluations before and during "
-        "training (0: all); the final one covers the whole eval set.",
-    )
+    add_pair_eval_args(g)  # --eval_interval also samples the held-out answers
 
 
 def add_heldout_args(parser: argparse.ArgumentParser) -> None:
@@ -69,17 +62,9 @@ def add_heldout_args(parser: argparse.ArgumentParser) -> None:
         help="Held-out prompts (the first N of the stage-3 eval split; 0: none) answered before and after "
         "training and at each --eval_interval.",
     )
-    g.add_argument("--max_prompt_seq_len", type=int, default=256, help="Held-out prompts' maximum tokens.")
-    g.add_argument("--max_answer_seq_len", type=int, default=256, help="Maximum tokens of an answer.")
+    add_prompt_answer_length_args(g)
     g.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (stage 3's).")
-    g.add_argument(
-        "--gold_reward",
-        type=str,
-        default="auto",
-        metavar="MODULE:FUNCTION|auto|none",
-        help="Gold scorer of held-out answers (as in stage 3). auto: the bundled task's gold when "
-        "--data_path is the bundled dataset, else none.",
-    )
+    add_gold_reward_arg(g)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

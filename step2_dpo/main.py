@@ -48,7 +48,7 @@ from common.heldout import (
     load_gold_reward,
     write_heldout_answers,
 )
-from common.model import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, save_hf_model
+from common.model import disable_dropout, load_causal_lm, load_tokenizer, save_hf_model
 from common.monitor import Monitor, progress
 from common.training import (
     device,
@@ -56,6 +56,7 @@ from common.training import (
     frozen_engine,
     optimizer_steps,
     set_seed,
+    stage_causal_lm,
     stage_ds_config,
     stage_engine,
     to_device,
@@ -71,23 +72,8 @@ METRICS_FILE = "dpo_metrics.json"
 
 def build_policy_and_reference(args, tokenizer, ds_config: dict, batches_per_epoch: int):
     """The policy engine (dropout off, LoRA if asked) and its frozen reference."""
-    dtype = torch_dtype(args.dtype)
-    load = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
-    load["allow_pickle_weights"] = args.allow_pickle_weights
-    model = load_causal_lm(args.model_name_or_path, tokenizer, dropout=0.0, ds_config=ds_config, **load)
+    model = stage_causal_lm(args, tokenizer, ds_config, dropout=0.0)
     disable_dropout(model)  # the policy's log-probs must equal the reference's before the first update
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if args.lora_dim > 0:
-        model = apply_lora(
-            model,
-            lora_dim=args.lora_dim,
-            module_name=args.lora_module_name,
-            alpha=args.lora_alpha,
-            only_optimize_lora=args.only_optimize_lora,
-        )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
     policy = stage_engine(model, args, ds_config, batches_per_epoch)
 
     adapters_only = args.lora_dim > 0 and args.only_optimize_lora
@@ -103,9 +89,11 @@ def build_policy_and_reference(args, tokenizer, ds_config: dict, batches_per_epo
     ref_model = load_causal_lm(
         args.reference_model_name_or_path or args.model_name_or_path,
         tokenizer,
+        dtype=torch_dtype(args.dtype),
         dropout=0.0,
         ds_config=ref_cfg,
-        **load,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle_weights=args.allow_pickle_weights,
     )
     disable_dropout(ref_model)
     ref = frozen_engine(ref_model, stage, False, args.per_device_train_batch_size, args.dtype)

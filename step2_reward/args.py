@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from common.args import add_single_model_args, parse_stage_args
+from common.args import add_pair_eval_args, add_single_model_args, parse_stage_args
 from step2_reward.normalize import add_normalization_args, check_normalization_args
 
 
 def add_reward_args(parser: argparse.ArgumentParser) -> None:
     """Stage-2-only flags (DeepSpeed-Chat's step-2 names where they exist)."""
     g = parser.add_argument_group("reward model")
-    g.add_argument(
-        "--eval_interval",
-        type=int,
-        default=0,
-        help="Evaluate every this many optimizer steps (0: only before and after training).",
-    )
-    g.add_argument(
-        "--eval_iters",
-        type=int,
-        default=100,
-        help="At most this many eval batches per rank in the evaluations before and during training "
-        "(0: all). The final evaluation always covers the whole eval set.",
-    )
+    add_pair_eval_args(g)
     g.add_argument(
         "--margin",
         type=float,

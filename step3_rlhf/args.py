@@ -12,6 +12,7 @@ from common.args import (
     add_checkpoint_args,
     add_data_args,
     add_deepspeed_args,
+    add_gold_reward_arg,
     add_lora_args,
     add_model_args,
     add_output_args,
@@ -166,16 +167,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "only before and after). Default: iterations // 6, at least 1, so a run of 6 or more iterations "
         "has 5 or 6 evaluations during PPO.",
     )
-    g.add_argument(
-        "--gold_reward",
-        type=str,
-        default="auto",
-        metavar="MODULE:FUNCTION|auto|none",
-        help="Gold scorer of held-out answers, to tell real gains from reward hacking: a function "
-        "f(prompts, responses, finished) -> one float, or one object with .score and optional .label, per "
-        "answer (responses decoded without special tokens, cut at EOS; finished: ended with EOS). auto: the "
-        "bundled task's common.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
-    )
+    add_gold_reward_arg(g)
     g.add_argument(
         "--eval_num_prompts",
         type=int,

@@ -67,18 +67,26 @@ def test_reference_is_an_engine_or_a_lora_policy_never_both():
 def _small_run(model: str, out, cache, *extra: str) -> list[str]:
     return [
         *("--model_name_or_path", model, "--output_dir", str(out), "--data_output_path", str(cache)),
-        *("--data_split", "1,2,7", "--max_seq_len", "96", "--per_device_train_batch_size", "8"),
-        *("--per_device_eval_batch_size", "16", "--eval_iters", "2", "--eval_num_prompts", "16"),
-        *("--max_prompt_seq_len", "48", "--max_answer_seq_len", "24", "--learning_rate", "1e-3"),
+        *("--data_split", "1,1,8", "--max_seq_len", "96", "--per_device_train_batch_size", "8"),
+        *("--per_device_eval_batch_size", "16", "--eval_iters", "2", "--eval_num_prompts", "8"),
+        *("--max_prompt_seq_len", "48", "--max_answer_seq_len", "16", "--learning_rate", "1e-3"),
         *extra,
     ]
 
 
+LORA = ("--lora_dim", "8", "--lora_alpha", "8", "--lora_module_name", "self_attn.", "--only_optimize_lora")
+
+
 @pytest.mark.distributed
-def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(tiny_dir, tmp_path):
-    """The policy and the reference partitioned under ZeRO-3 on 2 ranks (the tiny model, a small slice)."""
+@pytest.mark.parametrize("reference", ["frozen_engine", "lora_disabled"])
+def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(tiny_dir, tmp_path, reference):
+    """Under ZeRO-3 on 2 ranks (the tiny model, a small slice): the policy and a frozen reference engine, both
+    partitioned; or a LoRA policy whose reference is itself with the adapters disabled."""
     out = tmp_path / "dpo"
-    args = _small_run(str(tiny_dir), out, tmp_path / "cache", "--zero_stage", "3", "--enable_tensorboard")
+    extra = ("--lora_learning_rate", "5e-3", *LORA) if reference == "lora_disabled" else ()
+    args = _small_run(
+        str(tiny_dir), out, tmp_path / "cache", "--zero_stage", "3", "--enable_tensorboard", *extra
+    )
     log = run_stage(DPO, args)
     metrics = json.loads((out / "dpo_metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
@@ -93,7 +101,8 @@ def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(tiny_dir, tmp_path)
     )
     assert list((out / "tensorboard").glob("**/events.out.tfevents.*"))
     assert "[dpo] held-out gold" in log
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    saved = AutoModelForCausalLM.from_pretrained(out)  # gathered from the partitions, LoRA merged
+    assert not any("lora" in name for name, _ in saved.named_parameters())
 
 
 def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_path):

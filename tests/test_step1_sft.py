@@ -28,7 +28,7 @@ COMMON = [
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero_stage", [3, 0])
+@pytest.mark.parametrize("zero_stage", [3])  # ZeRO-0 on two ranks: the two-rank reward-model and PPO runs
 def test_sft_learns_and_saves_on_two_ranks(tiny_dir, tmp_path, zero_stage):
     out = tmp_path / f"sft_z{zero_stage}"
     tb = tmp_path / "tb"
