@@ -3,11 +3,13 @@ the README's main command at its own settings (the stage-1 policy and reward mod
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+REUSE_DEMO_ENV = "RLHF_TEST_DEMO_STAGES"
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +32,20 @@ def demo_stages(tmp_path_factory) -> Path:
     """Output root of `e2e_rlhf.py --tiny --step 1 2`: the demo's stage-1 model (sft/), reward model (rm/),
     data cache (data_cache/, split 4,4,2) and tiny base model (tiny/). About 4 minutes on 2 cores; tests that
     need a stage-1 policy that writes well-formed answers and a reward model that ranks them by content (the
-    gold gain of PPO) share it. Its stage 3 belongs to tests/test_gold_pipeline.py: others write elsewhere."""
+    gold gain of PPO) share it. Its stage 3 belongs to tests/test_gold_pipeline.py: others write elsewhere.
+    To iterate on those tests, point RLHF_TEST_DEMO_STAGES at a finished `e2e_rlhf.py --tiny --step 1 2` output
+    directory (the same commit's settings) and the fixture uses it instead of training."""
     from tests.launch import run_e2e
 
+    reuse = os.environ.get(REUSE_DEMO_ENV)
+    if reuse:  # a developer's finished demo output: its sft/ and rm/ are read, and ppo/ may be written
+        out = Path(reuse)
+        for metrics in ("sft/sft_metrics.json", "rm/rm_metrics.json"):
+            if not (out / metrics).is_file():
+                pytest.exit(
+                    f"{REUSE_DEMO_ENV}={reuse}: no {metrics}; run `python e2e_rlhf.py --tiny --step 1 2` there"
+                )
+        return out
     out = tmp_path_factory.mktemp("demo") / "pipeline"
     run_e2e(out, "--step", "1", "2")
     return out

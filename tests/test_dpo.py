@@ -69,7 +69,16 @@ def _small_run(model: str, out, cache, *extra: str) -> list[str]:
         *("--model_name_or_path", model, "--output_dir", str(out), "--data_output_path", str(cache)),
         *("--data_split", "1,1,8", "--max_seq_len", "96", "--per_device_train_batch_size", "8"),
         *("--per_device_eval_batch_size", "16", "--eval_iters", "2", "--eval_num_prompts", "8"),
-        *("--max_prompt_seq_len", "48", "--max_answer_seq_len", "16", "--learning_rate", "1e-3"),
+        *(
+            "--max_prompt_seq_len",
+            "48",
+            "--max_answer_seq_len",
+            "16",
+            "--learning_rate",
+            "5e-5",
+            "--beta",
+            "0.5",
+        ),
         *extra,
     ]
 
@@ -79,13 +88,14 @@ LORA = ("--lora_dim", "8", "--lora_alpha", "8", "--lora_module_name", "self_attn
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("reference", ["frozen_engine", "lora_disabled"])
-def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(tiny_dir, tmp_path, reference):
-    """Under ZeRO-3 on 2 ranks (the tiny model, a small slice): the policy and a frozen reference engine, both
-    partitioned; or a LoRA policy whose reference is itself with the adapters disabled."""
+def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(demo_stages, tmp_path, reference):
+    """Under ZeRO-3 on 2 ranks (the demo's stage-1 model, a 10% slice of pairs: 19 steps): the policy and a
+    frozen reference engine, both partitioned; or a LoRA policy whose reference is itself with the adapters
+    disabled. (From the random-init tiny model 19 steps learn nothing measurable.)"""
     out = tmp_path / "dpo"
-    extra = ("--lora_learning_rate", "5e-3", *LORA) if reference == "lora_disabled" else ()
+    extra = ("--lora_learning_rate", "1e-3", *LORA) if reference == "lora_disabled" else ()
     args = _small_run(
-        str(tiny_dir), out, tmp_path / "cache", "--zero_stage", "3", "--enable_tensorboard", *extra
+        str(demo_stages / "sft"), out, tmp_path / "cache", "--zero_stage", "3", "--enable_tensorboard", *extra
     )
     log = run_stage(DPO, args)
     metrics = json.loads((out / "dpo_metrics.json").read_text())
@@ -93,11 +103,11 @@ def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(tiny_dir, tmp_path,
     assert (
         before["loss"] == pytest.approx(math.log(2), abs=1e-5) and before["kl"] == 0.0
     )  # policy == reference
-    assert after["loss"] < before["loss"] and after["accuracy"] > 0.5, (before, after)
+    assert after["loss"] < before["loss"] and after["accuracy"] > 0.6, (before, after)
     assert metrics["gold_reward"] == "common.gold:synthetic_gold" and "gold_mean" in after
     rows = [json.loads(line) for line in (out / "heldout_answers.jsonl").read_text().splitlines()]
     assert (
-        len(rows) == 16 and {"gold_before", "gold_after"} <= rows[0].keys() and "score_before" not in rows[0]
+        len(rows) == 8 and {"gold_before", "gold_after"} <= rows[0].keys() and "score_before" not in rows[0]
     )
     assert list((out / "tensorboard").glob("**/events.out.tfevents.*"))
     assert "[dpo] held-out gold" in log
