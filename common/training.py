@@ -15,6 +15,7 @@ from common import dist
 from common.ds_config import eval_config, torch_dtype
 from common.model import apply_lora, load_causal_lm
 from common.optim import build_optimizer, build_scheduler
+from common.reward_model import RewardModel, apply_lora_to_backbone
 
 
 def set_seed(seed: int) -> None:
@@ -139,6 +140,45 @@ def stage_ds_config(args) -> dict:
     )
 
 
+def with_lora_and_checkpointing(
+    model: torch.nn.Module,
+    *,
+    lora_dim: int,
+    module_name: str,
+    alpha: float,
+    only_optimize_lora: bool,
+    gradient_checkpointing: bool,
+) -> torch.nn.Module:
+    """Gradient checkpointing and LoRA (peft, rank `lora_dim` > 0) on a causal LM or a RewardModel (adapters on
+    its trunk, the value head trainable). With both, the trunk's inputs require grad, so LoRA's gradients
+    cross the checkpointed blocks whatever checkpointing mode transformers uses. Returns the model to train
+    (a causal LM comes back wrapped in peft; a RewardModel is adapted in place)."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora_dim <= 0:
+        return model
+    lora = {"lora_dim": lora_dim, "module_name": module_name, "alpha": alpha}
+    if isinstance(model, RewardModel):
+        model = apply_lora_to_backbone(model, only_optimize_lora=only_optimize_lora, **lora)
+        trunk = model.backbone
+    else:
+        model = trunk = apply_lora(model, only_optimize_lora=only_optimize_lora, **lora)
+    if gradient_checkpointing:
+        trunk.enable_input_require_grads()
+    return model
+
+
+def lora_and_checkpointing_flags(args) -> dict[str, Any]:
+    """`with_lora_and_checkpointing`'s keywords from a one-model stage's shared flags (stages 1, 2, DPO)."""
+    return {
+        "lora_dim": args.lora_dim,
+        "module_name": args.lora_module_name,
+        "alpha": args.lora_alpha,
+        "only_optimize_lora": args.only_optimize_lora,
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
+
+
 def stage_causal_lm(args, tokenizer, ds_config: dict, dropout: float | None) -> torch.nn.Module:
     """The causal LM a one-model stage trains (stage 1, DPO) from the shared flags: loaded from
     --model_name_or_path (ZeRO-3-partitioned at load when ds_config says so), gradient checkpointing and LoRA
@@ -152,19 +192,7 @@ def stage_causal_lm(args, tokenizer, ds_config: dict, dropout: float | None) -> 
         trust_remote_code=args.trust_remote_code,
         allow_pickle_weights=args.allow_pickle_weights,
     )
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if args.lora_dim > 0:
-        model = apply_lora(
-            model,
-            lora_dim=args.lora_dim,
-            module_name=args.lora_module_name,
-            alpha=args.lora_alpha,
-            only_optimize_lora=args.only_optimize_lora,
-        )
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-    return model
+    return with_lora_and_checkpointing(model, **lora_and_checkpointing_flags(args))
 
 
 def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoch: int):

@@ -41,16 +41,18 @@ from common.data import PairCollator, build_stage_data
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 from common.monitor import Monitor, progress
-from common.reward_model import apply_lora_to_backbone, load_reward_model_for_training, save_reward_model
+from common.reward_model import load_reward_model_for_training, save_reward_model
 from common.training import (
     device,
     eval_loader,
+    lora_and_checkpointing_flags,
     optimizer_steps,
     set_seed,
     stage_ds_config,
     stage_engine,
     to_device,
     train_loader,
+    with_lora_and_checkpointing,
 )
 from common.validate import exit_cleanly_on_data_errors
 from step2_reward.args import parse_args
@@ -85,18 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         ds_config=ds_config,
         allow_pickle_weights=args.allow_pickle_weights,
     )
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if args.lora_dim > 0:
-        model = apply_lora_to_backbone(
-            model,
-            lora_dim=args.lora_dim,
-            module_name=args.lora_module_name,
-            alpha=args.lora_alpha,
-            only_optimize_lora=args.only_optimize_lora,
-        )
-        if args.gradient_checkpointing:
-            model.backbone.enable_input_require_grads()
+    model = with_lora_and_checkpointing(model, **lora_and_checkpointing_flags(args))
     engine = stage_engine(model, args, ds_config, len(train_dl))
     total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
 

@@ -30,8 +30,8 @@ from torch import nn
 from common import dist
 from common.ds_config import eval_config, torch_dtype, train_config
 from common.model import apply_lora, disable_dropout, load_causal_lm
-from common.reward_model import apply_lora_to_backbone, load_reward_model_for_training
-from common.training import frozen_engine, init_engine
+from common.reward_model import load_reward_model_for_training
+from common.training import frozen_engine, init_engine, with_lora_and_checkpointing
 
 
 @dataclass
@@ -196,16 +196,14 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     )
     critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
-    if args.critic_lora_dim > 0:
-        apply_lora_to_backbone(
-            critic_model,
-            lora_dim=args.critic_lora_dim,
-            module_name=args.critic_lora_module_name,
-            alpha=args.critic_lora_alpha,
-            only_optimize_lora=args.only_optimize_lora,
-        )
-    if args.critic_gradient_checkpointing:
-        critic_model.gradient_checkpointing_enable()
+    critic_model = with_lora_and_checkpointing(
+        critic_model,
+        lora_dim=args.critic_lora_dim,
+        module_name=args.critic_lora_module_name,
+        alpha=args.critic_lora_alpha,
+        only_optimize_lora=args.only_optimize_lora,
+        gradient_checkpointing=args.critic_gradient_checkpointing,
+    )
     critic = init_engine(
         critic_model,
         ds_config=critic_cfg,

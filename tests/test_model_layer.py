@@ -201,3 +201,40 @@ def test_dropout_override_leaves_layerdrop_alone():
     set_dropout(cfg, 0.1)
     assert cfg.dropout == 0.1 and cfg.attention_dropout == 0.1
     assert cfg.layerdrop == 0.0
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "reward_model"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_gradients_cross_checkpointed_blocks(tiny_dir, kind, checkpointing):
+    """with_lora_and_checkpointing (stages 1, 2, DPO and the PPO critic): with only the adapters trainable, every
+    LoRA B matrix gets a non-zero gradient from one backward, with and without gradient checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    from common.model import load_tokenizer as load_tok
+    from common.reward_model import RewardModel, load_reward_model_for_training
+    from common.training import with_lora_and_checkpointing
+
+    if kind == "reward_model":
+        model = load_reward_model_for_training(str(tiny_dir), load_tok(str(tiny_dir)))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = with_lora_and_checkpointing(
+        model,
+        lora_dim=4,
+        module_name="decoder.layers.",
+        alpha=4.0,
+        only_optimize_lora=True,
+        gradient_checkpointing=checkpointing,
+    ).train()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (2, 12))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    (out.scores if isinstance(model, RewardModel) else out.logits).float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 24 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    frozen = [
+        n
+        for n, p in model.named_parameters()
+        if "lora_" not in n and "value_head" not in n and p.grad is not None
+    ]
+    assert not frozen, frozen[:3]  # only the adapters (and a reward model's head) train
