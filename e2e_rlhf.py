@@ -2,6 +2,7 @@
 
     python e2e_rlhf.py --tiny                      # the built-in tiny default (CPU, or one GPU when present)
     python e2e_rlhf.py --tiny --algo dpo           # SFT -> DPO on the same data (reuses a finished sft/)
+    python e2e_rlhf.py --tiny --algo grpo          # GRPO in place of PPO (reuses finished sft/ and rm/)
     python e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
         --deployment-type single_gpu --output-dir out/opt-1.3b
     python e2e_rlhf.py --actor-model meta-llama/Llama-2-7b-hf --deployment-type multi_node --step 3
@@ -15,6 +16,7 @@ settings for that model size and hardware (see launch/lib.sh). Output layout und
     rm/        stage-2 reward model, rm_metrics.json, training.log, stage_run.json
     ppo/       actor/, critic/ (and actor_ema/), ppo_metrics.json, heldout_answers.jsonl, ppo_curves.png,
                training.log, stage_run.json
+    grpo/, rloo/, ...   (--algo grpo, ...) the same as ppo/ without critic/
     dpo/       (--algo dpo) the DPO policy (Hugging Face format), dpo_metrics.json, heldout_answers.jsonl,
                training.log, stage_run.json
     tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
@@ -78,7 +80,23 @@ STAGES = {
 }
 # --algo dpo: the same stage 1, then DPO on stage 2's pairs in place of the reward model and PPO.
 DPO_STAGES = {1: STAGES[1], 2: Stage(2, "dpo", "DPO", "dpo_metrics.json", launch_step="dpo")}
-PIPELINES = {"ppo": STAGES, "dpo": DPO_STAGES}
+# --algo grpo, rloo, ...: the same stages 1 and 2, then a critic-free estimator in place of PPO (in <algo>/).
+CRITIC_FREE = {
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "rloo": "RLOO",
+    "reinforce_pp": "REINFORCE++",
+    "reinforce_pp_baseline": "REINFORCE++ with baseline",
+}
+RL_STAGES = [STAGES[3]] + [
+    Stage(3, name, title, "ppo_metrics.json", name) for name, title in CRITIC_FREE.items()
+]
+PIPELINES = {
+    "ppo": STAGES,
+    "dpo": DPO_STAGES,
+    **{s.name: {1: STAGES[1], 2: STAGES[2], 3: s} for s in RL_STAGES[1:]},
+}
+ALL_STAGES = list(dict.fromkeys(s for p in PIPELINES.values() for s in p.values()))
 
 
 @dataclass(frozen=True)
@@ -223,19 +241,17 @@ def plan_stages(
 
 
 def stale_after(out: Path, plan: Sequence[PlannedStage], stages: dict[int, Stage] = STAGES) -> list[Stage]:
-    """Finished stages that are not selected but come after a stage that runs: their input changes (the
-    other pipeline's stages too: a rerun stage 1 makes a finished rm/, ppo/ or dpo/ stale)."""
-    running = [p.stage.step for p in plan if p.run]
-    selected = {p.stage.step for p in plan}
-    if not running:
-        return []
-    later = [s for n, s in stages.items() if n > min(running) and n not in selected]
-    if min(running) == 1:  # every stage of either pipeline was made from the stage-1 model
-        others = [
-            s for p in PIPELINES.values() for s in p.values() if s.step > 1 and s not in stages.values()
-        ]
-        later += others
-    return [s for s in later if is_finished(s, out)]
+    """Finished stages that are not selected but were made from a stage that runs: their input changes (the
+    other pipelines' stages too: a rerun stage 1 makes a finished rm/, ppo/, grpo/ or dpo/ stale, a rerun
+    stage 2 every stage 3)."""
+    running = {p.stage for p in plan if p.run}
+    selected = {p.stage for p in plan}
+    stale = []
+    for stage in ALL_STAGES:
+        made_from = [p[n] for p in PIPELINES.values() if stage in p.values() for n in p if n < stage.step]
+        if stage not in selected and running & set(made_from) and is_finished(stage, out):
+            stale.append(stage)
+    return stale
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -352,12 +368,11 @@ def _duration(seconds: float) -> str:
 
 
 def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]]:
-    """(label, value) rows from the stages' metrics files and run records under `out` (both pipelines' when
-    both ran there); `ran` names the stage directories ("sft", "rm", "ppo", "dpo") that ran in this
+    """(label, value) rows from the stages' metrics files and run records under `out` (every pipeline's that
+    ran there); `ran` names the stage directories ("sft", "rm", "ppo", "grpo", "dpo", ...) that ran in this
     invocation (the others' wall time is from an earlier run)."""
     sft = _load(STAGES[1].metrics_path(out))
     rm = _load(STAGES[2].metrics_path(out))
-    ppo = _load(STAGES[3].metrics_path(out))
     dpo = _load(DPO_STAGES[2].metrics_path(out))
     rows: list[tuple[str, str]] = []
     if sft:
@@ -368,31 +383,41 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
         rows.append(
             ("stage 2: held-out pairwise accuracy", f"{final['accuracy']:.3f} ({final['pairs']} pairs)")
         )
-    if ppo:
-        before, after = ppo["before"]["score"], ppo["after"]["score"]
-        rows.append(("stage 3: held-out RM score, stage-1 policy", f"{before:+.3f}"))
-        rows.append(("stage 3: held-out RM score, PPO policy", f"{after:+.3f}"))
-        verdict = "yes" if after > before else "NO"
-        rows.append(
-            ("stage 3: PPO policy scores higher", f"{verdict} ({ppo['score_gain']:+.3f} normalised units)")
-        )
-        rows.append(("stage 3: final KL to the reference (per sequence)", f"{ppo['final_kl']:.3f}"))
-        rows += gold_rows(ppo)
+    for stage in RL_STAGES:
+        if metrics := _load(stage.metrics_path(out)):
+            rows += rl_rows("stage 3" if stage.name == "ppo" else stage.title, stage.title, metrics)
     if dpo:
         rows += dpo_rows(dpo)
     total = 0.0
-    for stage in [*STAGES.values(), DPO_STAGES[2]]:
+    for stage in ALL_STAGES:
         record = _load(stage.dir(out) / RUN_RECORD)
         if record:
             total += record["seconds"]
             when = "" if ran is None or stage.name in ran else "  (earlier run)"
-            label = (
-                f"wall time: step {stage.step} ({stage.title})" if stage.name != "dpo" else "wall time: DPO"
-            )
+            label = f"wall time: step {stage.step} ({stage.title})"
+            if stage.name == "dpo":
+                label = "wall time: DPO"
             rows.append((label, _duration(record["seconds"]) + when))
     if total:
         rows.append(("wall time: all stages", _duration(total)))
     return rows
+
+
+def rl_rows(prefix: str, title: str, m: dict) -> list[tuple[str, str]]:
+    """Stage 3's rows (PPO, or a critic-free estimator titled `title`): the held-out score of its reward (the
+    reward model's, or --reward_fn's) before -> after, the final KL, then `gold_rows`."""
+    before, after = m["before"]["score"], m["after"]["score"]
+    reward = "RM score" if m.get("algorithm", {}).get("reward_fn") is None else "reward"
+    rows = [
+        (f"{prefix}: held-out {reward}, stage-1 policy", f"{before:+.3f}"),
+        (f"{prefix}: held-out {reward}, {title} policy", f"{after:+.3f}"),
+        (
+            f"{prefix}: {title} policy scores higher",
+            f"{'yes' if after > before else 'NO'} ({m['score_gain']:+.3f} normalised units)",
+        ),
+        (f"{prefix}: final KL to the reference (per sequence)", f"{m['final_kl']:.3f}"),
+    ]
+    return rows + gold_rows(m, prefix)
 
 
 # (ppo_metrics.json eval key, row label) of the reward-hacking measures, shown before -> after
@@ -436,17 +461,17 @@ def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]
     ]
 
 
-def gold_rows(ppo: dict) -> list[tuple[str, str]]:
+def gold_rows(ppo: dict, prefix: str = "stage 3") -> list[tuple[str, str]]:
     """Stage 3's gold rows (gold score, best and malformed shares, the verdict; when a gold was known) and
     reward-hacking measures, before -> after; none for metrics written before they existed."""
     before, after = ppo["before"], ppo["after"]
     rows: list[tuple[str, str]] = []
     if "gold_gain" in ppo:
         gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({ppo['gold_reward']})"
-        rows.append(("stage 3: held-out gold score before -> after", gold))
-        rows += label_share_rows("stage 3", before, after)
-        rows.append(("stage 3: proxy vs gold", proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"])))
-    return rows + measure_rows("stage 3", before, after)
+        rows.append((f"{prefix}: held-out gold score before -> after", gold))
+        rows += label_share_rows(prefix, before, after)
+        rows.append((f"{prefix}: proxy vs gold", proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"])))
+    return rows + measure_rows(prefix, before, after)
 
 
 def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
@@ -477,29 +502,37 @@ def format_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def report(out: Path, ran: set[str]) -> None:
-    """Plot the PPO curves (when stage 3 has finished) and print the summary table and where things are."""
-    ppo_metrics = STAGES[3].metrics_path(out)
-    png = None
-    if ppo_metrics.is_file():
-        from common.plot import PNG_NAME, plot_ppo_curves
+    """Plot the curves of every finished stage 3 (PPO, critic-free) and print the summary table and where
+    things are."""
+    from common.plot import PNG_NAME, plot_ppo_curves
 
-        try:
-            png = plot_ppo_curves(ppo_metrics, ppo_metrics.with_name(PNG_NAME))
-        except ValueError as e:
-            print(f"note: no PPO plot: {e}")
+    pngs = {}
+    for stage in RL_STAGES:
+        metrics = stage.metrics_path(out)
+        if metrics.is_file():
+            try:
+                pngs[stage] = plot_ppo_curves(metrics, metrics.with_name(PNG_NAME))
+            except ValueError as e:
+                print(f"note: no {stage.title} plot: {e}")
     rows = summary_rows(out, ran)
     if rows:
         print("\n" + format_table(rows))
     print(f"outputs:       {out}")
-    print(f"stage logs:    {out}/{{sft,rm,ppo}}/{STAGE_LOG}")
+    print(f"stage logs:    {out}/<stage>/{STAGE_LOG}")
     if (out / "tensorboard").is_dir():
         print(f"TensorBoard:   tensorboard --logdir {out / 'tensorboard'}")
-    if png is not None:
-        print(f"PPO curves:    {png}")
-    if (out / "ppo" / "heldout_answers.jsonl").is_file():
-        print(f"PPO answers:   {out / 'ppo' / 'heldout_answers.jsonl'} (held-out prompts, before / after)")
-    if (out / "ppo" / "actor").is_dir():
-        print(f"chat with it:  python chat.py --path {out / 'ppo' / 'actor'}")
+    for stage in RL_STAGES:
+        answers, actor = stage.dir(out) / "heldout_answers.jsonl", stage.dir(out) / "actor"
+        if stage in pngs:
+            print(_label(f"{stage.title} curves:") + str(pngs[stage]))
+        if answers.is_file():
+            print(_label(f"{stage.title} answers:") + f"{answers} (held-out prompts, before / after)")
+        if actor.is_dir():
+            print(_label("chat with it:") + f"python chat.py --path {actor}")
+
+
+def _label(text: str) -> str:
+    return text.ljust(15) if len(text) < 15 else text + " "
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -534,8 +567,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--algo",
         choices=sorted(PIPELINES),
         default="ppo",
-        help="ppo: SFT -> reward model -> PPO (steps 1 2 3); dpo: SFT -> DPO on the same pairs (steps 1 2: "
-        "step 2 is DPO, in dpo/). Both write under one --output-dir, so they share a finished stage 1.",
+        help="ppo: SFT -> reward model -> PPO (steps 1 2 3); grpo, dr_grpo, rloo, reinforce_pp, "
+        "reinforce_pp_baseline: the same, with that critic-free estimator as step 3 (in <algo>/); dpo: SFT -> "
+        "DPO on the same pairs (steps 1 2: step 2 is DPO, in dpo/). All write under one --output-dir, so "
+        "they share finished stages.",
     )
     parser.add_argument(
         "--step", type=int, nargs="+", choices=(1, 2, 3), default=None, help="Steps to run (all)."
@@ -576,6 +611,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def algo_flag(stage: Stage) -> str:
+    """The --algo that reruns `stage` ('' for the default pipeline's stages)."""
+    return (
+        ""
+        if stage in STAGES.values()
+        else f"--algo {next(a for a, p in PIPELINES.items() if stage in p.values())} "
+    )
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
     args = parse_args(argv)
     actor = resolve_actor(args.actor_model)
@@ -590,7 +634,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
             raise SystemExit(f"e2e_rlhf: {e}") from None
         print(f"note: {e}")
         plan = [PlannedStage(stages[s], True, "dry run") for s in sorted(set(args.step))]
-    models = f"actor {actor.hub_id}, " + (f"reward model {reward_model}" if args.algo == "ppo" else "DPO")
+    models = f"actor {actor.hub_id}, " + (f"reward model {reward_model}" if args.algo != "dpo" else "DPO")
     print(f"pipeline: {models}, {args.deployment_type}, output {out}")
     env = stage_env(actor, reward_model)
     ran: set[str] = set()
@@ -633,7 +677,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     for stage in stale_after(out, plan, stages):
         print(
             f"note: {stage.dir(out)} was made from the previous outputs of earlier steps; rerun it with "
-            f"{'--algo dpo ' if stage.name == 'dpo' else ''}--step {stage.step} --force"
+            f"{algo_flag(stage)}--step {stage.step} --force"
         )
     report(out, ran)
     print(f"this invocation: {_duration(time.perf_counter() - started)}")

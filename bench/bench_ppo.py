@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common.training import peak_memory_mb  # noqa: E402
 
 # Architectures of the public checkpoints, typed in (random weights; no download).
 CONFIGS = {
@@ -123,12 +124,6 @@ def make_reward_model(actor_like: Path, root: Path) -> Path:
         tok = load_tokenizer(str(actor_like))
         save_reward_model(load_reward_model_for_training(str(actor_like), tok), out, tok, 0)
     return out
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def environment() -> dict:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from common import dist
 from common.args import BUNDLED_DATA
+from common.score_fn import ScoreFunction, call_score_function, import_score_function
 from common.text_metrics import answer_measures
 from common.training import to_device
 
@@ -33,14 +32,7 @@ BUNDLED_GOLD = "common.gold:synthetic_gold"
 MEASURES = ("eos_fraction", "repeated_3gram_rate", "distinct_2", "leaked_turn_markers")
 
 
-@dataclass(frozen=True)
-class GoldReward:
-    """A gold scorer: `fn(prompts, responses, finished)` -> one float, or one object with `.score` (and
-    optionally `.label`), per answer. `labels`: the labels it can give, recorded even when none occurs."""
-
-    name: str  # "module:function", as given to --gold_reward
-    fn: Callable[[list[str], list[str], list[bool]], Sequence[Any]]
-    labels: tuple[str, ...] = ()
+GoldReward = ScoreFunction  # a gold scorer is a score function named by --gold_reward
 
 
 def is_bundled_data(data_path: Sequence[str]) -> bool:
@@ -55,72 +47,23 @@ def load_gold_reward(spec: str, data_path: Sequence[str]) -> GoldReward | None:
     if spec == "none" or (spec == "auto" and not is_bundled_data(data_path)):
         return None
     name = BUNDLED_GOLD if spec == "auto" else spec
-    module_name, sep, function = name.partition(":")
-    if not sep or not module_name or not function:
+    if ":" not in name:
         raise SystemExit(f"--gold_reward {spec!r}: expected 'module:function', 'auto' or 'none'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise SystemExit(
-            f"--gold_reward {name}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-            "it must be importable from the working directory or PYTHONPATH"
-        ) from None
-    fn = getattr(module, function, None)
-    if fn is None:
-        raise SystemExit(f"--gold_reward {name}: module {module_name!r} has no {function!r}")
-    if not callable(fn):
-        raise SystemExit(f"--gold_reward {name}: {function!r} is a {type(fn).__name__}, not a function")
-    labels = tuple(getattr(module, "LABELS", ())) if name == BUNDLED_GOLD else ()
+    fn = import_score_function(name, "--gold_reward")
+    labels = (
+        tuple(getattr(importlib.import_module(name.partition(":")[0]), "LABELS", ()))
+        if name == BUNDLED_GOLD
+        else ()
+    )
     return GoldReward(name, fn, labels)
 
 
 def gold_scores(
     gold: GoldReward, prompts: list[str], responses: list[str], finished: list[bool]
 ) -> tuple[list[float], list[str | None]]:
-    """Call the gold scorer on held-out answers -> (scores, labels; None where it gave no label).
-
-    SystemExit naming the function and the held-out sample when it raises (the batch is retried one answer
-    at a time to find the sample), returns the wrong number of scores, a non-number, a non-finite score
-    or a label that is not a string."""
-    n = len(prompts)
-    try:
-        out = list(gold.fn(list(prompts), list(responses), list(finished)))
-    except Exception as e:
-        culprit = _first_raising_sample(gold, prompts, responses, finished)
-        where = (
-            f"held-out sample {culprit} (answer {responses[culprit]!r})"
-            if culprit is not None
-            else f"{n} answers"
-        )
-        raise SystemExit(f"--gold_reward {gold.name} raised {type(e).__name__}: {e} on {where}") from None
-    if len(out) != n:
-        raise SystemExit(f"--gold_reward {gold.name} returned {len(out)} scores for {n} held-out answers")
-    scores, labels = [], []
-    for i, item in enumerate(out):
-        score, label = getattr(item, "score", item), getattr(item, "label", None)
-        if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
-            raise SystemExit(
-                f"--gold_reward {gold.name} gave held-out sample {i} the score {score!r}; expected a finite "
-                f"number (answer {responses[i]!r})"
-            )
-        if label is not None and not isinstance(label, str):
-            raise SystemExit(
-                f"--gold_reward {gold.name} gave held-out sample {i} a non-string label {label!r}"
-            )
-        scores.append(float(score))
-        labels.append(label)
-    return scores, labels
-
-
-def _first_raising_sample(
-    gold: GoldReward, prompts: list[str], responses: list[str], finished: list[bool]
-) -> int | None:
-    for i in range(len(prompts)):
-        try:
-            gold.fn([prompts[i]], [responses[i]], [finished[i]])
-        except Exception:
-            return i
-    return None
+    """Call the gold scorer on held-out answers -> (scores, labels; None where it gave no label); SystemExit
+    naming the function and the held-out sample when it fails (common.score_fn.call_score_function)."""
+    return call_score_function(gold, prompts, responses, finished, what="held-out")
 
 
 def gold_stats(gold: GoldReward, scores: list[float], labels: list[str | None]) -> dict[str, float]:
@@ -193,6 +136,18 @@ def format_eval(stats: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def decode_answer(
+    tokenizer: Any, seq: torch.Tensor, mask: torch.Tensor, ends: bool, prompt_len: int
+) -> tuple[str, list[int], str]:
+    """One sampled row as a scorer sees it (the gold of held-out answers, a --reward_fn in training): seq
+    (P + R,) prompt + answer, mask (R,) over the answer, ends: it stopped at EOS -> (prompt text, answer
+    token ids without the EOS, answer text), both texts decoded without special tokens."""
+    response = seq[prompt_len:][mask.bool()]
+    tokens = response[:-1] if ends else response
+    prompt = tokenizer.decode(seq[:prompt_len], skip_special_tokens=True)
+    return prompt, tokens.tolist(), tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 @dataclass
 class SampledAnswers:
     """One batch of sampled answers to held-out prompts (P prompt columns, left-padded; R answer columns)."""
@@ -206,14 +161,15 @@ class SampledAnswers:
 
 @torch.no_grad()
 def evaluate_answers(
-    sample: Callable[[torch.Tensor, torch.Tensor], SampledAnswers],
+    sample: Callable[[torch.Tensor, torch.Tensor, list[dict] | None], SampledAnswers],
     loader: DataLoader,
     dev: torch.device,
     seed: int,
     tokenizer: Any,
     gold: GoldReward | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Answer every held-out prompt once with `sample(prompts (B, P), prompt_mask (B, P))` and return (stats,
+    """Answer every held-out prompt once with `sample(prompts (B, P), prompt_mask (B, P), extra)` (extra: the
+    prompts' extra dataset columns, a list of B dicts, or None when the data has none) and return (stats,
     answers): stats are the same on every rank (kl, response_length, eos_fraction, score when `sample` gives
     proxy scores, and the gold's and the text measures of `rank0_answer_stats`); answers (rank 0; empty
     elsewhere) hold every prompt with its answer (and score, gold, gold_label), in the eval set's order.
@@ -231,7 +187,7 @@ def evaluate_answers(
         for batch, real in loader:
             batch = to_device(batch, dev)
             prompt_len = batch["input_ids"].shape[1]
-            out = sample(batch["input_ids"], batch["attention_mask"])
+            out = sample(batch["input_ids"], batch["attention_mask"], batch.get("extra"))
             seq, mask, ends, kl = out.seq, out.mask, out.ends, out.kl
             has_proxy = out.scores is not None  # the same `sample`, so the same on every rank
             scores = out.scores.double() if has_proxy else torch.zeros_like(kl, dtype=torch.float64)
@@ -248,14 +204,15 @@ def evaluate_answers(
             )
             for i in range(seq.shape[0]):
                 if real[i]:
-                    response = seq[i, prompt_len:][mask[i].bool()]
-                    tokens = response[:-1] if ends[i] else response  # without the EOS
+                    prompt, tokens, text = decode_answer(
+                        tokenizer, seq[i], mask[i], bool(ends[i]), prompt_len
+                    )
                     answer = {
                         "index": rank + (position + i) * world,
-                        "prompt": tokenizer.decode(seq[i, :prompt_len], skip_special_tokens=True),
-                        "answer": tokenizer.decode(response),
-                        "_tokens": tokens.tolist(),
-                        "_text": tokenizer.decode(tokens, skip_special_tokens=True),
+                        "prompt": prompt,
+                        "answer": tokenizer.decode(seq[i, prompt_len:][mask[i].bool()]),
+                        "_tokens": tokens,
+                        "_text": text,
                         "_finished": bool(ends[i]),
                     }
                     if has_proxy:

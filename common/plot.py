@@ -115,8 +115,9 @@ def plot_ppo_curves(metrics: dict[str, Any] | str | Path, out_png: str | Path) -
     if "score" in over:
         _draw_overoptimisation(axes[-1], over)
     if "score_gain" in metrics:
+        estimator = metrics.get("algorithm", {}).get("advantage_estimator", "gae")
         fig.suptitle(
-            f"PPO: held-out score {metrics['before']['score']:+.3f} -> {metrics['after']['score']:+.3f} "
+            f"{'PPO' if estimator == 'gae' else estimator}: held-out score {metrics['before']['score']:+.3f} -> {metrics['after']['score']:+.3f} "
             f"(gain {metrics['score_gain']:+.3f}), final KL {metrics['final_kl']:.3f}"
             + (
                 f"; gold {metrics['before']['gold_mean']:+.3f} -> {metrics['after']['gold_mean']:+.3f}"

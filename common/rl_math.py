@@ -1,5 +1,5 @@
-"""RL math for language models (PPO, and the preference losses of DPO): pure functions over tensors with
-explicit masks.
+"""RL math for language models (PPO and the critic-free estimators GRPO, Dr. GRPO, RLOO, REINFORCE++; the
+preference losses of DPO): pure functions over tensors with explicit masks.
 
 Nothing here touches a model, an optimizer or DeepSpeed; every function takes tensors and returns tensors,
 so each formula can be unit-tested against hand-computed numbers (tests/test_rl_math.py).
@@ -23,14 +23,23 @@ Conventions
 Items covered: 6-7 (temperature, the [C-1 : -1] slice), 14 (per-token rewards), 15 (KL controllers),
 16 (GAE), 17 (whitening), 18 (clipped policy and value losses).
 
+Advantage estimators
+--------------------
+`ADVANTAGE_ESTIMATORS` registers each estimator as a group baseline of the sequence scores, a kind of return
+(GAE with a critic, or returns-to-go without) and its defaults (whitening, loss aggregation);
+`estimate_advantages` is the one entry point that runs any of them. Group estimators take B = G * n scores,
+the n samples of each prompt consecutive.
+
 Loss normalisation
 ------------------
-`policy_loss` and `value_loss` return the mean over the valid tokens OF THE MICRO-BATCH they are given
+`value_loss`, and `policy_loss` / `kl_loss` with the default loss_agg="token_mean", return the mean over the
+valid tokens OF THE MICRO-BATCH they are given
 (a per-micro-batch token mean, as OpenAI's lm-human-preferences and DeepSpeed-Chat do). Under gradient
 accumulation each micro-batch therefore gets equal weight, whatever its number of valid tokens; a token in
 a micro-batch of short responses weighs more than one in a micro-batch of long responses. This is the
 references' behaviour and is kept on purpose; a caller wanting a per-token mean over the whole minibatch
-must use `masked_sum` and divide by the minibatch's token count itself.
+must use `masked_sum` and divide by the minibatch's token count itself. `aggregate_loss` states the other
+choices (a mean of per-sequence means, GRPO's; a constant normaliser, Dr. GRPO's).
 
 Whitening statistics are local to the tensor given (one process); nothing here all-reduces across ranks.
 """
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -47,6 +57,15 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "AdvantageEstimator",
+    "aggregate_loss",
+    "discounted_returns",
+    "dr_grpo_scores",
+    "estimate_advantages",
+    "grpo_scores",
+    "kl_loss",
+    "rloo_scores",
     "PREFERENCE_LOSSES",
     "entropy_from_logits",
     "gae",
@@ -471,11 +490,99 @@ def gae(
     return advantages, returns
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"gae": gae}
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Returns-to-go G_t = r_t + gamma * G_{t+1} over (B, T) rewards with a (B, T) mask (G = 0 past the last
+    valid token): GAE with V = 0 and lam = 1. Returns (B, T), 0 at masked positions."""
+    _check_same_shape("discounted_returns", rewards=rewards, mask=mask)
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return returns
 
 
-def get_advantage_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The advantage estimator registered under `name` (only "gae" for now)."""
+# Group baselines: sequence scores (B,) of B = G * n samples, n consecutive samples per prompt (a group).
+
+
+def _groups(fn: str, scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) scores -> (G, n) view, checked: 1-dim, n >= 2, B a multiple of n."""
+    if scores.dim() != 1:
+        raise ValueError(f"{fn}: scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"{fn}: a group baseline needs at least 2 samples per prompt, got {group_size}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{fn}: {scores.shape[0]} scores do not split into groups of {group_size}")
+    return _upcast(scores).view(-1, group_size)
+
+
+def grpo_scores(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): (s_i - mean_g) / (std_g + eps) within each group g of `group_size`
+    consecutive scores; std is the sample (unbiased, n - 1) standard deviation, as TRL and veRL compute it,
+    and eps (1e-6, veRL's) keeps a group of equal scores at 0 rather than 0 / 0. (B,) -> (B,)."""
+    g = _groups("grpo_scores", scores, group_size)
+    return ((g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)).view(-1)
+
+
+def dr_grpo_scores(scores: torch.Tensor, group_size: int, eps: float = 0.0) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): s_i - mean_g, GRPO without the division by the group's std (which
+    up-weights prompts whose answers all score alike). (B,) -> (B,); eps is unused (one signature)."""
+    g = _groups("dr_grpo_scores", scores, group_size)
+    return (g - g.mean(dim=1, keepdim=True)).view(-1)
+
+
+def rloo_scores(scores: torch.Tensor, group_size: int, eps: float = 0.0) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): s_i - mean_{j != i} s_j, the leave-one-out baseline of the group,
+    which equals n / (n - 1) * (s_i - mean_g). (B,) -> (B,); eps is unused (one signature)."""
+    g = _groups("rloo_scores", scores, group_size)
+    n = g.shape[1]
+    return (g - (g.sum(dim=1, keepdim=True) - g) / (n - 1)).view(-1)
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """How one estimator turns scores, KL and values into advantages (see `estimate_advantages`).
+
+    baseline:   the group transform of the sequence scores (None: the raw scores); needs groups of >= 2
+    returns:    "gae" (needs a critic's values) or "discounted" (returns-to-go, no critic)
+    whiten:     whether the advantages are whitened over the batch by default
+    loss_agg:   the default aggregation of the per-token policy loss (LOSS_AGGREGATIONS)
+    """
+
+    baseline: Callable[[torch.Tensor, int, float], torch.Tensor] | None
+    returns: str
+    whiten: bool
+    loss_agg: str
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.returns == "gae"
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.baseline is not None
+
+
+def _reinforce_baseline(scores: torch.Tensor, group_size: int, eps: float = 0.0) -> torch.Tensor:
+    return dr_grpo_scores(scores, group_size)  # the group mean subtracted, before KL shaping and whitening
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    # PPO: GAE over KL-shaped per-token rewards and the critic's values, whitened (items 14, 16, 17).
+    "gae": AdvantageEstimator(None, "gae", whiten=True, loss_agg="token_mean"),
+    # GRPO: group-normalised scores; the paper averages each sequence's token losses, then the sequences.
+    "grpo": AdvantageEstimator(grpo_scores, "discounted", whiten=False, loss_agg="seq_mean_token_mean"),
+    # Dr. GRPO: group mean only, and a constant normaliser instead of each answer's length.
+    "dr_grpo": AdvantageEstimator(
+        dr_grpo_scores, "discounted", whiten=False, loss_agg="seq_mean_token_sum_norm"
+    ),
+    "rloo": AdvantageEstimator(rloo_scores, "discounted", whiten=False, loss_agg="token_mean"),
+    # REINFORCE++ (Hu 2025): returns-to-go of the KL-shaped rewards, whitened over the batch.
+    "reinforce_pp": AdvantageEstimator(None, "discounted", whiten=True, loss_agg="token_mean"),
+    "reinforce_pp_baseline": AdvantageEstimator(
+        _reinforce_baseline, "discounted", whiten=True, loss_agg="token_mean"
+    ),
+}
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """The advantage estimator registered under `name` (ADVANTAGE_ESTIMATORS)."""
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(
             f"unknown advantage estimator {name!r}, expected one of {sorted(ADVANTAGE_ESTIMATORS)}"
@@ -483,9 +590,89 @@ def get_advantage_estimator(name: str) -> Callable[..., tuple[torch.Tensor, torc
     return ADVANTAGE_ESTIMATORS[name]
 
 
+def estimate_advantages(
+    estimator: str,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    values: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    group_size: int = 1,
+    eps: float = 1e-6,
+    clip_score: float | None = None,
+    whiten_rewards: bool = False,
+    whiten: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advantages of any registered estimator, in four steps:
+
+        1. s = clip(scores, +-clip_score), then the estimator's group baseline: s <- baseline(s) per group
+           of `group_size` consecutive samples (grpo, dr_grpo, rloo, reinforce_pp_baseline);
+        2. per-token rewards r = shape_rewards(s, kl, mask, kl_coef): -kl_coef * kl_t, plus s at the last
+           valid token (kl_coef = 0 puts no KL in the reward, e.g. when KL is a loss term); optionally
+           scaled by their std (whiten_rewards, mean kept);
+        3. "gae" estimators: GAE of r and `values` (gamma, lam); the others: returns-to-go of r (gamma), and
+           the advantage is the return: with gamma = 1 and no KL in the reward, every token of a sequence
+           gets its sequence's (baselined) score, as in GRPO;
+        4. whitening of the advantages over the batch: `whiten`, or the estimator's default when None.
+
+    scores (B,), kl (B, T), mask (B, T), values (B, T) (for "gae" only). Returns (advantages, returns,
+    rewards), each (B, T) and 0 at masked positions.
+    """
+    spec = get_advantage_estimator(estimator)
+    _check_same_shape("estimate_advantages", kl=kl, mask=mask)
+    if spec.needs_critic and values is None:
+        raise ValueError(f"estimate_advantages: {estimator!r} needs the critic's values")
+    s = _upcast(scores)
+    if clip_score is not None:
+        if not clip_score > 0:
+            raise ValueError(f"estimate_advantages: clip_score must be > 0, got {clip_score}")
+        s = s.clamp(min=-clip_score, max=clip_score)
+    if spec.baseline is not None:
+        s = spec.baseline(s, group_size, eps)
+    rewards = shape_rewards(s, kl, mask, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    if spec.needs_critic:
+        advantages, returns = gae(rewards, values, mask, gamma, lam)
+    else:
+        returns = discounted_returns(rewards, mask, gamma)
+        advantages = returns
+    if spec.whiten if whiten is None else whiten:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    return advantages, returns, rewards
+
+
 # --------------------------------------------------------------------------------------------------------
 # PPO losses (item 18)
 # --------------------------------------------------------------------------------------------------------
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(
+    losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", norm_length: int | None = None
+) -> torch.Tensor:
+    """Reduce per-token losses (B, T) over the valid tokens of a (B, T) mask to a 0-dim loss.
+
+    token_mean                the mean over all valid tokens (each token weighs alike; the references')
+    seq_mean_token_mean       the mean over sequences of each sequence's token mean (each sequence weighs
+                              alike, so a token of a short answer weighs more: GRPO's paper)
+    seq_mean_token_sum_norm   sum over tokens / (B * norm_length), norm_length a constant such as the
+                              answer budget (Dr. GRPO: no length normalisation at all)
+    """
+    _check_same_shape("aggregate_loss", losses=losses, mask=mask)
+    if mode == "token_mean":
+        return masked_mean(losses, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(losses, mask, dim=1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        if norm_length is None or norm_length < 1:
+            raise ValueError(f"aggregate_loss: {mode} needs a norm_length >= 1, got {norm_length}")
+        return masked_sum(losses, mask) / (losses.shape[0] * norm_length)
+    raise ValueError(f"aggregate_loss: unknown mode {mode!r}, expected one of {list(LOSS_AGGREGATIONS)}")
 
 
 def policy_loss(
@@ -494,14 +681,17 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    loss_agg: str = "token_mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    """PPO clipped surrogate: aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
 
     logp (B, T) from the current policy (carries the gradient), old_logp (B, T) from the rollout,
     advantages (B, T) (already whitened if wanted), mask (B, T). eps is 0.2 in the references.
-    Returns (loss, stats): loss is a 0-dim tensor, the mean over the valid tokens of this micro-batch;
-    stats are detached 0-dim tensors: clipfrac (fraction of valid tokens where the clipped term is
-    strictly larger, i.e. active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean.
+    Returns (loss, stats): loss is a 0-dim tensor, the per-token losses of this micro-batch reduced by
+    `aggregate_loss(loss_agg, norm_length)` (the references' token mean by default); stats are detached
+    0-dim token means: clipfrac (fraction of valid tokens where the clipped term is strictly larger, i.e.
+    active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean.
     """
     _check_same_shape("policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     if not clip_eps > 0:
@@ -512,7 +702,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     losses = -adv * ratio
     losses_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(losses, losses_clipped), mask)
+    loss = aggregate_loss(torch.maximum(losses, losses_clipped), mask, loss_agg, norm_length)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask),
@@ -520,6 +710,25 @@ def policy_loss(
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    loss_agg: str = "token_mean",
+    norm_length: int | None = None,
+) -> torch.Tensor:
+    """KL(pi || ref) as a loss term (GRPO: k3 = exp(ref - logp) - (ref - logp) - 1, beta 0.04 in the paper)
+    instead of a reward penalty: the per-token estimate `kl_penalty(kind)` of the CURRENT policy's log-probs
+    logp (B, T, carries the gradient) against the reference's ref_logp (B, T), reduced like the policy loss.
+    Returns a 0-dim tensor (the caller multiplies by its coefficient)."""
+    _check_same_shape("kl_loss", logp=logp, ref_logp=ref_logp, mask=mask)
+    # Zero the log-ratio first: exp() of garbage at masked slots would poison the gradient with inf * 0.
+    log_ratio = _zero_masked(_upcast(logp) - _upcast(ref_logp).detach(), mask)
+    per_token = kl_penalty(log_ratio, torch.zeros_like(log_ratio), kind=kind)
+    return aggregate_loss(per_token, mask, loss_agg, norm_length)
 
 
 def value_loss(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 from collections.abc import Callable
 from typing import Any
 
@@ -211,3 +212,11 @@ def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoc
             batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs
         ),
     )
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far, in MiB: the accelerator's allocated peak on a GPU, the resident
+    set's peak (RSS) on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.rl_math import get_advantage_estimator
+
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -298,18 +300,35 @@ def validate_dpo(args: argparse.Namespace) -> None:
         check_length(flag, path, config, total, what)
 
 
+def reward_model_path(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(flag, path) of the frozen reward model: --reward_model_name_or_path, else --critic_model_name_or_path
+    (DeepSpeed-Chat's default); None when there is none or --reward_model_coef is 0."""
+    if args.reward_model_coef == 0:
+        return None
+    for flag in ("reward_model_name_or_path", "critic_model_name_or_path"):
+        if getattr(args, flag):
+            return f"--{flag}", getattr(args, flag)
+    return None
+
+
+def ppo_model_paths(args: argparse.Namespace) -> dict[str, str]:
+    """{flag: path} of every model stage 3 loads: the actor, the critic when the estimator trains one, the
+    reward model when there is one."""
+    models = {"--actor_model_name_or_path": args.actor_model_name_or_path}
+    if get_advantage_estimator(args.advantage_estimator).needs_critic:
+        models["--critic_model_name_or_path"] = args.critic_model_name_or_path
+    if (reward := reward_model_path(args)) is not None:
+        models[reward[0]] = reward[1]
+    return models
+
+
 def validate_ppo(args: argparse.Namespace) -> None:
-    """Stage 3: every model path, one tokenizer for actor, critic and reward model, prompt + answer length
-    against every model, LoRA names of actor and critic, the hybrid engine's tensor-parallel size."""
+    """Stage 3: every model path the run loads (`ppo_model_paths`), one tokenizer for all, prompt + answer
+    length against every model, LoRA names of actor and critic, the hybrid engine's tensor-parallel size."""
     from common import dist
 
     check_tensor_parallel(args, dist.get_world_size())
-    models = {
-        "--actor_model_name_or_path": args.actor_model_name_or_path,
-        "--critic_model_name_or_path": args.critic_model_name_or_path,
-    }
-    if args.reward_model_name_or_path:
-        models["--reward_model_name_or_path"] = args.reward_model_name_or_path
+    models = ppo_model_paths(args)
     configs = {flag: _check_model(args, flag, path) for flag, path in models.items()}
     actor_flag, actor_path = "--actor_model_name_or_path", args.actor_model_name_or_path
     actor_tokenizer = load_checked_tokenizer(actor_flag, actor_path, args.trust_remote_code)
@@ -328,7 +347,7 @@ def validate_ppo(args: argparse.Namespace) -> None:
         check_lora_modules(
             *lora, actor_flag, actor_path, configs[actor_flag], trunk=False, trust_remote_code=trust
         )
-    if args.critic_lora_dim > 0:
+    if args.critic_lora_dim > 0 and "--critic_model_name_or_path" in models:
         lora = ("--critic_lora_module_name", args.critic_lora_module_name)
         critic = "--critic_model_name_or_path"
         check_lora_modules(*lora, critic, models[critic], configs[critic], trunk=True)

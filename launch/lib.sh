@@ -5,7 +5,9 @@
 #
 # Usage of a launch script (one script per model size and deployment, one stage per call):
 #     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
-#   STEP               1 (SFT), 2 (reward model), 3 (PPO), or dpo (DPO from the SFT model: the alternative to 2 + 3)
+#   STEP               1 (SFT), 2 (reward model), 3 (PPO), dpo (DPO from the SFT model: the alternative to 2 + 3),
+#                      or a critic-free estimator in place of PPO's step 3 (same engines, no critic): grpo,
+#                      dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (in OUTPUT/<STEP>)
 #   OUTPUT             the pipeline's output root: models in OUTPUT/sft, OUTPUT/rm, OUTPUT/ppo, each stage's
 #                      (and OUTPUT/dpo), log in its directory (training.log), TensorBoard in OUTPUT/tensorboard/<stage>,
 #                      tokenised-data cache in OUTPUT/data_cache
@@ -23,6 +25,10 @@
 #   DATA            array: --data_path ... --data_split ...
 #   STEP1_ZERO STEP2_ZERO STEP3_ACTOR_ZERO STEP3_CRITIC_ZERO DPO_ZERO   default ZeRO stages
 #   STEP1_ARGS STEP2_ARGS STEP3_ARGS DPO_ARGS                          arrays of the stages' other flags
+#   CRITIC_FREE_ARGS  array added to STEP3_ARGS for every critic-free estimator (e.g. its own learning rate)
+#   GROUP_ARGS      array added after it for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline):
+#                   --num_samples_per_prompt n and a generation batch n times smaller, so an iteration
+#                   generates as many answers as PPO's; grpo also gets --kl_in_loss (its paper's)
 #   PREPARE         optional array, a command run before step 1 unless PREPARE_CREATES exists
 
 set -euo pipefail
@@ -62,7 +68,9 @@ STEP="${_positional[0]}"
 OUTPUT="${_positional[1]}"
 ZERO_OVERRIDE="${_positional[2]:-}"
 CRITIC_ZERO_OVERRIDE="${_positional[3]:-}"
-case "$STEP" in 1|2|3|dpo) ;; *) launch_usage "STEP must be 1, 2, 3 or dpo, got '$STEP'" ;; esac
+CRITIC_FREE="grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline"
+case " 1 2 3 dpo $CRITIC_FREE " in *" $STEP "*) ;;
+    *) launch_usage "STEP must be 1, 2, 3, dpo or one of $CRITIC_FREE, got '$STEP'" ;; esac
 for _z in "$ZERO_OVERRIDE" "$CRITIC_ZERO_OVERRIDE"; do
     case "$_z" in ''|0|1|2|3) ;; *) launch_usage "a ZeRO stage must be 0, 1, 2 or 3, got '$_z'" ;; esac
 done
@@ -76,6 +84,8 @@ STEP1_ARGS=()
 STEP2_ARGS=()
 STEP3_ARGS=()
 DPO_ARGS=()
+CRITIC_FREE_ARGS=()
+GROUP_ARGS=()
 PREPARE=()
 PREPARE_CREATES=""
 
@@ -121,6 +131,8 @@ recipe() {
         --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --actor_weight_decay 0.1 --critic_weight_decay 0.1
         --lr_scheduler_type cosine --num_warmup_steps 100 --seed 1234 --dtype "$DTYPE"
         --actor_gradient_checkpointing --critic_gradient_checkpointing)
+    # The group estimators: 4 answers per prompt from a generation batch 4 times smaller (at least 1 prompt).
+    GROUP_ARGS=(--num_samples_per_prompt 4 --per_device_generation_batch_size "$(( gen >= 4 ? gen / 4 : 1 ))")
     if _on ppo_offload; then STEP3_ARGS+=(--offload); fi
     if _on offload_ref; then STEP3_ARGS+=(--offload_reference_model); fi
     if _on offload_reward; then STEP3_ARGS+=(--offload_reward_model); fi
@@ -204,6 +216,15 @@ _stage_command() {
             CMD=("${LAUNCHER[@]}" step2_dpo/main.py --model_name_or_path "$OUTPUT/sft" "${DATA[@]}"
                 --data_output_path "$OUTPUT/data_cache" --zero_stage "${ZERO_OVERRIDE:-$DPO_ZERO}" "${DPO_ARGS[@]}"
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/dpo" --output_dir "$STAGE_DIR") ;;
+        *)  # a critic-free estimator: stage 3 without a critic, the reward model of stage 2 as reward
+            STAGE_DIR="$OUTPUT/$STEP"
+            local estimator=(--advantage_estimator "$STEP" "${CRITIC_FREE_ARGS[@]}")
+            if [ "$STEP" != reinforce_pp ]; then estimator+=("${GROUP_ARGS[@]}"); fi
+            if [ "$STEP" = grpo ]; then estimator+=(--kl_in_loss); fi
+            CMD=("${LAUNCHER[@]}" step3_rlhf/main.py --actor_model_name_or_path "$OUTPUT/sft"
+                --reward_model_name_or_path "$OUTPUT/rm" "${DATA[@]}" --data_output_path "$OUTPUT/data_cache"
+                --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}" "${STEP3_ARGS[@]}" "${estimator[@]}"
+                --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/$STEP" --output_dir "$STAGE_DIR") ;;
     esac
     CMD+=("${EXTRA[@]}")
 }
@@ -220,7 +241,8 @@ launch() {
     fi
     case "$STEP" in
         2|dpo) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
-        3) _require "$OUTPUT/sft/config.json" "the stage-1 model"
+        1) ;;
+        *) _require "$OUTPUT/sft/config.json" "the stage-1 model"
            _require "$OUTPUT/rm/config.json" "the stage-2 reward model" ;;
     esac
     if [ "$DEPLOYMENT" = multi_node ] && [ ! -f "${HOSTFILE:-/job/hostfile}" ]; then

@@ -19,18 +19,21 @@ from common.args import (
     add_training_args,
     parse_stage_args,
 )
+from common.rl_math import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, get_advantage_estimator
+from common.validate import reward_model_path
 
 
 def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("PPO")
     g.add_argument(
-        "--reward_model_name_or_path",
-        type=str,
-        default=None,
-        help="Frozen reward model (default: --critic_model_name_or_path, as in DeepSpeed-Chat).",
+        "--per_device_generation_batch_size", type=int, default=16, help="Prompts per rank per generation."
     )
     g.add_argument(
-        "--per_device_generation_batch_size", type=int, default=16, help="Prompts per rank per generation."
+        "--num_samples_per_prompt",
+        type=int,
+        default=1,
+        help="Answers sampled per prompt (a group; >= 2 for the group estimators). A generation batch holds "
+        "--per_device_generation_batch_size x this answers, each group in one batch on one rank.",
     )
     g.add_argument(
         "--per_device_training_batch_size", type=int, default=16, help="Micro-batch for PPO updates."
@@ -59,6 +62,28 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     )
     # reward [8, 14]
     g.add_argument(
+        "--reward_model_name_or_path",
+        type=str,
+        default=None,
+        help="Frozen reward model (default: --critic_model_name_or_path, as in DeepSpeed-Chat).",
+    )
+    g.add_argument(
+        "--reward_model_coef",
+        type=float,
+        default=1.0,
+        help="Weight of the reward model's normalised score in the reward (0: no reward model is loaded).",
+    )
+    g.add_argument(
+        "--reward_fn",
+        type=str,
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="A reward function fn(prompts, responses, finished, **extra_columns) -> one score per answer "
+        "(common/score_fn.py), e.g. common.gold:synthetic_gold; summed with the reward model's score "
+        "(weights --reward_fn_coef, --reward_model_coef) or alone when there is no reward model.",
+    )
+    g.add_argument("--reward_fn_coef", type=float, default=1.0, help="Weight of --reward_fn's score.")
+    g.add_argument(
         "--clip_reward_value", type=float, default=5.0, help="Clip RM scores to +-this (DS-Chat: 5)."
     )
     g.add_argument(
@@ -83,10 +108,36 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         "--kl_target", type=float, default=6.0, help="Adaptive controller's target KL (per sequence)."
     )
     g.add_argument("--kl_horizon", type=float, default=10000, help="Adaptive controller's horizon.")
+    g.add_argument(
+        "--kl_in_loss",
+        action="store_true",
+        help="KL to the reference as a loss term (--kl_loss_coef x --kl_loss_estimator, as in GRPO) instead "
+        "of a per-token reward penalty (then none is put in the reward).",
+    )
+    g.add_argument(
+        "--kl_loss_coef", type=float, default=0.04, help="Coefficient of the KL loss (GRPO: 0.04)."
+    )
+    g.add_argument("--kl_loss_estimator", choices=["k1", "k2", "k3"], default="k3", help="KL loss estimator.")
     # advantages [16, 17]
+    g.add_argument(
+        "--advantage_estimator",
+        choices=sorted(ADVANTAGE_ESTIMATORS),
+        default="gae",
+        help="gae: PPO with a critic; grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline: critic-free "
+        "(no critic engine is built), the group ones need --num_samples_per_prompt >= 2 (common/rl_math.py).",
+    )
     g.add_argument("--gamma", type=float, default=1.0)
     g.add_argument("--lam", type=float, default=0.95)
-    g.add_argument("--whiten_advantages", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument(
+        "--group_std_eps", type=float, default=1e-6, help="eps of GRPO's (s - mean) / (std + eps)."
+    )
+    g.add_argument(
+        "--whiten_advantages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Whiten advantages over the rollout (default: the estimator's: yes for gae and reinforce_pp*, "
+        "no for grpo, dr_grpo, rloo).",
+    )
     g.add_argument(
         "--whiten_rewards", action="store_true", help="Scale per-token rewards (mean kept) before GAE."
     )
@@ -94,6 +145,14 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cliprange", type=float, default=0.2, help="Policy ratio clip epsilon.")
     g.add_argument("--cliprange_value", type=float, default=0.2, help="Value clip range around old values.")
     g.add_argument("--entropy_coef", type=float, default=0.0, help="Entropy bonus coefficient.")
+    g.add_argument(
+        "--loss_agg",
+        choices=LOSS_AGGREGATIONS,
+        default=None,
+        help="How the policy (and KL) loss reduces its tokens (common.rl_math.aggregate_loss). Default: the "
+        "estimator's: seq_mean_token_mean for grpo, seq_mean_token_sum_norm over --max_answer_seq_len for "
+        "dr_grpo, token_mean otherwise.",
+    )
     # ptx and EMA [20]
     g.add_argument(
         "--unsupervised_dataset_name",
@@ -187,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Stage 3: PPO with actor, reference, critic and reward engines"
     )
     add_model_args(parser, prefix="actor_", dropout_default=0.0)
-    add_model_args(parser, prefix="critic_", dropout_default=0.0)
+    add_model_args(parser, prefix="critic_", required=False, dropout_default=0.0)
     add_data_args(parser, stage=3)
     add_training_args(parser, stage=3)
     add_lora_args(parser, prefix="actor_")
@@ -205,13 +264,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_ppo_args(args: argparse.Namespace) -> None:
-    """Batch-size arithmetic and ranges, before any model is loaded."""
-    rollout = args.per_device_generation_batch_size * args.generation_batches
+    """Batch-size arithmetic, ranges and the estimator's needs, before any model is loaded; resolves the
+    estimator's defaults (--whiten_advantages, --loss_agg) into `args`."""
+    estimator = get_advantage_estimator(args.advantage_estimator)
+    n = args.num_samples_per_prompt
+    if n < 1:
+        raise SystemExit(f"--num_samples_per_prompt must be >= 1, got {n}")
+    if estimator.needs_groups and n < 2:
+        raise SystemExit(
+            f"--advantage_estimator {args.advantage_estimator} compares the answers to one prompt, so it needs "
+            f"--num_samples_per_prompt >= 2 (got {n})"
+        )
+    if estimator.needs_critic and not args.critic_model_name_or_path:
+        raise SystemExit(
+            f"--advantage_estimator {args.advantage_estimator} trains a critic: give --critic_model_name_or_path "
+            "(the reward model of stage 2)"
+        )
+    if reward_model_path(args) is None and args.reward_fn is None:
+        raise SystemExit(
+            "stage 3 needs a reward: a reward model (--reward_model_name_or_path, or --critic_model_name_or_path) "
+            "and/or a reward function (--reward_fn module:function)"
+        )
+    if args.kl_in_loss and args.adaptive_kl:
+        raise SystemExit("--adaptive_kl adapts the KL penalty in the reward; with --kl_in_loss there is none")
+    if args.whiten_advantages is None:
+        args.whiten_advantages = estimator.whiten
+    if args.loss_agg is None:
+        args.loss_agg = estimator.loss_agg
+    rollout = args.per_device_generation_batch_size * args.generation_batches * n
     minibatch = args.per_device_training_batch_size * args.gradient_accumulation_steps
     if rollout % minibatch:
         raise SystemExit(
             f"per-rank rollout size (--per_device_generation_batch_size {args.per_device_generation_batch_size} x "
-            f"--generation_batches {args.generation_batches} = {rollout}) must be a multiple of the PPO minibatch "
+            f"--generation_batches {args.generation_batches} x --num_samples_per_prompt {n} = {rollout}) "
+            "must be a multiple of the PPO minibatch "
             f"(--per_device_training_batch_size {args.per_device_training_batch_size} x "
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps} = {minibatch})"
         )

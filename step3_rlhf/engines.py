@@ -6,8 +6,10 @@
 - reference: a frozen copy of the initial actor, inference config; `--offload_reference_model` keeps
              its weights in CPU memory (ZeRO-3 parameter offload).
 - critic:    initialised from the reward model (ppo-fidelity item 13) with its normalisation folded into the
-             head, so values start in reward units; trainable, ZeRO `--critic_zero_stage`.
-- reward:    the frozen reward model, returning normalised scores (stage-2 statistics).
+             head, so values start in reward units; trainable, ZeRO `--critic_zero_stage`. Only built for an
+             estimator that needs values (gae); the critic-free ones (grpo, rloo, ...) have none.
+- reward:    the frozen reward model, returning normalised scores (stage-2 statistics); none when the reward
+             is a `--reward_fn` alone (`--reward_model_coef 0`, or no reward-model path).
 - ema:       optional exponential moving average of the actor (`--enable_ema`), saved beside it.
 
 Dropout is off in all of them (item 12): `--actor_dropout` / `--critic_dropout` default to 0 here and
@@ -31,15 +33,17 @@ from common import dist
 from common.ds_config import eval_config, torch_dtype, train_config
 from common.model import apply_lora, disable_dropout, load_causal_lm
 from common.reward_model import load_reward_model_for_training
+from common.rl_math import get_advantage_estimator
 from common.training import frozen_engine, init_engine, with_lora_and_checkpointing
+from common.validate import reward_model_path
 
 
 @dataclass
 class Engines:
     actor: nn.Module
     ref: nn.Module
-    critic: nn.Module
-    reward: nn.Module
+    critic: nn.Module | None  # None for the critic-free estimators
+    reward: nn.Module | None  # None when the reward is a reward function alone
     ema: nn.Module | None
     hybrid: bool  # whether the actor is a DeepSpeed hybrid engine
 
@@ -95,7 +99,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     world = dist.get_world_size()
     dtype = torch_dtype(args.dtype)
     micro = args.per_device_training_batch_size
-    gen_micro = args.per_device_generation_batch_size
+    gen_micro = args.per_device_generation_batch_size * args.num_samples_per_prompt
 
     # actor
     actor_cfg = train_config(
@@ -175,7 +179,23 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     if args.enable_ema:
         ema = frozen_engine(new_actor_model(), ref_stage, False, gen_micro, args.dtype)
 
-    # critic: initialised from the reward model
+    critic = None
+    if get_advantage_estimator(args.advantage_estimator).needs_critic:
+        critic = _build_critic(args, tokenizer, dtype, world, critic_steps)
+    reward = None
+    if (found := reward_model_path(args)) is not None:
+        # ZeRO-3 partitions the reward model like the critic beside it, or like the actor when there is none.
+        stage = args.critic_zero_stage if critic is not None else args.actor_zero_stage
+        reward = _build_reward(args, tokenizer, found[1], dtype, world, stage)
+    return Engines(actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None)
+
+
+def _build_critic(
+    args: argparse.Namespace, tokenizer, dtype: torch.dtype, world: int, steps: int
+) -> nn.Module:
+    """The critic engine: the reward model of --critic_model_name_or_path, its normalisation folded into the
+    head (values start in the units of the normalised rewards), trainable."""
+    micro = args.per_device_training_batch_size
     critic_cfg = train_config(
         zero_stage=args.critic_zero_stage,
         micro_batch_size=micro,
@@ -214,12 +234,17 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         lora_lr=args.critic_lora_learning_rate if args.critic_lora_dim > 0 else None,
         scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.num_warmup_steps,
-        total_steps=critic_steps,
+        total_steps=steps,
     )
+    return critic
 
-    # reward: frozen, normalised scores
-    reward_path = args.reward_model_name_or_path or args.critic_model_name_or_path
-    reward_stage = 3 if args.critic_zero_stage == 3 else 0
+
+def _build_reward(
+    args: argparse.Namespace, tokenizer, reward_path: str, dtype: torch.dtype, world: int, zero_stage: int
+) -> nn.Module:
+    """The frozen reward model of `reward_path`, returning normalised scores; partitioned when zero_stage is 3."""
+    gen_micro = args.per_device_generation_batch_size * args.num_samples_per_prompt
+    reward_stage = 3 if zero_stage == 3 else 0
     reward_cfg = eval_config(
         zero_stage=3 if args.offload_reward_model else reward_stage,
         micro_batch_size=gen_micro,
@@ -238,8 +263,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     )
     disable_dropout(reward_model)
     reward = frozen_engine(reward_model, reward_stage, args.offload_reward_model, gen_micro, args.dtype)
-
-    return Engines(actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None)
+    return reward
 
 
 @torch.no_grad()

@@ -1,15 +1,18 @@
-"""Experience making: sample responses, then score them with all four models in batched forwards.
+"""Experience making: sample responses, then score them with all models in batched forwards.
 
-For one batch of left-padded prompts (B, P):
+For one batch of left-padded prompts (B, P), each repeated --num_samples_per_prompt (n) times in a row, so
+that a prompt's group of n answers is sampled in one batch on one rank:
   1. the actor samples responses (hybrid engine or the model's own `generate`); under ZeRO-3 its weights
      are gathered once per batch when a full copy fits (otherwise at every decode step, with `synced_gpus`);
      everything after the first EOS is masked, the EOS itself kept (items 5, 1);
-  2. one forward each of actor, reference, critic and reward model over prompt + response with
-     attention mask and explicit position ids (item 4): temperature-scaled log-probs of the response
-     tokens (items 6-7), values at the same positions (item 13), the normalised reward-model score at
-     the last valid token (item 9);
-  3. optional missing-EOS penalty (item 8), per-token rewards = -beta * KL + clipped score at the last
-     token (item 14), GAE advantages and returns (item 16), whitened advantages (item 17).
+  2. one forward each of actor, reference, critic (when the estimator has one) and reward model (when there
+     is one) over prompt + response with attention mask and explicit position ids (item 4): temperature-
+     scaled log-probs of the response tokens (items 6-7), values at the same positions (item 13), the
+     normalised reward-model score at the last valid token (item 9), plus the --reward_fn's score;
+  3. optional missing-EOS penalty (item 8), then the advantage estimator over the whole rollout
+     (`common.rl_math.estimate_advantages`): for PPO per-token rewards = -beta * KL + clipped score at the
+     last token (item 14), GAE advantages and returns (item 16), whitened advantages (item 17); for the
+     critic-free estimators a group baseline of the scores, then returns-to-go.
 The math lives in common/rl_math.py; this module only moves tensors between models and those functions.
 """
 
@@ -25,16 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
+from common.heldout import decode_answer
 from common.model import response_logits
 from common.rl_math import (
-    gae,
+    estimate_advantages,
     kl_penalty,
     logprobs_from_logits,
-    masked_whiten,
     response_mask,
     response_positions,
-    shape_rewards,
 )
+from common.score_fn import ScoreFunction, call_score_function
 from step3_rlhf.engines import (
     Engines,
     gathered_copy_fits,
@@ -119,14 +122,31 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     return Rollout(**out)
 
 
+def _columns(extra: list[dict] | None) -> dict[str, list]:
+    """Rows' extra columns (B dicts) -> {column: [value of row i, None where row i lacks it]}."""
+    if not extra:
+        return {}
+    names = dict.fromkeys(k for row in extra for k in row)
+    return {name: [row.get(name) for row in extra] for name in names}
+
+
 class ExperienceMaker:
     """Turns prompt batches into `Rollout`s with the engines and the PPO settings in `args`."""
 
-    def __init__(self, engines: Engines, tokenizer, args: argparse.Namespace, kl_ctl, zero3_actor: bool):
+    def __init__(
+        self,
+        engines: Engines,
+        tokenizer,
+        args: argparse.Namespace,
+        kl_ctl,
+        zero3_actor: bool,
+        reward_fn: ScoreFunction | None = None,
+    ):
         self.e = engines
         self.tokenizer = tokenizer
         self.args = args
         self.kl_ctl = kl_ctl
+        self.reward_fn = reward_fn
         self.zero3_actor = zero3_actor
         self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase, reset by the caller
         if engines.hybrid:
@@ -193,9 +213,14 @@ class ExperienceMaker:
     # -------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
     def score(
-        self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+        self,
+        seq: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_len: int,
+        extra: list[dict] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Actor/reference log-probs, critic values (B, R) and normalised reward scores (B,)."""
+        """Actor/reference log-probs, critic values (B, R) and rewards (B,) (`reward_scores`; extra: the rows'
+        extra dataset columns, for a reward function)."""
         t = self.args.temperature
         answer = seq[:, prompt_len:]
         # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
@@ -206,11 +231,68 @@ class ExperienceMaker:
             logits = response_logits(self.e.ref, seq, attention_mask, prompt_len)
             ref_logprobs = logprobs_from_logits(logits, answer, t)
         del logits
-        with self._timed("critic_forward"):
-            values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
-        with self._timed("reward_forward"):
-            scores = self.e.reward(seq, attention_mask, normalize=True).scores
+        values = torch.zeros_like(logprobs)
+        if self.e.critic is not None:
+            with self._timed("critic_forward"):
+                values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
+        scores = self.reward_scores(seq, attention_mask, prompt_len, extra)
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
+
+    @torch.no_grad()
+    def reward_scores(
+        self,
+        seq: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_len: int,
+        extra: list[dict] | None = None,
+    ) -> torch.Tensor:
+        """(B,) rewards of sequences: --reward_model_coef x the reward model's normalised score plus
+        --reward_fn_coef x the reward function's score (either may be absent), the function also given the
+        rows' extra dataset columns."""
+        a = self.args
+        total = torch.zeros(seq.shape[0], dtype=torch.float32, device=seq.device)
+        if self.e.reward is not None:
+            with self._timed("reward_forward"):
+                total += (
+                    a.reward_model_coef * self.e.reward(seq, attention_mask, normalize=True).scores.float()
+                )
+        if self.reward_fn is not None:
+            with self._timed("reward_fn"):
+                answer_mask = attention_mask[:, prompt_len:]
+                total += a.reward_fn_coef * self.function_scores(seq, answer_mask, prompt_len, extra)
+        return total
+
+    def function_scores(
+        self, seq: torch.Tensor, answer_mask: torch.Tensor, prompt_len: int, extra: list[dict] | None = None
+    ) -> torch.Tensor:
+        """(B,) scores of --reward_fn for the answers of `seq`, decoded as the held-out gold decodes them, with
+        the extra dataset columns as keyword arguments (one list per column; None where a row lacks it). A
+        failing function stops every rank with its message (naming the rank and the sample)."""
+        eos = self.tokenizer.eos_token_id
+        ends = ((seq[:, prompt_len:] == eos) & answer_mask.bool()).any(dim=1)
+        rows = [
+            decode_answer(self.tokenizer, seq[i], answer_mask[i], bool(ends[i]), prompt_len)
+            for i in range(seq.shape[0])
+        ]
+        error, scores = None, []
+        try:
+            scores, _ = call_score_function(
+                self.reward_fn,
+                [r[0] for r in rows],
+                [r[2] for r in rows],
+                ends.tolist(),
+                columns=_columns(extra),
+                what=f"rank {dist.get_rank()}'s rollout",
+            )
+        except SystemExit as e:
+            error = str(e)
+        if dist.get_world_size() > 1:  # one rank's failure stops all of them, with its message
+            errors: list[str | None] = [None] * dist.get_world_size()
+            torch.distributed.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise SystemExit(error)
+        return torch.tensor(scores, dtype=torch.float32, device=seq.device)
 
     @torch.no_grad()
     def sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -226,13 +308,20 @@ class ExperienceMaker:
         return seq, attention_mask, action_mask, ends
 
     @torch.no_grad()
-    def make(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+    def make(
+        self, prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None = None
+    ) -> Rollout:
         """One generation batch -> a Rollout with log-probs, values, KL and scores (rewards, advantages and
         returns are filled in by `shape`, over the whole rollout)."""
         a = self.args
         prompt_len = prompts.shape[1]
+        if a.num_samples_per_prompt > 1:  # a group: n copies of each prompt, next to each other
+            prompts = prompts.repeat_interleave(a.num_samples_per_prompt, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(a.num_samples_per_prompt, dim=0)
+            if extra is not None:
+                extra = [e for e in extra for _ in range(a.num_samples_per_prompt)]
         seq, attention_mask, action_mask, ends = self.sample(prompts, prompt_mask)
-        s = self.score(seq, attention_mask, prompt_len)
+        s = self.score(seq, attention_mask, prompt_len, extra)
         scores = s["scores"].float()
         if a.missing_eos_penalty is not None:
             scores = torch.where(ends, scores, torch.full_like(scores, a.missing_eos_penalty))
@@ -255,21 +344,27 @@ class ExperienceMaker:
         )
 
     def shape(self, r: Rollout) -> Rollout:
-        """Per-token rewards (-beta * KL + clipped score at the last token), optional reward whitening, GAE,
-        advantage whitening: all over the whole rollout of this rank (items 14, 16, 17)."""
+        """Rewards, advantages and returns of --advantage_estimator over the whole rollout of this rank
+        (whose groups are complete: see `make`). The KL penalty goes into the reward unless --kl_in_loss."""
         a = self.args
-        rewards = shape_rewards(
-            r.scores, r.kl, r.action_mask, self.kl_ctl.value, clip_score=a.clip_reward_value
+        r.advantages, r.returns, r.rewards = estimate_advantages(
+            a.advantage_estimator,
+            r.scores,
+            r.kl,
+            r.action_mask,
+            kl_coef=0.0 if a.kl_in_loss else self.kl_ctl.value,
+            values=r.values,
+            gamma=a.gamma,
+            lam=a.lam,
+            group_size=a.num_samples_per_prompt,
+            eps=a.group_std_eps,
+            clip_score=a.clip_reward_value,
+            whiten_rewards=a.whiten_rewards,
+            whiten=a.whiten_advantages,
         )
-        if a.whiten_rewards:
-            rewards = masked_whiten(rewards, r.action_mask, shift_mean=False)
-        advantages, returns = gae(rewards, r.values, r.action_mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            advantages = masked_whiten(advantages, r.action_mask, shift_mean=True)
-        r.rewards, r.advantages, r.returns = rewards, advantages, returns
         return r
 
     def make_rollout(self, prompt_batches: list[dict[str, torch.Tensor]]) -> Rollout:
         """Several generation batches -> one shaped Rollout."""
-        parts = [self.make(b["input_ids"], b["attention_mask"]) for b in prompt_batches]
+        parts = [self.make(b["input_ids"], b["attention_mask"], b.get("extra")) for b in prompt_batches]
         return self.shape(concat_rollouts(parts, self.tokenizer.pad_token_id))

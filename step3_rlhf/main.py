@@ -1,10 +1,14 @@
-"""Stage 3: PPO with actor, reference, critic and reward models as DeepSpeed engines.
+"""Stage 3: PPO with actor, reference, critic and reward models as DeepSpeed engines, or a critic-free
+estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++) on the same engines less the critic; the reward is a reward
+model, a reward function (--reward_fn), or their weighted sum.
 
     deepspeed step3_rlhf/main.py --actor_model_name_or_path out/sft --critic_model_name_or_path out/rm ...
+    deepspeed step3_rlhf/main.py --actor_model_name_or_path out/sft --reward_model_name_or_path out/rm \
+        --advantage_estimator grpo --num_samples_per_prompt 4 --kl_in_loss ...
 
-One iteration: take `--generation_batches` prompt batches, make experience (sample, score with the four
-models, shape rewards, GAE), run `--ppo_epochs` of minibatch updates on actor and critic, update the KL
-controller, log. Held-out prompts are evaluated before training (the stage-1 policy), every --eval_interval
+One iteration: take `--generation_batches` prompt batches, make experience (sample n answers per prompt,
+score them, advantages of --advantage_estimator), run `--ppo_epochs` of minibatch updates on the actor (and
+critic), update the KL controller, log. Held-out prompts are evaluated before training (the stage-1 policy), every --eval_interval
 iterations and after, so the run reports how much PPO raised the reward model's score, at what KL, and what
 the gold reward (where one is known, --gold_reward) and the reward-hacking measures say of it
 (step3_rlhf/heldout.py; the answers themselves go to heldout_answers.jsonl). Saves actor, EMA actor and
@@ -39,9 +43,16 @@ from common.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_he
 from common.model import load_tokenizer, save_hf_model
 from common.monitor import Monitor, progress
 from common.reward_model import save_reward_model
-from common.rl_math import AdaptiveKLController, FixedKLController, masked_mean, masked_sum
-from common.training import device, eval_loader, set_seed, to_device, train_loader
-from common.validate import exit_cleanly_on_data_errors, validate_ppo
+from common.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    get_advantage_estimator,
+    masked_mean,
+    masked_sum,
+)
+from common.score_fn import ScoreFunction, import_score_function
+from common.training import device, eval_loader, peak_memory_mb, set_seed, to_device, train_loader
+from common.validate import exit_cleanly_on_data_errors, reward_model_path, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
@@ -77,6 +88,37 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
     return stats
 
 
+def algorithm_settings(args) -> dict[str, object]:
+    """The settings that say which RL algorithm ran: estimator, group size, reward, KL placement, loss
+    aggregation (recorded in ppo_metrics.json)."""
+    return {
+        "advantage_estimator": args.advantage_estimator,
+        "num_samples_per_prompt": args.num_samples_per_prompt,
+        "critic": get_advantage_estimator(args.advantage_estimator).needs_critic,
+        "reward_model": (reward_model_path(args) or (None, None))[1],
+        "reward_model_coef": args.reward_model_coef,
+        "reward_fn": args.reward_fn,
+        "reward_fn_coef": args.reward_fn_coef,
+        "kl": f"loss ({args.kl_loss_estimator}, coef {args.kl_loss_coef})" if args.kl_in_loss else "reward",
+        "loss_agg": args.loss_agg,
+        "whiten_advantages": args.whiten_advantages,
+    }
+
+
+def describe_algorithm(args) -> str:
+    """One log line of `algorithm_settings`."""
+    s = algorithm_settings(args)
+    reward = " + ".join(
+        [f"{s['reward_model_coef']:g} x reward model {s['reward_model']}"] * (s["reward_model"] is not None)
+        + [f"{s['reward_fn_coef']:g} x {s['reward_fn']}"] * (s["reward_fn"] is not None)
+    )
+    return (
+        f"estimator {s['advantage_estimator']} ({'with' if s['critic'] else 'no'} critic), "
+        f"{s['num_samples_per_prompt']} samples per prompt, reward {reward}, KL in the {s['kl']}, "
+        f"loss {s['loss_agg']}, whitened advantages {'yes' if s['whiten_advantages'] else 'no'}"
+    )
+
+
 def resolve_eval_interval(eval_interval: int | None, iterations: int) -> int:
     """--eval_interval, or by default iterations // 6 (at least 1): 5 or 6 evaluations during a run of 6 or
     more iterations, at the multiples of the interval before the last one (the final evaluation covers it)."""
@@ -94,6 +136,11 @@ def print_answers(tokenizer, r: Rollout, step: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
+    reward_fn = None
+    if args.reward_fn is not None:
+        reward_fn = ScoreFunction(
+            args.reward_fn, import_score_function(args.reward_fn, "--reward_fn"), flag="--reward_fn"
+        )
     dist.init_distributed()
     check_output_dir(args.output_dir, "ppo", args)
     set_seed(args.seed)
@@ -111,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         if not args.eval_num_prompts
         else Subset(data.eval, range(min(args.eval_num_prompts, len(data.eval))))
     )
-    eval_dl = eval_loader(eval_set, collate, args.per_device_generation_batch_size)
+    # Held-out prompts are answered once each, in batches of as many sequences as a training generation batch
+    # holds: runs with equal samples per batch (16 prompts x 1, 4 x 4) sample their "before" answers alike.
+    eval_dl = eval_loader(
+        eval_set, collate, args.per_device_generation_batch_size * args.num_samples_per_prompt
+    )
     ptx_loader = None
     if args.unsupervised_dataset_name:
         blocks = load_unsupervised(
@@ -135,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(prompts)} prompt batches per rank < --generation_batches {args.generation_batches}"
         )
     eval_interval = resolve_eval_interval(args.eval_interval, iterations)
-    rollout_size = args.per_device_generation_batch_size * args.generation_batches
+    rollout_size = (
+        args.per_device_generation_batch_size * args.generation_batches * args.num_samples_per_prompt
+    )
     minibatches = rollout_size // (args.per_device_training_batch_size * args.gradient_accumulation_steps)
     optimizer_steps = iterations * args.ppo_epochs * minibatches
 
@@ -147,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         else FixedKLController(args.init_kl_coef)
     )
     zero3 = args.actor_zero_stage == 3
-    maker = ExperienceMaker(engines, tokenizer, args, kl_ctl, zero3_actor=zero3)
+    maker = ExperienceMaker(engines, tokenizer, args, kl_ctl, zero3_actor=zero3, reward_fn=reward_fn)
+    dist.print_rank0(f"[ppo] {describe_algorithm(args)}")
     trainer = PPOTrainer(engines, args, None, zero3_actor=zero3)
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "ppo"
@@ -248,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     save_hf_model(engines.actor, out / "actor", tokenizer, args.actor_zero_stage)
     if engines.ema is not None:
         save_hf_model(engines.ema, out / "actor_ema", tokenizer, 3 if zero3 else 0)
-    save_reward_model(engines.critic, out / "critic", tokenizer, args.critic_zero_stage)
+    if engines.critic is not None:
+        save_reward_model(engines.critic, out / "critic", tokenizer, args.critic_zero_stage)
     if dist.is_rank0():
         metrics = {
             "before": before,
@@ -256,16 +311,24 @@ def main(argv: list[str] | None = None) -> None:
             "score_gain": after["score"] - before["score"],
             "final_kl": history[-1]["kl"],
             "gold_reward": gold.name if gold else None,
+            "algorithm": algorithm_settings(args),
             **({"gold_gain": after["gold_mean"] - before["gold_mean"]} if gold_known else {}),
             "eval_interval": eval_interval,
             "skipped_nonfinite_microbatches": trainer.skipped,
+            "samples_generated": len(history) * rollout_size * dist.get_world_size(),
+            "peak_memory_mb": peak_memory_mb(),  # rank 0's: accelerator on a GPU, RSS on CPU
             "evals": evals,
             "history": history,
         }
         if "before_answers" in run:  # absent in checkpoints written before 2026-11-21
             write_heldout_answers(out / ANSWERS_FILE, run["before_answers"], after_answers)
         (out / "ppo_metrics.json").write_text(json.dumps(metrics, indent=2))
-    dist.print_rank0(f"[ppo] saved actor, critic{', actor_ema' if engines.ema else ''} to {out}")
+    saved = [
+        "actor",
+        *(["critic"] if engines.critic is not None else []),
+        *(["actor_ema"] if engines.ema else []),
+    ]
+    dist.print_rank0(f"[ppo] saved {', '.join(saved)} to {out}")
     monitor.close()
     dist.destroy()
 

@@ -1,6 +1,8 @@
 """The PPO update: `--ppo_epochs` passes over a rollout, each a fresh permutation cut into minibatches,
 each minibatch into micro-batches of `--per_device_training_batch_size` accumulated into ONE optimizer
-step of the actor and one of the critic (ppo-fidelity item 19). Optional PPO-ptx LM loss and EMA (item 20).
+step of the actor and one of the critic (ppo-fidelity item 19; no critic for the critic-free estimators).
+The policy loss reduces its tokens by --loss_agg; --kl_in_loss adds the KL to the reference as a loss term.
+Optional PPO-ptx LM loss and EMA (item 20).
 
 A non-finite actor or critic loss stops the run before its backward (common.checkpoint.check_finite_loss),
 or with --skip_nonfinite_steps skips that engine's micro-batch and counts it (which shifts that engine's
@@ -19,6 +21,7 @@ from common.checkpoint import check_finite_grad_norm, check_finite_loss
 from common.model import causal_lm_loss, position_ids_from_mask, response_logits
 from common.rl_math import (
     entropy_from_logits,
+    kl_loss,
     logprobs_from_logits,
     masked_mean,
     policy_loss,
@@ -72,10 +75,15 @@ class PPOTrainer:
         a = self.args
         logits = response_logits(self.e.actor, mb.seq, mb.attention_mask, mb.prompt_len)
         logp = logprobs_from_logits(logits, mb.seq[:, mb.prompt_len :], a.temperature)
-        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, a.cliprange)
+        agg = {"loss_agg": a.loss_agg, "norm_length": a.max_answer_seq_len}
+        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, a.cliprange, **agg)
         entropy = masked_mean(entropy_from_logits(logits, a.temperature), mb.action_mask)
         loss = pg_loss - a.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
+        if a.kl_in_loss:  # GRPO's KL term, in place of the KL penalty in the reward
+            kl = kl_loss(logp, mb.ref_logprobs, mb.action_mask, a.kl_loss_estimator, **agg)
+            loss = loss + a.kl_loss_coef * kl
+            stats["kl_loss"] = kl.detach()
         if self.ptx_batches is not None:
             ptx = next(self.ptx_batches)
             dev = mb.seq.device
@@ -118,11 +126,13 @@ class PPOTrainer:
         for minibatch in plan:
             for idx in minibatch:  # gradient accumulation: the engines step only at the boundary
                 mb = rollout.select(idx)
-                for k, v in {**self.actor_step(mb), **self.critic_step(mb)}.items():
+                critic_stats = self.critic_step(mb) if self.e.critic is not None else {}
+                for k, v in {**self.actor_step(mb), **critic_stats}.items():
                     sums[k] += float(v)
                     counts[k] += 1
             for name, engine in (("actor", self.e.actor), ("critic", self.e.critic)):
-                check_finite_grad_norm(engine, stage=f"ppo {name}", step=iteration)
+                if engine is not None:
+                    check_finite_grad_norm(engine, stage=f"ppo {name}", step=iteration)
             if self.e.ema is not None:
                 ema_update(self.e.ema, self.e.actor, a.ema_beta, self.zero3_actor)
         return {k: v / counts[k] for k, v in sums.items()} | {"optimizer_steps": len(plan)}

@@ -1,6 +1,7 @@
 """What a stage-3 checkpoint holds beyond `common.checkpoint`'s engines, RNG and counters.
 
-    actor/, critic/        DeepSpeed checkpoints of the two trained engines (weights, Adam, scheduler)
+    actor/, critic/        DeepSpeed checkpoints of the trained engines (weights, Adam, scheduler; no critic/
+                           for the critic-free estimators)
     ema.safetensors        the EMA actor's full weights (written by rank 0, gathered under ZeRO-3)
     trainer_state.json     step = PPO iterations done; extra = the JSON state below
 
@@ -30,8 +31,9 @@ EMA_FILE = "ema.safetensors"
 
 
 def trained_engines(engines: Engines) -> dict[str, Any]:
-    """The engines whose DeepSpeed checkpoints a stage-3 checkpoint holds."""
-    return {"actor": engines.actor, "critic": engines.critic}
+    """The engines whose DeepSpeed checkpoints a stage-3 checkpoint holds (no critic for the critic-free
+    estimators)."""
+    return {"actor": engines.actor} | ({"critic": engines.critic} if engines.critic is not None else {})
 
 
 def ppo_extra_state(kl_ctl, trainer: PPOTrainer, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.data import DataConfig, DataError, build_stage_data
+from common.data import DataConfig, DataError, PromptCollator, build_stage_data
 from common.data import tokenize as tokenize_module
 from tests.test_data_helpers import make_tokenizer, pair_rows, write_jsonl
 
@@ -249,3 +249,44 @@ def test_bad_options_are_clear_errors(tmp_path, tok):
 def test_sft_only_hub_dataset_in_stage_two_is_refused_before_download(tmp_path, tok):
     with pytest.raises(DataError, match="sft_only_data_path"):
         build_stage_data(DataConfig(data_path=["wangrui6/Zhihu-KOL"], data_output_path=str(tmp_path)), tok, 2)
+
+
+def test_extra_columns_reach_the_stage_three_prompts_and_survive_the_cache(tmp_path, tok):
+    """A local file's columns beside prompt/response/chosen/rejected travel with each prompt of stage 3 (for
+    a --reward_fn), through the prompt filter and the cache; stages 1 and 2 ignore them."""
+    rows = pair_rows(40)
+    for i, r in enumerate(rows):
+        r["response"] = r["chosen"]  # DeepSpeed-Chat's column: part of the schema, not an extra
+        r["answer"], r["meta"] = i, {"tags": [f"t{i}"], "ok": i % 2 == 0}
+    rows[3]["prompt"] = "\n\nHuman: " + "bread water salt " * 20 + "\n\nAssistant:"  # dropped below
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = cfg_for(tmp_path, [path], data_split="0,0,1", max_prompt_seq_len=16, prompt_overflow="drop")
+    for attempt in ("built", "cache"):
+        data = build_stage_data(cfg, tok, 3)
+        assert data.stats["from_cache"] is (attempt == "cache")
+        items = [data.train[i] for i in range(len(data.train))] + [
+            data.eval[i] for i in range(len(data.eval))
+        ]
+        assert len(items) == 39
+        by_answer = {item["extra"]["answer"]: item for item in items}
+        assert sorted(by_answer) == [i for i in range(40) if i != 3]  # the dropped row took its columns along
+        for i, item in by_answer.items():
+            assert item["extra"] == {"answer": i, "meta": {"tags": [f"t{i}"], "ok": i % 2 == 0}}
+            assert f"question {i}?" in tok.decode(item["input_ids"])  # the prompt the columns came with
+    batch = PromptCollator(tok.pad_token_id)([data.train[0], data.train[1]])
+    assert batch["extra"] == [data.train[0]["extra"], data.train[1]["extra"]]
+    assert "extra" not in build_stage_data(cfg_for(tmp_path, [path]), tok, 1).train[0]
+    plain = write_jsonl(tmp_path / "plain.jsonl", pair_rows(20))
+    prompts = build_stage_data(cfg_for(tmp_path, [plain], data_split="0,0,1"), tok, 3).train
+    assert "extra" not in prompts[0] and "extra" not in PromptCollator(tok.pad_token_id)([prompts[0]])
+
+
+def test_an_extra_column_that_is_not_json_is_refused_naming_the_line(tmp_path, tok):
+    rows = [json.dumps(r) for r in pair_rows(10)]
+    rows[6] = rows[6][:-1] + ', "score": NaN}'  # Python's json reads NaN; it is not a JSON value
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        DataError, match=r"d\.jsonl line 7, column 'score': an extra column must hold a JSON value"
+    ):
+        build_stage_data(cfg_for(tmp_path, [path], data_split="0,0,1"), tok, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import e2e_rlhf
-from e2e_rlhf import DPO_STAGES, STAGES, StageRun
+from e2e_rlhf import STAGES, StageRun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "launch" / "tiny" / "single_gpu.sh"
@@ -90,8 +90,8 @@ FAKE_METRICS["dpo"] = {
 
 
 def stage_of(run: StageRun) -> e2e_rlhf.Stage:
-    """The stage a launch-script call runs: its STEP argument (1, 2, 3 or dpo)."""
-    return DPO_STAGES[2] if run.command[2] == "dpo" else STAGES[run.step]
+    """The stage a launch-script call runs: its STEP argument (1, 2, 3, dpo or a critic-free estimator)."""
+    return next(s for s in e2e_rlhf.ALL_STAGES if s.launch_arg == run.command[2])
 
 
 class FakeStages:
@@ -320,3 +320,35 @@ def test_dpo_pipeline_has_steps_1_and_2_only(tmp_path):
         run_main(tmp_path, "--algo", "dpo", "--step", "3")
     status, fake = run_main(tmp_path, "--algo", "dpo", "--dry-run")
     assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["1", "dpo"]
+
+
+def test_critic_free_pipeline_reuses_stages_1_and_2_and_reports_beside_ppo(tmp_path, capsys):
+    run_main(tmp_path)  # SFT -> RM -> PPO
+    capsys.readouterr()
+    status, fake = run_main(tmp_path, "--algo", "grpo", "--step3-args=--print_answers")
+    assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["grpo"]
+    assert fake.calls[0][1] == ["bash", str(TINY_SCRIPT), "grpo", str(tmp_path), "", "--", "--print_answers"]
+    out = capsys.readouterr().out
+    assert f"step 2: reward model: skipped, finished: {STAGES[2].metrics_path(tmp_path)}" in out
+    assert "== step 3: GRPO (" in out
+    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    gold = rows["stage 3: held-out gold score before -> after"]
+    assert rows["GRPO: held-out gold score before -> after"] == gold  # both pipelines in one table
+    assert rows["GRPO: proxy vs gold"].startswith("REWARD HACKING")
+    assert "wall time: step 3 (GRPO)" in rows and "wall time: step 3 (PPO)" in rows
+
+    # a rerun stage 2 makes both stage-3 outputs stale, and not DPO's (made from stage 1 only)
+    run_main(tmp_path, "--algo", "dpo")
+    capsys.readouterr()
+    status, fake = run_main(tmp_path, "--algo", "grpo", "--force", "--step", "2")
+    out = capsys.readouterr().out
+    assert status == 0 and fake.steps == [2]
+    assert (
+        f"note: {tmp_path / 'ppo'} was made from the previous outputs of earlier steps; rerun it with --step 3"
+        in out
+    )
+    assert (
+        f"note: {tmp_path / 'grpo'} was made from the previous outputs of earlier steps; rerun it with --algo grpo --step 3"
+        in out
+    )
+    assert f"{tmp_path / 'dpo'} was made" not in out

@@ -146,6 +146,28 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
+def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Path, tmp_path: Path):
+    """STEP grpo / dr_grpo / rloo / reinforce_pp / reinforce_pp_baseline: stage 3 with that estimator into
+    OUT/<STEP>, the reward model of OUT/rm and no critic, batches that pass stage 3's checks (the parser runs
+    them) and as many answers per generation batch as PPO's row (or 4 where its batch is smaller)."""
+    out = str(tmp_path / "run")
+    ppo = PARSERS[3](split_stage_command(dry_run_commands(script, "3", out)[-1], 3)[1])
+    for estimator in e2e_rlhf.CRITIC_FREE:
+        args = PARSERS[3](split_stage_command(dry_run_commands(script, estimator, out)[-1], 3)[1])
+        assert args.advantage_estimator == estimator
+        assert args.output_dir == str(Path(out) / estimator)
+        assert args.tensorboard_path == str(Path(out) / "tensorboard" / estimator)
+        assert (
+            args.reward_model_name_or_path == str(Path(out) / "rm") and args.critic_model_name_or_path is None
+        )
+        answers = args.per_device_generation_batch_size * args.num_samples_per_prompt
+        assert answers == max(
+            ppo.per_device_generation_batch_size, 4 if args.num_samples_per_prompt > 1 else 1
+        )
+        assert args.kl_in_loss == (estimator == "grpo")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_zero_stage_overrides(script: Path, tmp_path: Path):
     out = str(tmp_path)
     assert PARSERS[1](split_stage_command(dry_run_commands(script, "1", out, "3")[-1], 1)[1]).zero_stage == 3
@@ -214,7 +236,10 @@ def test_environment_overrides_models_and_hostfile(tmp_path: Path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["4", "out"], "STEP must be 1, 2, 3 or dpo"),
+        (
+            ["4", "out"],
+            "STEP must be 1, 2, 3, dpo or one of grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline",
+        ),
         (["1"], "STEP and OUTPUT are required"),
         (["1", "out", "5"], "a ZeRO stage must be 0, 1, 2 or 3"),
         (["1", "out", "2", "2"], "CRITIC_ZERO_STAGE applies to step 3 only"),

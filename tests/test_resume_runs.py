@@ -230,6 +230,32 @@ def test_ppo_sigkill_resume_matches_uninterrupted_run(ppo_models, tmp_path):
         assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a), model
 
 
+def test_critic_free_sigkill_resume_matches_uninterrupted_run(ppo_models, tmp_path):
+    """RLOO (2 answers per prompt, KL as a loss term) with the reward model plus the gold as reward function,
+    one process: a checkpoint holds the actor alone, and the resumed run repeats the uninterrupted one."""
+    base = [*_ppo_args(ppo_models, tmp_path, 4), "--save_interval", "2"]
+    base += [
+        "--advantage_estimator",
+        "rloo",
+        "--num_samples_per_prompt",
+        "2",
+        "--per_device_generation_batch_size",
+        "2",
+    ]
+    base += ["--kl_in_loss", "--reward_fn", "common.gold:synthetic_gold", "--reward_fn_coef", "0.5"]
+    keys = ("score", "kl", "policy_loss")
+    full, resumed = _compare_resumed(PPO, base, tmp_path, "ppo_metrics.json", keys, num_procs=1)
+    assert [h["step"] for h in resumed["history"]] == list(range(1, 5))
+    assert all("kl_loss" in h and "value_loss" not in h for h in resumed["history"])
+    assert resumed["after"] == pytest.approx(full["after"], rel=1e-5)
+    checkpoint = complete_checkpoints(tmp_path / "killed")[-1]
+    assert (checkpoint / "actor").is_dir() and not (checkpoint / "critic").exists()
+    assert not (tmp_path / "killed" / "critic").exists()
+    a = load_file(str(tmp_path / "full" / "actor" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "actor" / "model.safetensors"))
+    assert all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
 def test_ppo_nan_loss_stops_without_checkpoint(ppo_models, tmp_path):
     out = tmp_path / "ppo_nan"
     args = [*_ppo_args(ppo_models, tmp_path, 4), "--output_dir", str(out), "--save_interval", "1"]

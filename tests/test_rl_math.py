@@ -12,11 +12,19 @@ import torch
 
 from common import rl_math
 from common.rl_math import (
+    ADVANTAGE_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
+    discounted_returns,
+    dr_grpo_scores,
     entropy_from_logits,
+    estimate_advantages,
     gae,
     get_advantage_estimator,
+    grpo_scores,
+    kl_loss,
     kl_penalty,
     last_valid_index,
     logprobs_from_logits,
@@ -27,6 +35,7 @@ from common.rl_math import (
     policy_loss,
     response_logprobs,
     response_positions,
+    rloo_scores,
     shape_rewards,
     value_loss,
 )
@@ -374,9 +383,186 @@ def test_gae_lambda_one_is_reward_to_go_minus_value(gamma):
 def test_gae_rejects_holes_and_registry():
     with pytest.raises(ValueError, match="row 1 of the mask has a hole"):
         gae(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]]), 1.0, 0.95)
-    assert get_advantage_estimator("gae") is gae
+    assert get_advantage_estimator("gae").needs_critic
     with pytest.raises(ValueError, match="unknown advantage estimator"):
-        get_advantage_estimator("grpo")
+        get_advantage_estimator("ppo")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Critic-free estimators: group baselines, returns-to-go, the registry
+# ------------------------------------------------------------------------------------------------------
+
+# Two groups of three samples: scores 1, 2, 3 (mean 2, sample std 1) and 4, 4, 4 (all equal).
+GROUPED = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0], dtype=torch.float64)
+
+
+def test_grpo_scores_by_hand():
+    out = grpo_scores(GROUPED, group_size=3, eps=1e-6)
+    # (s - 2) / (1 + 1e-6) in the first group; 0 / (0 + eps) = 0 in the equal group
+    expected = torch.tensor([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6), 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, atol=1e-15, rtol=0)
+    # The std is the sample std (n - 1): for 0, 2 it is sqrt(2), not 1.
+    torch.testing.assert_close(
+        grpo_scores(torch.tensor([0.0, 2.0]), 2, eps=0.0), torch.tensor([-1.0, 1.0]) / 2**0.5
+    )
+
+
+def test_dr_grpo_and_rloo_scores_by_hand():
+    torch.testing.assert_close(
+        dr_grpo_scores(GROUPED, 3), torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    )
+    # RLOO: 1 - mean(2, 3) = -1.5, 2 - mean(1, 3) = 0, 3 - mean(1, 2) = 1.5; equal scores -> 0
+    torch.testing.assert_close(
+        rloo_scores(GROUPED, 3), torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(rloo_scores(torch.tensor([5.0, 1.0]), 2), torch.tensor([4.0, -4.0]))
+
+
+@pytest.mark.parametrize("fn", [grpo_scores, dr_grpo_scores, rloo_scores])
+def test_group_baselines_refuse_bad_groups(fn):
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        fn(GROUPED, 1)
+    with pytest.raises(ValueError, match="6 scores do not split into groups of 4"):
+        fn(GROUPED, 4)
+    with pytest.raises(ValueError, match=r"scores must be \(B,\)"):
+        fn(GROUPED.view(2, 3), 3)
+
+
+def test_discounted_returns_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 4.0, 99.0], [0.0, 0.0, 0.0, 8.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ret = discounted_returns(rewards, mask, gamma=0.5)
+    # row 0: G2 = 4, G1 = 2 + 0.5 * 4 = 4, G0 = 1 + 0.5 * 4 = 3; the masked 99 is ignored
+    torch.testing.assert_close(ret, torch.tensor([[3.0, 4.0, 4.0, 0.0], [1.0, 2.0, 4.0, 8.0]]))
+
+
+def test_registry_holds_every_estimator_with_its_defaults():
+    assert sorted(ADVANTAGE_ESTIMATORS) == sorted(
+        ["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+    )
+    critic = {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_critic}
+    groups = {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_groups}
+    assert critic == {"gae"}
+    assert groups == {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+    assert ADVANTAGE_ESTIMATORS["grpo"].loss_agg == "seq_mean_token_mean"
+    assert ADVANTAGE_ESTIMATORS["dr_grpo"].loss_agg == "seq_mean_token_sum_norm"
+    assert {e.loss_agg for e in ADVANTAGE_ESTIMATORS.values()} <= set(LOSS_AGGREGATIONS)
+
+
+# 4 samples, 2 per prompt; responses of lengths 3, 2, 1, 3 (T = 3).
+EST_MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+EST_SCORES = torch.tensor([1.0, 3.0, 2.0, 2.0], dtype=torch.float64)
+EST_KL = torch.tensor(
+    [[0.1, 0.2, 0.3], [0.5, 0.5, 7.0], [0.4, 9.0, 9.0], [0.0, 0.0, 0.1]], dtype=torch.float64
+)
+
+
+def test_grpo_without_kl_gives_every_token_its_group_score():
+    adv, ret, rewards = estimate_advantages("grpo", EST_SCORES, EST_KL, EST_MASK, kl_coef=0.0, group_size=2)
+    a = 1 / (2**0.5 + 1e-6)  # (1 - 2) / std(1, 3) with std sqrt(2); the second group is all equal
+    expected = torch.tensor(
+        [[-a, -a, -a], [a, a, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(adv, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ret, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        rewards[0], torch.tensor([0.0, 0.0, -a], dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+def test_rloo_with_kl_in_the_reward_by_hand():
+    adv, ret, _ = estimate_advantages("rloo", EST_SCORES, EST_KL, EST_MASK, kl_coef=0.5, group_size=2)
+    # baselined scores: 1 - 3 = -2, 3 - 1 = 2, 0, 0. Returns-to-go of r_t = -0.5 kl_t (+ score at the end):
+    # row 0: r = (-0.05, -0.1, -0.15 - 2) -> G = (-2.3, -2.25, -2.15)
+    # row 1: r = (-0.25, -0.25 + 2) -> G = (1.5, 1.75); row 2: (-0.2); row 3: r = (0, 0, -0.05)
+    expected = torch.tensor(
+        [[-2.3, -2.25, -2.15], [1.5, 1.75, 0.0], [-0.2, 0.0, 0.0], [-0.05, -0.05, -0.05]], dtype=torch.float64
+    )
+    torch.testing.assert_close(adv, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ret, expected, atol=1e-12, rtol=0)
+
+
+def test_reinforce_pp_is_whitened_returns_to_go_and_baseline_subtracts_the_group_mean():
+    mask, kl = EST_MASK, EST_KL
+    raw = discounted_returns(shape_rewards(EST_SCORES, kl, mask, 0.1), mask, 1.0)
+    adv, ret, _ = estimate_advantages("reinforce_pp", EST_SCORES, kl, mask, kl_coef=0.1)
+    torch.testing.assert_close(ret, raw)
+    torch.testing.assert_close(adv, masked_whiten(raw, mask))
+    valid = adv[mask.bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert valid.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    # with the baseline: scores 1, 3 -> -1, +1 and 2, 2 -> 0, 0 before the KL shaping
+    _, ret_b, _ = estimate_advantages(
+        "reinforce_pp_baseline", EST_SCORES, kl, mask, kl_coef=0.1, group_size=2
+    )
+    centred = torch.tensor([-1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(ret_b, discounted_returns(shape_rewards(centred, kl, mask, 0.1), mask, 1.0))
+
+
+def test_dr_grpo_and_gae_through_the_one_entry_point():
+    adv, _, _ = estimate_advantages("dr_grpo", EST_SCORES, EST_KL, EST_MASK, kl_coef=0.0, group_size=2)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([-1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    values = torch.full((4, 3), 0.25, dtype=torch.float64)
+    adv, ret, rewards = estimate_advantages(
+        "gae", EST_SCORES, EST_KL, EST_MASK, kl_coef=0.1, values=values, whiten=False
+    )
+    expected_adv, expected_ret = gae(
+        shape_rewards(EST_SCORES, EST_KL, EST_MASK, 0.1), values, EST_MASK, 1.0, 0.95
+    )
+    torch.testing.assert_close(adv, expected_adv)
+    torch.testing.assert_close(ret, expected_ret)
+    with pytest.raises(ValueError, match="needs the critic's values"):
+        estimate_advantages("gae", EST_SCORES, EST_KL, EST_MASK, kl_coef=0.1)
+
+
+def test_estimators_clip_scores_before_the_group_baseline():
+    scores = torch.tensor([10.0, 0.0])
+    mask, kl = torch.ones(2, 1), torch.zeros(2, 1)
+    adv, _, _ = estimate_advantages("dr_grpo", scores, kl, mask, kl_coef=0.0, group_size=2, clip_score=5.0)
+    torch.testing.assert_close(adv, torch.tensor([[2.5], [-2.5]]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Loss aggregation and KL as a loss term
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_aggregate_loss_modes_by_hand():
+    losses = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 99.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate_loss(losses, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(losses, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(losses, mask, "seq_mean_token_sum_norm", 5).item() == pytest.approx(10 / (2 * 5))
+    with pytest.raises(ValueError, match="needs a norm_length"):
+        aggregate_loss(losses, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown mode"):
+        aggregate_loss(losses, mask, "sum")
+
+
+def test_policy_loss_aggregation_weighs_sequences():
+    # ratio 1, so the per-token loss is -A: row 0 has 3 tokens of A = 1, row 1 one token of A = -1
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    logp = torch.zeros(2, 3)
+    token, _ = policy_loss(logp, logp, adv, mask, 0.2)
+    seq, _ = policy_loss(logp, logp, adv, mask, 0.2, loss_agg="seq_mean_token_mean")
+    const, _ = policy_loss(logp, logp, adv, mask, 0.2, loss_agg="seq_mean_token_sum_norm", norm_length=4)
+    assert token.item() == pytest.approx(-(3 - 1) / 4)
+    assert seq.item() == pytest.approx(-(1 - 1) / 2)
+    assert const.item() == pytest.approx(-(3 - 1) / (2 * 4))
+
+
+def test_kl_loss_k3_value_and_gradient_by_hand():
+    # x = logp - ref = 0.5 at the valid token: k3 = exp(-0.5) - 1 + 0.5, d/dlogp = 1 - exp(-0.5)
+    logp = torch.tensor([[0.0, 500.0]], requires_grad=True)  # garbage at the masked slot
+    ref = torch.tensor([[-0.5, -500.0]])
+    mask = torch.tensor([[1, 0]])
+    loss = kl_loss(logp, ref, mask, kind="k3")
+    assert loss.item() == pytest.approx(math.exp(-0.5) - 0.5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[1 - math.exp(-0.5), 0.0]]))
+    assert kl_loss(ref, ref, mask, "k3").item() == 0.0
+    assert kl_loss(logp.detach(), ref, mask, "k1").item() == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common import dist
+from common import dist, rl_math
 from common.args import data_config
 from common.data import PromptCollator, build_stage_data
 from common.model import load_tokenizer, position_ids_from_mask
@@ -159,7 +159,7 @@ def recorded(models, stage) -> Recorded:
     results captured on the way: the functions it calls are wrapped, not replaced (generate is asked for
     its processed scores as well, which changes nothing it samples)."""
     seen: dict = {"generate": []}
-    real_concat, real_whiten = experience_module.concat_rollouts, experience_module.masked_whiten
+    real_concat, real_whiten = experience_module.concat_rollouts, rl_math.masked_whiten
     model = stage.engines.actor.module
     real_generate = model.generate
 
@@ -179,7 +179,7 @@ def recorded(models, stage) -> Recorded:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model, "generate", record_generate)
         mp.setattr(experience_module, "concat_rollouts", record_concat)
-        mp.setattr(experience_module, "masked_whiten", record_whiten)
+        mp.setattr(rl_math, "masked_whiten", record_whiten)
         torch.manual_seed(0)
         rollout = stage.maker.make_rollout(models.batches[:GEN_BATCHES])
     assert "whiten_input" in seen, "make_rollout did not whiten the advantages (--whiten_advantages is on)"
@@ -274,7 +274,7 @@ def _train_forward(stage: Stage, mb: Rollout, monkeypatch) -> tuple[torch.Tensor
     """The current log-probs and values that PPOTrainer computes for micro-batch `mb`, taken from inside
     actor_step / critic_step: their losses are patched to raise, so nothing is stepped."""
 
-    def capture(current, *rest):
+    def capture(current, *rest, **options):
         raise _Captured(current.detach())
 
     trainer = PPOTrainer(stage.engines, stage.args, None, zero3_actor=False)
@@ -711,3 +711,170 @@ def test_deepspeed_chat_step3_flags_are_accepted_or_refused_clearly(tmp_path):
     for flag in ("--align_overflow", "--enable_mixed_precision_lora"):
         with pytest.raises(SystemExit, match="not implemented"):
             parse_args([*base, flag])
+
+
+# ------------------------------------------------------------------ 10. critic-free estimators, reward functions
+
+
+@pytest.fixture(scope="module")
+def grouped(models) -> tuple[Stage, Rollout]:
+    """GRPO with 2 answers per prompt, KL as a loss term: engines without a critic, and one rollout of two
+    generation batches of GEN_BATCH / 2 prompts each (so as many answers as PPO's rollout)."""
+    st = _stage(
+        models,
+        *("--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--kl_in_loss"),
+        *("--per_device_generation_batch_size", str(GEN_BATCH // 2)),
+    )
+    half = [{k: v[: GEN_BATCH // 2] for k, v in b.items()} for b in models.batches[:GEN_BATCHES]]
+    torch.manual_seed(3)
+    return st, st.maker.make_rollout(half)
+
+
+def test_critic_free_engines_have_no_critic(grouped, stage):
+    st, _ = grouped
+    assert st.engines.critic is None and stage.engines.critic is not None
+    assert st.engines.reward is not None  # --critic_model_name_or_path serves as the reward model
+    assert st.args.loss_agg == "seq_mean_token_mean" and st.args.whiten_advantages is False
+
+
+def test_group_answers_share_their_prompt_and_get_the_group_normalised_score(grouped, models):
+    st, r = grouped
+    assert len(r) == ROLLOUT
+    prompt_len = r.prompt_len
+    # prompt j of the rollout, unpadded: GEN_BATCH / 2 from each of the two generation batches
+    prompts = [
+        ids[mask.bool()] for b in models.batches[:GEN_BATCHES]
+        for ids, mask in zip(b["input_ids"][: GEN_BATCH // 2], b["attention_mask"][: GEN_BATCH // 2], strict=True)
+    ]  # fmt: skip
+    # rows 2j and 2j + 1 hold prompt j (left padding may differ between the two batches' widths)
+    for i in range(ROLLOUT):
+        ids = r.seq[i, :prompt_len][r.attention_mask[i, :prompt_len].bool()]
+        assert torch.equal(ids, prompts[i // 2]), i
+    assert not torch.equal(r.seq[0], r.seq[1]), "two samples of one prompt should differ"
+    # the actor is the reference before any update and the KL is not in the reward: every valid token of
+    # answer i gets (s_i - mean of its group) / (std + eps), and there are no values
+    adv = rl_math.grpo_scores(r.scores, 2, st.args.group_std_eps)
+    mask = r.action_mask.bool()
+    torch.testing.assert_close(r.advantages, torch.where(mask, adv[:, None], 0.0), atol=1e-6, rtol=0)
+    assert (r.values == 0).all()
+
+
+def test_critic_free_update_moves_the_actor_and_adds_the_kl_loss(grouped):
+    st, r = grouped
+    before = {k: v.detach().clone() for k, v in st.engines.actor.module.named_parameters()}
+    stats = PPOTrainer(st.engines, st.args, None, zero3_actor=False).train(r)
+    assert "value_loss" not in stats and "value_clipfrac" not in stats
+    # the KL loss term is 0 on the first micro-batch (actor = reference) and positive once the actor moved
+    assert 0 < stats["kl_loss"] < 1
+    assert _params_changed(before, st.engines.actor)
+
+
+def test_reward_is_the_weighted_sum_of_reward_model_and_reward_function(stage, recorded, monkeypatch):
+    """--reward_model_coef x the RM's normalised score + --reward_fn_coef x the function's score, the function
+    seeing each answer decoded as the held-out gold sees it (no EOS, no special tokens)."""
+    from common.score_fn import ScoreFunction
+
+    r = recorded.rollout
+    seen = {}
+
+    def answer_length(prompts, responses, finished):
+        seen.update(prompts=prompts, responses=responses, finished=finished)
+        return [float(len(x)) for x in responses]
+
+    maker = stage.maker
+    rm_only = maker.reward_scores(r.seq, r.attention_mask, r.prompt_len)
+    monkeypatch.setattr(
+        maker, "reward_fn", ScoreFunction("t:answer_length", answer_length, flag="--reward_fn")
+    )
+    args = copy.copy(maker.args)
+    args.reward_model_coef, args.reward_fn_coef = 0.5, 2.0
+    monkeypatch.setattr(maker, "args", args)
+    total = maker.reward_scores(r.seq, r.attention_mask, r.prompt_len)
+    lengths = torch.tensor([float(len(x)) for x in seen["responses"]])
+    torch.testing.assert_close(total, 0.5 * rm_only + 2.0 * lengths)
+    assert seen["finished"] == r.ends_with_eos.tolist()
+    i = int(r.ends_with_eos.float().argmax())  # an answer that ended with EOS: its text has no EOS token
+    answer = r.seq[i, r.prompt_len :][r.action_mask[i].bool()][:-1]
+    assert seen["responses"][i] == models_decode(stage, answer)
+    assert seen["prompts"][i] == models_decode(stage, r.seq[i, : r.prompt_len])
+
+
+def models_decode(st: Stage, ids: torch.Tensor) -> str:
+    return st.maker.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _raises_on_third(prompts, responses, finished):
+    if len(responses) > 2:
+        raise ZeroDivisionError("boom")
+    return [0.0] * len(responses)
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (_raises_on_third, r"--reward_fn t:f raised ZeroDivisionError: boom on 8 answers"),
+        (
+            lambda p, r, f: [1.0] * (len(r) - 1),
+            r"--reward_fn t:f returned 7 scores for 8 rank 0's rollout answers",
+        ),
+        (
+            lambda p, r, f: [0.0, float("inf")] + [0.0] * (len(r) - 2),
+            r"--reward_fn t:f gave rank 0's rollout sample 1 the score inf; expected a finite number",
+        ),
+    ],
+)
+def test_a_failing_reward_function_stops_with_its_name_and_the_sample(
+    stage, recorded, monkeypatch, fn, message
+):
+    from common.score_fn import ScoreFunction
+
+    r = recorded.rollout
+    monkeypatch.setattr(stage.maker, "reward_fn", ScoreFunction("t:f", fn, flag="--reward_fn"))
+    with pytest.raises(SystemExit, match=message):
+        stage.maker.reward_scores(r.seq, r.attention_mask, r.prompt_len)
+
+
+def test_a_reward_function_raising_on_one_sample_is_named(stage, recorded, monkeypatch):
+    from common.score_fn import ScoreFunction
+
+    r = recorded.rollout
+    texts = []
+    for i in range(len(r)):  # each answer as the function sees it: without its EOS
+        body = r.seq[i, r.prompt_len :][r.action_mask[i].bool()]
+        texts.append(models_decode(stage, body[:-1] if r.ends_with_eos[i] else body))
+    bad = texts[2]
+
+    def picky(prompts, responses, finished):
+        if bad in responses:
+            raise ValueError("not this one")
+        return [0.0] * len(responses)
+
+    monkeypatch.setattr(stage.maker, "reward_fn", ScoreFunction("t:picky", picky, flag="--reward_fn"))
+    first = texts.index(bad)  # the batch is retried one answer at a time: the first such answer is named
+    with pytest.raises(
+        SystemExit, match=rf"raised ValueError: not this one on rank 0's rollout sample {first} "
+    ):
+        stage.maker.reward_scores(r.seq, r.attention_mask, r.prompt_len)
+
+
+def test_a_reward_function_gets_the_extra_columns_of_each_answers_prompt(grouped, models, monkeypatch):
+    """The dataset's extra columns reach --reward_fn as keyword lists, repeated for each answer of a group
+    (None where a row lacks a column)."""
+    from common.score_fn import ScoreFunction
+
+    st, _ = grouped
+    seen = {}
+
+    def by_answer(prompts, responses, finished, **columns):
+        seen.update(columns)
+        return [float(v or 0) for v in columns["answer"]]
+
+    monkeypatch.setattr(st.maker, "reward_fn", ScoreFunction("t:by_answer", by_answer, flag="--reward_fn"))
+    args = copy.copy(st.args)
+    args.reward_model_coef = 0.0  # the function alone
+    monkeypatch.setattr(st.maker, "args", args)
+    batch = {k: v[:2] for k, v in models.batches[0].items()}
+    extra = [{"answer": 3, "unit": "kg"}, {"answer": 5}]
+    r = st.maker.make(batch["input_ids"], batch["attention_mask"], extra)
+    assert seen == {"answer": [3, 3, 5, 5], "unit": ["kg", "kg", None, None]}
+    torch.testing.assert_close(r.scores, torch.tensor([3.0, 3.0, 5.0, 5.0]))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from common.validate import check_tensor_parallel, validate_ppo, validate_sft
+from common.validate import check_tensor_parallel, ppo_model_paths, validate_ppo, validate_sft
 from step1_sft.main import parse_args as sft_args
 from step2_reward.main import parse_args as reward_args
 from step2_reward.validate import validate_reward
@@ -269,7 +269,8 @@ def test_prompt_must_leave_room_for_the_answer(tiny_dir):
         (
             _ppo,
             ["--per_device_generation_batch_size", "6", "--per_device_training_batch_size", "4"],
-            "per-rank rollout size (--per_device_generation_batch_size 6 x --generation_batches 1 = 6) must be "
+            "per-rank rollout size (--per_device_generation_batch_size 6 x --generation_batches 1 x "
+            "--num_samples_per_prompt 1 = 6) must be "
             "a multiple of the PPO minibatch (--per_device_training_batch_size 4 x --gradient_accumulation_steps 1 = 4)",
         ),
     ],
@@ -279,6 +280,73 @@ def test_batch_sizes_are_refused_when_parsing(parse, argv, message):
     with pytest.raises(SystemExit) as e:
         parse(*models, *argv)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--critic_model_name_or_path", "m", "--advantage_estimator", "grpo"],
+            "--advantage_estimator grpo compares the answers to one prompt, so it needs --num_samples_per_prompt "
+            ">= 2 (got 1)",
+        ),
+        (
+            ["--critic_model_name_or_path", "m", "--num_samples_per_prompt", "0"],
+            "--num_samples_per_prompt must be >= 1, got 0",
+        ),
+        (
+            ["--reward_fn", "common.gold:synthetic_gold"],
+            "--advantage_estimator gae trains a critic: give --critic_model_name_or_path (the reward model of "
+            "stage 2)",
+        ),
+        (
+            ["--advantage_estimator", "reinforce_pp"],
+            "stage 3 needs a reward: a reward model (--reward_model_name_or_path, or --critic_model_name_or_path) "
+            "and/or a reward function (--reward_fn module:function)",
+        ),
+        (
+            [
+                "--advantage_estimator",
+                "reinforce_pp",
+                "--critic_model_name_or_path",
+                "m",
+                "--reward_model_coef",
+                "0",
+            ],
+            "stage 3 needs a reward: a reward model (--reward_model_name_or_path, or --critic_model_name_or_path) "
+            "and/or a reward function (--reward_fn module:function)",
+        ),
+        (
+            ["--critic_model_name_or_path", "m", "--kl_in_loss", "--adaptive_kl"],
+            "--adaptive_kl adapts the KL penalty in the reward; with --kl_in_loss there is none",
+        ),
+    ],
+)
+def test_estimator_and_reward_settings_are_refused_when_parsing(argv, message):
+    with pytest.raises(SystemExit) as e:
+        ppo_args(["--actor_model_name_or_path", "m", "--output_dir", "unused", *argv])
+    assert str(e.value) == message
+
+
+def test_each_estimator_loads_only_the_models_it_uses(tiny_dir):
+    """A critic-free run validates (and later loads) no critic; a reward function alone needs no reward model;
+    the estimator's defaults fill --whiten_advantages and --loss_agg unless given."""
+    base = ["--actor_model_name_or_path", str(tiny_dir), "--output_dir", "unused"]
+    gae = ppo_args([*base, "--critic_model_name_or_path", str(tiny_dir)])
+    assert list(ppo_model_paths(gae)) == ["--actor_model_name_or_path", "--critic_model_name_or_path"]
+    assert (gae.whiten_advantages, gae.loss_agg) == (True, "token_mean")
+    grpo = ppo_args([*base, "--critic_model_name_or_path", "rm", "--advantage_estimator", "grpo",
+                     "--num_samples_per_prompt", "2"])  # fmt: skip
+    assert ppo_model_paths(grpo) == {
+        "--actor_model_name_or_path": str(tiny_dir),
+        "--critic_model_name_or_path": "rm",
+    }
+    assert (grpo.whiten_advantages, grpo.loss_agg) == (False, "seq_mean_token_mean")
+    fn_only = ppo_args([*base, "--advantage_estimator", "dr_grpo", "--num_samples_per_prompt", "2",
+                        "--reward_fn", "m:f", "--no-whiten_advantages", "--loss_agg", "token_mean"])  # fmt: skip
+    assert ppo_model_paths(fn_only) == {"--actor_model_name_or_path": str(tiny_dir)}
+    assert (fn_only.whiten_advantages, fn_only.loss_agg) == (False, "token_mean")
+    validate_ppo(fn_only)
 
 
 def test_hybrid_engine_tensor_parallel_size_must_divide_the_ranks(tiny_dir):

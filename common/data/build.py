@@ -225,6 +225,8 @@ def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
     for name, values in tokens.items():
         if name.endswith("prompt_len"):
             state[name] = torch.tensor(values, dtype=torch.int64)
+        elif name == "extra":  # JSON texts
+            state[name] = list(values)
         else:
             state[name] = TokenLists.from_lists(values).state()
     return state
@@ -240,7 +242,7 @@ def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
             state["chosen_prompt_len"],
             state["rejected_prompt_len"],
         )
-    return PromptDataset(TokenLists.from_state(state["prompt"]))
+    return PromptDataset(TokenLists.from_state(state["prompt"]), state.get("extra"))
 
 
 def _report(stats: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import torch
 from common import dist
 from common.data.rows import DataError
 
-CACHE_VERSION = 2  # bump whenever the tokenized format or any tokenization rule changes
+CACHE_VERSION = 3  # bump whenever the tokenized format or any tokenization rule changes
 
 
 def cache_key(parts: dict[str, Any]) -> str:

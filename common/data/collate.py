@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -60,14 +61,18 @@ class PairCollator:
 
 
 class PromptCollator:
-    """[{"input_ids"}] -> {"input_ids", "attention_mask"}, each (B, P), LEFT-padded for generation."""
+    """[{"input_ids"(, "extra")}] -> {"input_ids", "attention_mask"}, each (B, P), LEFT-padded for generation,
+    and "extra": the rows' extra dataset columns (a list of B dicts) when the dataset has them."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "left")
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "extra" in batch[0]:
+            out["extra"] = [b["extra"] for b in batch]
+        return out
 
 
 def collator_for_stage(stage: int, pad_token_id: int) -> SFTCollator | PairCollator | PromptCollator:

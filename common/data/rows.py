@@ -10,11 +10,13 @@ Validation rules (`make_row`), applied to every source before anything is split 
 - `rejected` is optional (absent or null -> None); when given it obeys the same rules and must differ from
   `chosen` (compared after stripping surrounding whitespace);
 - strings must be valid UTF-8 (readers turn undecodable bytes into lone surrogates, caught here);
-- no text is longer than MAX_TEXT_CHARS characters.
+- no text is longer than MAX_TEXT_CHARS characters;
+- extra columns must be JSON values (strings, numbers, booleans, null, lists and objects of them).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +50,16 @@ class RowFiltered(Exception):
         self.reason = reason
 
 
+SCHEMA_COLUMNS = ("prompt", "response", "chosen", "rejected")  # "response": DeepSpeed-Chat's name of chosen
+
+
 @dataclass(frozen=True)
 class Row:
     prompt: str
     chosen: str
     rejected: str | None
     origin: str
+    extra: str = ""  # the record's other columns as a JSON object, "" when it has none
 
 
 @dataclass
@@ -127,7 +133,7 @@ def check_text(value: Any, column: str) -> str:
 
 
 def make_row(record: Any, origin: str) -> Row:
-    """Validate one record in the prompt/chosen/rejected schema (extra columns are ignored) -> Row."""
+    """Validate one record in the prompt/chosen/rejected schema -> Row; its other columns are kept as JSON."""
     if not isinstance(record, dict):
         raise RowError(None, f"expected an object with prompt/chosen/rejected, got {type(record).__name__}")
     for column in ("prompt", "chosen"):
@@ -140,4 +146,18 @@ def make_row(record: Any, origin: str) -> Row:
         rejected = check_text(rejected, "rejected")
         if rejected.strip() == chosen.strip():
             raise RowError("rejected", "chosen and rejected are the same text")
-    return Row(prompt, chosen, rejected, origin)
+    return Row(prompt, chosen, rejected, origin, extra_columns(record))
+
+
+def extra_columns(record: dict[str, Any]) -> str:
+    """The record's columns other than prompt/chosen/rejected as one JSON object ("" when there are none);
+    RowError naming a column whose value is not a JSON value."""
+    extra = {k: v for k, v in record.items() if k not in SCHEMA_COLUMNS}
+    if not extra:
+        return ""
+    for column, value in extra.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise RowError(column, f"an extra column must hold a JSON value ({e})") from None
+    return json.dumps(extra, sort_keys=True)

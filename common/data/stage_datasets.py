@@ -11,6 +11,8 @@ Items are unpadded 1-D LongTensors; the collators in `common.data.collate` pad t
 from __future__ import annotations
 
 import itertools
+import json
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -92,16 +94,21 @@ class PairDataset(Dataset):
 
 
 class PromptDataset(Dataset):
-    """PPO prompts (no EOS, no padding)."""
+    """PPO prompts (no EOS, no padding), with each row's extra dataset columns (a dict, {} for none) when the
+    data has any."""
 
-    def __init__(self, prompts: TokenLists):
+    def __init__(self, prompts: TokenLists, extra: list[str] | None = None):
         self.prompts = prompts
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.prompts[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"input_ids": self.prompts[i]}
+        if self.extra is not None:
+            item["extra"] = json.loads(self.extra[i]) if self.extra[i] else {}
+        return item
 
 
 class BlockDataset(Dataset):

@@ -147,14 +147,15 @@ def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tup
 def tokenize_prompts(
     rows: Sequence[Row], tokenizer: Any, max_prompt_seq_len: int, prompt_overflow: str
 ) -> tuple[dict[str, list], dict]:
-    """PPO rows -> {"prompt": [prompt ids, at most max_prompt_seq_len]}, plus counts."""
+    """PPO rows -> {"prompt": [prompt ids, at most max_prompt_seq_len], "extra": [each kept row's extra
+    columns as JSON, "" for none]} ("extra" only when some row has any), plus counts."""
     if prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
         raise ValueError(f"prompt_overflow={prompt_overflow!r}: expected one of {PROMPT_OVERFLOW_POLICIES}")
     prompts = encode_texts(tokenizer, [r.prompt for r in rows])
     _check_no_special(prompts, rows, "prompt", tokenizer)
-    out: dict[str, list] = {"prompt": []}
+    out: dict[str, list] = {"prompt": [], "extra": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "prompt_dropped": 0}
-    for prompt in prompts:
+    for prompt, row in zip(prompts, rows, strict=True):
         if len(prompt) > max_prompt_seq_len:
             if prompt_overflow == "drop":
                 counts["prompt_dropped"] += 1
@@ -162,5 +163,8 @@ def tokenize_prompts(
             counts["prompt_truncated"] += 1
             prompt = prompt[-max_prompt_seq_len:]
         out["prompt"].append(prompt)
+        out["extra"].append(row.extra)
+    if not any(out["extra"]):
+        del out["extra"]
     counts["rows_out"] = len(out["prompt"])
     return out, counts

@@ -39,6 +39,11 @@ STEP3_ARGS=(
     --actor_learning_rate 1.5e-4 --critic_learning_rate 5e-4 --lr_scheduler_type constant --seed 1234
     --missing_eos_penalty -3
 )
+# The critic-free estimators (e2e_rlhf.py --tiny --algo grpo, rloo, ...): 4 prompts x 4 answers per iteration,
+# as many answers as PPO's 16 prompts x 1, for as many iterations, at half PPO's learning rate (at 1.5e-4 they
+# rose faster than PPO, then the malformed share grew to 0.07-0.13: README, "Stage 3 without a critic").
+CRITIC_FREE_ARGS=(--actor_learning_rate 7.5e-5)
+GROUP_ARGS=(--num_samples_per_prompt 4 --per_device_generation_batch_size 4)
 # DPO (e2e_rlhf.py --tiny --algo dpo) from the same stage-1 model on stage 2's pairs; its held-out answers are
 # sampled as stage 3 samples them (same prompts, batch, budget and seed), so the two compare directly. beta 0.5
 # (0.1 with lr 2e-5 lowered the gold: the policy drifted into malformed answers) and lr 2e-5 for 2 epochs.
