@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_ppo import environment  # noqa: E402
+from bench.dpo_vs_ppo import figures  # noqa: E402
 
 GOLD_FN = ["--reward_fn", "common.gold:synthetic_gold", "--reward_model_coef", "0"]
 # (directory under OUT, title, launch STEP, extra flags)
@@ -63,15 +64,6 @@ def run_method(out: Path, name: str, step: str, extra: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def figures(e: dict) -> dict:
-    return {
-        "gold_mean": e["gold_mean"],
-        "best": e["gold_share_best"],
-        "malformed": e["gold_share_malformed"],
-        "kl": e["kl"],
-    }
 
 
 def method_row(out: Path, name: str, title: str, seconds: float) -> dict:

@@ -35,18 +35,20 @@ def seconds(out: Path, stage_dir: str) -> float:
     return json.loads((out / stage_dir / "stage_run.json").read_text())["seconds"]
 
 
+def figures(e: dict) -> dict:
+    """The gold figures of one held-out evaluation (ppo_metrics.json / dpo_metrics.json "before", "after")."""
+    return {
+        "gold_mean": e["gold_mean"],
+        "best": e["gold_share_best"],
+        "malformed": e["gold_share_malformed"],
+        "kl": e["kl"],
+    }
+
+
 def method_rows(out: Path) -> list[dict]:
     """One dict per method (and one for the stage-1 policy both start from) from the stages' metrics."""
     ppo = json.loads((out / "ppo" / "ppo_metrics.json").read_text())
     dpo = json.loads((out / "dpo" / "dpo_metrics.json").read_text())
-
-    def figures(e: dict) -> dict:
-        return {
-            "gold_mean": e["gold_mean"],
-            "best": e["gold_share_best"],
-            "malformed": e["gold_share_malformed"],
-            "kl": e["kl"],
-        }
 
     return [
         {"method": "stage-1 policy (SFT)", **figures(ppo["before"]), "seconds": seconds(out, "sft")},

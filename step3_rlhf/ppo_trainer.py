@@ -126,8 +126,10 @@ class PPOTrainer:
         for minibatch in plan:
             for idx in minibatch:  # gradient accumulation: the engines step only at the boundary
                 mb = rollout.select(idx)
-                critic_stats = self.critic_step(mb) if self.e.critic is not None else {}
-                for k, v in {**self.actor_step(mb), **critic_stats}.items():
+                stats = self.actor_step(mb)  # the actor first, then the critic (the order of their checks)
+                if self.e.critic is not None:
+                    stats.update(self.critic_step(mb))
+                for k, v in stats.items():
                     sums[k] += float(v)
                     counts[k] += 1
             for name, engine in (("actor", self.e.actor), ("critic", self.e.critic)):
