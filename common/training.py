@@ -169,14 +169,15 @@ def with_lora_and_checkpointing(
     return model
 
 
-def lora_and_checkpointing_flags(args) -> dict[str, Any]:
-    """`with_lora_and_checkpointing`'s keywords from a one-model stage's shared flags (stages 1, 2, DPO)."""
+def lora_and_checkpointing_flags(args, prefix: str = "") -> dict[str, Any]:
+    """`with_lora_and_checkpointing`'s keywords from a model's shared flags: a one-model stage's (stages 1, 2,
+    DPO; prefix "") or one of stage 3's models (prefix "actor_" or "critic_"; --only_optimize_lora is shared)."""
     return {
-        "lora_dim": args.lora_dim,
-        "module_name": args.lora_module_name,
-        "alpha": args.lora_alpha,
+        "lora_dim": getattr(args, f"{prefix}lora_dim"),
+        "module_name": getattr(args, f"{prefix}lora_module_name"),
+        "alpha": getattr(args, f"{prefix}lora_alpha"),
         "only_optimize_lora": args.only_optimize_lora,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": getattr(args, f"{prefix}gradient_checkpointing"),
     }
 
 

@@ -31,10 +31,15 @@ from torch import nn
 
 from common import dist
 from common.ds_config import eval_config, torch_dtype, train_config
-from common.model import apply_lora, disable_dropout, load_causal_lm
+from common.model import disable_dropout, load_causal_lm
 from common.reward_model import load_reward_model_for_training
 from common.rl_math import get_advantage_estimator
-from common.training import frozen_engine, init_engine, with_lora_and_checkpointing
+from common.training import (
+    frozen_engine,
+    init_engine,
+    lora_and_checkpointing_flags,
+    with_lora_and_checkpointing,
+)
 from common.validate import reward_model_path
 
 
@@ -112,7 +117,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         gradient_clipping=args.gradient_clipping,
     )
 
-    def new_actor_model() -> nn.Module:
+    def new_actor_model(gradient_checkpointing: bool) -> nn.Module:
         model = load_causal_lm(
             args.actor_model_name_or_path,
             tokenizer,
@@ -123,23 +128,14 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
             allow_pickle_weights=args.allow_pickle_weights,
         )
         disable_dropout(model)
-        if args.actor_lora_dim > 0:
-            model = apply_lora(
-                model,
-                lora_dim=args.actor_lora_dim,
-                module_name=args.actor_lora_module_name,
-                alpha=args.actor_lora_alpha,
-                only_optimize_lora=args.only_optimize_lora,
-            )
-        return model
+        flags = lora_and_checkpointing_flags(args, "actor_")
+        return with_lora_and_checkpointing(
+            model, **{**flags, "gradient_checkpointing": gradient_checkpointing}
+        )
 
-    actor_model = new_actor_model()
+    actor_model = new_actor_model(args.actor_gradient_checkpointing)
     if (hybrid := _hybrid_engine_config(args, actor_model)) is not None:
         actor_cfg["hybrid_engine"] = hybrid
-    if args.actor_gradient_checkpointing:
-        actor_model.gradient_checkpointing_enable()
-        if args.actor_lora_dim > 0:
-            actor_model.enable_input_require_grads()
     actor = init_engine(
         actor_model,
         ds_config=actor_cfg,
@@ -177,7 +173,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     # EMA of the actor: same construction (LoRA included) so parameter names match one to one.
     ema = None
     if args.enable_ema:
-        ema = frozen_engine(new_actor_model(), ref_stage, False, gen_micro, args.dtype)
+        ema = frozen_engine(new_actor_model(False), ref_stage, False, gen_micro, args.dtype)
 
     critic = None
     if get_advantage_estimator(args.advantage_estimator).needs_critic:
@@ -216,14 +212,7 @@ def _build_critic(
     )
     critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
-    critic_model = with_lora_and_checkpointing(
-        critic_model,
-        lora_dim=args.critic_lora_dim,
-        module_name=args.critic_lora_module_name,
-        alpha=args.critic_lora_alpha,
-        only_optimize_lora=args.only_optimize_lora,
-        gradient_checkpointing=args.critic_gradient_checkpointing,
-    )
+    critic_model = with_lora_and_checkpointing(critic_model, **lora_and_checkpointing_flags(args, "critic_"))
     critic = init_engine(
         critic_model,
         ds_config=critic_cfg,

@@ -121,6 +121,11 @@ class FakeStages:
         return [step for step, _, _ in self.calls]
 
 
+def stale_note(stage_dir: Path, rerun: str) -> str:
+    """The note e2e_rlhf prints for a finished stage whose inputs a run replaced."""
+    return f"note: {stage_dir} was made from the previous outputs of earlier steps; rerun it with {rerun}"
+
+
 def run_main(out: Path, *flags: str, fake: FakeStages | None = None) -> tuple[int, FakeStages]:
     fake = fake or FakeStages(out)
     return e2e_rlhf.main(["--tiny", "--output-dir", str(out), *flags], runner=fake), fake
@@ -308,10 +313,7 @@ def test_dpo_pipeline_reuses_a_finished_stage_1_and_reports_beside_ppo(tmp_path,
     status, fake = run_main(tmp_path, "--algo", "dpo", "--force", "--step", "1")
     out = capsys.readouterr().out
     assert status == 0 and fake.steps == [1]
-    assert (
-        f"note: {tmp_path / 'dpo'} was made from the previous outputs of earlier steps; rerun it with --algo dpo --step 2 --force"
-        in out
-    )
+    assert stale_note(tmp_path / "dpo", "--algo dpo --step 2 --force") in out
     assert f"note: {tmp_path / 'ppo'} was made from the previous outputs" in out
 
 
@@ -343,12 +345,6 @@ def test_critic_free_pipeline_reuses_stages_1_and_2_and_reports_beside_ppo(tmp_p
     status, fake = run_main(tmp_path, "--algo", "grpo", "--force", "--step", "2")
     out = capsys.readouterr().out
     assert status == 0 and fake.steps == [2]
-    assert (
-        f"note: {tmp_path / 'ppo'} was made from the previous outputs of earlier steps; rerun it with --step 3"
-        in out
-    )
-    assert (
-        f"note: {tmp_path / 'grpo'} was made from the previous outputs of earlier steps; rerun it with --algo grpo --step 3"
-        in out
-    )
+    assert stale_note(tmp_path / "ppo", "--step 3 --force") in out
+    assert stale_note(tmp_path / "grpo", "--algo grpo --step 3 --force") in out
     assert f"{tmp_path / 'dpo'} was made" not in out
