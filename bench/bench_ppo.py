@@ -81,7 +81,29 @@ CONFIGS = {
         max_position_embeddings=2048,
     ),
 }
-CRITIC_FOR = {"opt-125m": "opt-125m", "opt-350m": "opt-350m", "opt-1.3b": "opt-350m", "tiny": "tiny"}
+# SmolLM2-135M(-Instruct)'s architecture (Llama: grouped-query attention, tied embeddings; the model of
+# launch/smollm2/ and tests/test_real_model.py), with random weights like the others.
+LLAMA_CONFIGS = {
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+}
+CRITIC_FOR = {
+    "opt-125m": "opt-125m",
+    "opt-350m": "opt-350m",
+    "opt-1.3b": "opt-350m",
+    "smollm2-135m": "smollm2-135m",
+    "tiny": "tiny",
+}
+MODEL_NAMES = ["tiny", *CONFIGS, *LLAMA_CONFIGS]
 COMPARISONS = ("kv", "naive", "logits", "zero", "gather")
 PHASES = ("actor_forward", "reference_forward", "critic_forward", "reward_forward")
 
@@ -98,19 +120,16 @@ def write_model(name: str, root: Path) -> Path:
     out = root / name
     if out.exists():
         return out
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    cfg = OPTConfig(
-        **CONFIGS[name],
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    OPTForCausalLM(cfg).save_pretrained(out)
+    if name in LLAMA_CONFIGS:
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_CONFIGS[name], attention_dropout=0.0, **ids))
+    else:
+        model = OPTForCausalLM(OPTConfig(**CONFIGS[name], dropout=0.0, attention_dropout=0.0, **ids))
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -452,7 +471,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", choices=["tiny", *CONFIGS], default="tiny")
+    p.add_argument("--model", choices=MODEL_NAMES, default="tiny")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--answer_len", type=int, default=64)
     p.add_argument(

@@ -23,13 +23,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_ppo import CONFIGS, environment, peak_memory_mb, write_model  # noqa: E402
+from bench.bench_ppo import MODEL_NAMES, environment, peak_memory_mb, write_model  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    p.add_argument("--model", choices=["tiny", *CONFIGS], default="tiny")
+    p.add_argument("--model", choices=MODEL_NAMES, default="tiny")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="Sequences per step (stage 2: pairs).")
     p.add_argument("--steps", type=int, default=10, help="Measured steps (after two warm-up steps).")

@@ -41,6 +41,25 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
         help="Where the tokenized-data cache lives (keyed by file content, tokenizer and settings).",
     )
     g.add_argument(
+        "--apply_chat_template",
+        action="store_true",
+        help="Render the rm-static prompts ('\\n\\nHuman: ...\\n\\nAssistant:', multi-turn too) with the "
+        "model's own chat template, responses as its assistant turns ending in its end-of-turn token "
+        "(SFT then learns the assistant tokens only). Use it for chat models (SmolLM2, Qwen, Llama instruct).",
+    )
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=0,
+        help="Train on at most this many rows of the stage's slice (0 = all): a quick or CPU-sized run.",
+    )
+    g.add_argument(
+        "--max_eval_samples",
+        type=int,
+        default=0,
+        help="Evaluate on a seeded sample of at most this many held-out rows (0 = all).",
+    )
+    g.add_argument(
         "--skip_bad_rows",
         action="store_true",
         help="Skip and count malformed dataset rows instead of stopping with an error naming them.",
@@ -325,6 +344,9 @@ def data_config(args: argparse.Namespace):
         "mask_prompt",
         "prompt_overflow",
         "skip_bad_rows",
+        "apply_chat_template",
+        "max_train_samples",
+        "max_eval_samples",
     )
     return DataConfig(
         data_path=list(args.data_path), **{f: getattr(args, f) for f in fields if hasattr(args, f)}

@@ -137,14 +137,20 @@ def format_eval(stats: dict[str, float]) -> str:
 
 
 def decode_answer(
-    tokenizer: Any, seq: torch.Tensor, mask: torch.Tensor, ends: bool, prompt_len: int
+    tokenizer: Any,
+    seq: torch.Tensor,
+    mask: torch.Tensor,
+    ends: bool,
+    prompt_len: int,
+    prompt_text: str | None = None,
 ) -> tuple[str, list[int], str]:
     """One sampled row as a scorer sees it (the gold of held-out answers, a --reward_fn in training): seq
     (P + R,) prompt + answer, mask (R,) over the answer, ends: it stopped at EOS -> (prompt text, answer
-    token ids without the EOS, answer text), both texts decoded without special tokens."""
+    token ids without the EOS, answer text), both texts decoded without special tokens. `prompt_text`, the
+    row's original prompt, replaces the decoded one (chat-template data: `seq` holds the rendering)."""
     response = seq[prompt_len:][mask.bool()]
     tokens = response[:-1] if ends else response
-    prompt = tokenizer.decode(seq[:prompt_len], skip_special_tokens=True)
+    prompt = prompt_text or tokenizer.decode(seq[:prompt_len], skip_special_tokens=True)
     return prompt, tokens.tolist(), tokenizer.decode(tokens, skip_special_tokens=True)
 
 
@@ -161,15 +167,16 @@ class SampledAnswers:
 
 @torch.no_grad()
 def evaluate_answers(
-    sample: Callable[[torch.Tensor, torch.Tensor, list[dict] | None], SampledAnswers],
+    sample: Callable[[torch.Tensor, torch.Tensor, list[dict] | None, list[str] | None], SampledAnswers],
     loader: DataLoader,
     dev: torch.device,
     seed: int,
     tokenizer: Any,
     gold: GoldReward | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Answer every held-out prompt once with `sample(prompts (B, P), prompt_mask (B, P), extra)` (extra: the
-    prompts' extra dataset columns, a list of B dicts, or None when the data has none) and return (stats,
+    """Answer every held-out prompt once with `sample(prompts (B, P), prompt_mask (B, P), extra, prompt_text)`
+    (extra: the prompts' extra dataset columns, a list of B dicts, or None when the data has none;
+    prompt_text: their original texts when the ids are a chat-template rendering, else None) and return (stats,
     answers): stats are the same on every rank (kl, response_length, eos_fraction, score when `sample` gives
     proxy scores, and the gold's and the text measures of `rank0_answer_stats`); answers (rank 0; empty
     elsewhere) hold every prompt with its answer (and score, gold, gold_label), in the eval set's order.
@@ -187,7 +194,8 @@ def evaluate_answers(
         for batch, real in loader:
             batch = to_device(batch, dev)
             prompt_len = batch["input_ids"].shape[1]
-            out = sample(batch["input_ids"], batch["attention_mask"], batch.get("extra"))
+            texts = batch.get("prompt_text")
+            out = sample(batch["input_ids"], batch["attention_mask"], batch.get("extra"), texts)
             seq, mask, ends, kl = out.seq, out.mask, out.ends, out.kl
             has_proxy = out.scores is not None  # the same `sample`, so the same on every rank
             scores = out.scores.double() if has_proxy else torch.zeros_like(kl, dtype=torch.float64)
@@ -205,7 +213,7 @@ def evaluate_answers(
             for i in range(seq.shape[0]):
                 if real[i]:
                     prompt, tokens, text = decode_answer(
-                        tokenizer, seq[i], mask[i], bool(ends[i]), prompt_len
+                        tokenizer, seq[i], mask[i], bool(ends[i]), prompt_len, texts and texts[i]
                     )
                     answer = {
                         "index": rank + (position + i) * world,

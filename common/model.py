@@ -2,8 +2,9 @@
 
 - A hub id and a local directory go through the same `from_pretrained` calls; `trust_remote_code` is off
   unless asked for.
-- The tokenizer always gets a dedicated pad token (never EOS: a pad equal to EOS masks the real EOS out
-  of every loss and score), and the embeddings are resized to match.
+- The tokenizer always gets a pad token distinct from EOS (a pad equal to EOS masks the real EOS out of
+  every loss and score): an unused special token of its own when it has one, else an added "<pad>", with
+  the embeddings resized to a multiple of 64.
 - Under ZeRO-3 the model is created already partitioned (transformers' HfDeepSpeedConfig hook), and
   saving gathers the partitions one parameter at a time onto rank 0.
 - LoRA goes through peft; on save the adapters are merged into the weights, so the output is a plain
@@ -38,6 +39,8 @@ from transformers.utils import cached_file
 from common import dist
 
 PAD_TOKEN = "<pad>"
+# Embeddings grown for an added token are padded to a multiple of this (tensor-core and GEMM-friendly).
+EMBEDDING_MULTIPLE = 64
 # Config attributes that hold dropout probabilities across the architectures we support.
 _DROPOUT_ATTRS = (
     "dropout",
@@ -54,15 +57,44 @@ _DROPOUT_ATTRS = (
 )  # not "layerdrop": it skips whole layers at random, differently on each rank, and ZeRO's collectives then hang
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it has an EOS and a pad token distinct from it."""
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, apply_chat_template: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has an EOS and a pad token distinct from it (`choose_pad_token`).
+
+    With `apply_chat_template` its chat template must be usable (`common.chat_format`), and the template's
+    end-of-turn token becomes the EOS where the two differ."""
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if apply_chat_template:
+        from common.chat_format import use_end_of_turn_as_eos
+
+        use_end_of_turn_as_eos(tok, repr(name_or_path))
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; set eos_token in its config")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        pad = choose_pad_token(tok)
+        if pad == PAD_TOKEN:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        else:
+            tok.pad_token = pad
     assert tok.pad_token_id != tok.eos_token_id
     return tok
+
+
+def choose_pad_token(tok: PreTrainedTokenizerBase) -> str:
+    """The pad token for a tokenizer that has none, or whose pad is its EOS (SmolLM2, Llama-3, GPT-2...).
+
+    Padding is always masked, so any id other than EOS serves. The tokenizer's own unknown-token is reused
+    when it is a special token of its own (not EOS, not BOS, not in the chat template): the vocabulary, the
+    embeddings and every model built from them stay as they are (SmolLM2: "<|endoftext|>", id 0). Otherwise
+    a new "<pad>" is added and `load_causal_lm` resizes the embeddings to a multiple of 64.
+    """
+    unk = tok.unk_token
+    special = {tok.eos_token, tok.bos_token, tok.pad_token}
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    if unk and unk not in special and tok.unk_token_id is not None and unk not in template:
+        return unk
+    return PAD_TOKEN
 
 
 def set_dropout(config: Any, p: float) -> None:
@@ -141,7 +173,7 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
         )
         if len(tokenizer) > _num_embeddings(model):
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     align_special_tokens(model, tokenizer)
     return model
 

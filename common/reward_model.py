@@ -41,6 +41,7 @@ from common import dist
 from common.model import (
     DSCHAT_HEAD_KEY,
     DSCHAT_TRUNK_PREFIX,
+    EMBEDDING_MULTIPLE,
     ZeRO3Init,
     align_special_tokens,
     checkpoint_keys,
@@ -518,7 +519,7 @@ def load_reward_model_for_training(
     dropout: overrides every dropout probability of the config before the trunk is built (None keeps it).
     ds_config: the engine's DeepSpeed config; under ZeRO-3 the trunk is built already partitioned (the
     head is left whole: DeepSpeed partitions it when the engine is initialised).
-    The input embeddings are resized (to a multiple of 8) when the tokenizer has more tokens than rows,
+    The input embeddings are resized (to a multiple of 64) when the tokenizer has more tokens than rows,
     and the trunk's config takes the tokenizer's pad/eos/bos ids. Only safetensors weights are read unless
     `allow_pickle_weights`.
     """
@@ -529,7 +530,7 @@ def load_reward_model_for_training(
             name_or_path, allow_pickle_weights, {}, config=config, dtype=dtype, trust_remote_code=False
         )
         if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
-            backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+            backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     align_special_tokens(backbone, tokenizer)
     if meta is not None:
         setattr(backbone.config, CONFIG_KEY, meta)  # read (and removed again) by _assemble

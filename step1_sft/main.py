@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     dev = device()
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, args.apply_chat_template)
     data = build_stage_data(data_config(args), tokenizer, stage=1)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)

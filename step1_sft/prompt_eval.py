@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from common.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 
@@ -79,14 +80,26 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_for_generation(path: str, dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM (safetensors only, no remote code) in eval mode on the GPU when there is one, and its
-    tokenizer (with a pad token distinct from EOS, as every stage uses)."""
+def load_for_generation(
+    path: str, dtype: str = "auto", chat_template: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ChatFormat | None]:
+    """A causal LM (safetensors only, no remote code) in eval mode on the GPU when there is one, its
+    tokenizer (with a pad token distinct from EOS, as every stage uses) and the chat format to prompt it
+    with (`common.chat_format.chat_format_for`: None for the plain rm-static text)."""
     tokenizer = load_tokenizer(path)
+    fmt = chat_format_for(path, tokenizer, chat_template)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True)
     if torch.cuda.is_available():
         model = model.cuda()
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, fmt
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: ChatFormat | None) -> list[int]:
+    """Token ids of an rm-static prompt as the model was trained on it: the plain text, or its chat-template
+    rendering (the template's special tokens as special ids)."""
+    if fmt is None:
+        return tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer(fmt.prompt(prompt), add_special_tokens=False, split_special_tokens=False).input_ids
 
 
 @dataclass
@@ -113,11 +126,13 @@ def generate(
     num_beams: int = 1,
     max_prompt_tokens: int | None = None,
     streamer: BaseStreamer | None = None,
+    fmt: ChatFormat | None = None,
 ) -> Generation:
-    """Answer one prompt. temperature 0 is greedy (or beam search with num_beams > 1); otherwise sampling
-    with top_k off. The prompt is encoded without special tokens and, beyond max_prompt_tokens, cut from
-    the left. Stops at EOS, at max_new_tokens, or at STOP_TEXT."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    """Answer one rm-static prompt. temperature 0 is greedy (or beam search with num_beams > 1); otherwise
+    sampling with top_k off. The prompt is encoded by `encode_prompt` and, beyond max_prompt_tokens, cut from
+    the left. Stops at EOS (with a chat format: its end-of-turn token), at max_new_tokens, or at STOP_TEXT
+    (plain text only: the model starting the next "Human:" turn itself)."""
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, fmt)])
     if max_prompt_tokens is not None:
         ids = ids[:, -max_prompt_tokens:]
     ids = ids.to(model.device)
@@ -128,7 +143,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        stop_strings=[STOP_TEXT],
+        stop_strings=[STOP_TEXT] if fmt is None else None,
         tokenizer=tokenizer,
         num_beams=num_beams,
         streamer=streamer,
@@ -163,6 +178,16 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     return "\n".join(f"{x:<{width}} | {y}".rstrip() for x, y in zip(a, b, strict=True))
 
 
+def add_chat_template_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chat_template",
+        choices=CHAT_TEMPLATE_MODES,
+        default="auto",
+        help="Prompt with the model's chat template: 'auto' does so when the model was trained with "
+        "--apply_chat_template (or, for a model no stage wrote, when its tokenizer has a template).",
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Baseline vs fine-tuned answers, side by side")
     parser.add_argument("--model_name_or_path_baseline", required=True, help="e.g. the stage-1 base model")
@@ -175,6 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     parser.add_argument("--width", type=int, default=60, help="Characters per column.")
+    add_chat_template_arg(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be >= 1")
@@ -194,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = [wrap_prompt(p) for p in prompts]
     answers: dict[str, list[Generation]] = {}
     for name in (args.model_name_or_path_baseline, args.model_name_or_path_finetune):
-        model, tokenizer = load_for_generation(name, args.dtype)
+        model, tokenizer, fmt = load_for_generation(name, args.dtype, args.chat_template)
         answers[name] = []
         for prompt in prompts:
             torch.manual_seed(args.seed)  # both models see the same random stream per prompt
@@ -207,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     temperature=args.temperature,
                     top_p=args.top_p,
                     num_beams=args.num_beams,
+                    fmt=fmt,
                 )
             )
         del model

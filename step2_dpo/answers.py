@@ -19,14 +19,17 @@ from step2_dpo.pairs import Reference
 
 def answer_sampler(
     policy: nn.Module, reference: Reference, tokenizer, args, zero3: bool
-) -> Callable[[torch.Tensor, torch.Tensor, list[dict] | None], SampledAnswers]:
-    """`sample(prompts (B, P) left-padded, prompt_mask (B, P), extra columns (unused)) -> SampledAnswers` for
-    `common.heldout.evaluate_answers`."""
+) -> Callable[[torch.Tensor, torch.Tensor, list[dict] | None, list[str] | None], SampledAnswers]:
+    """`sample(prompts (B, P) left-padded, prompt_mask (B, P), extra columns, prompt texts (both unused)) ->
+    SampledAnswers` for `common.heldout.evaluate_answers`."""
     eos, pad, t = tokenizer.eos_token_id, tokenizer.pad_token_id, args.temperature
 
     @torch.no_grad()
     def sample(
-        prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None = None
+        prompts: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        extra: list[dict] | None = None,
+        texts: list[str] | None = None,
     ) -> SampledAnswers:
         prompt_len = prompts.shape[1]
         policy.eval()

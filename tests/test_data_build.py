@@ -281,6 +281,23 @@ def test_extra_columns_reach_the_stage_three_prompts_and_survive_the_cache(tmp_p
     assert "extra" not in prompts[0] and "extra" not in PromptCollator(tok.pad_token_id)([prompts[0]])
 
 
+def test_max_samples_keep_the_first_mixed_train_rows_and_a_seeded_sample_of_eval_rows(tmp_path, tok):
+    data = tmp_path / "src"
+    write_jsonl(data / "train.jsonl", pair_rows(50, "train"))
+    write_jsonl(data / "test.jsonl", pair_rows(20, "test"))
+    full = build_stage_data(cfg_for(tmp_path, [data]), tok, 1)
+    cut = build_stage_data(cfg_for(tmp_path, [data], max_train_samples=3, max_eval_samples=4), tok, 1)
+    assert not cut.stats["from_cache"]  # the limits are part of the cache key
+    ids = lambda ds: [ds[i]["input_ids"].tolist() for i in range(len(ds))]  # noqa: E731
+    assert ids(cut.train) == ids(full.train)[:3]
+    assert len(cut.eval) == 4 and all(x in ids(full.eval) for x in ids(cut.eval))
+    assert ids(cut.eval) != ids(full.eval)[:4]  # a sample across the split, not its first rows
+    again = build_stage_data(cfg_for(tmp_path, [data], max_train_samples=3, max_eval_samples=4), tok, 1)
+    assert again.stats["from_cache"] and ids(again.eval) == ids(cut.eval)
+    with pytest.raises(ValueError, match="max_train_samples"):
+        build_stage_data(cfg_for(tmp_path, [data], max_train_samples=-1), tok, 1)
+
+
 def test_an_extra_column_that_is_not_json_is_refused_naming_the_line(tmp_path, tok):
     rows = [json.dumps(r) for r in pair_rows(10)]
     rows[6] = rows[6][:-1] + ', "score": NaN}'  # Python's json reads NaN; it is not a JSON value

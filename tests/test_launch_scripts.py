@@ -33,6 +33,13 @@ EXPECTED_MODELS = {
     "llama2": ["7b", "13b", "70b"],
     "qwen2.5": ["0.5b", "1.5b", "7b"],
 }
+CLUSTER_DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
+# Families whose scripts set their stages' flags by hand (no `recipe` row), on the bundled task.
+HAND_SET = {"tiny": ["single_gpu"], "smollm2": ["cpu", "single_gpu"]}
+
+
+def family(script: Path) -> str:
+    return script.relative_to(LAUNCH).parts[0]
 
 
 def run_script(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -69,6 +76,12 @@ def declared_zero_stages(script: Path) -> tuple[int, int]:
         return tuple(
             int(re.search(rf"^{n}=(\d)$", text, re.M).group(1)) for n in ("STEP1_ZERO", "STEP3_CRITIC_ZERO")
         )
+    if family(script) == "smollm2":  # hand-set in the row "SIZE/DEPLOYMENT)" of recipes.sh, up to ";;"
+        recipes = (script.parent.parent / "recipes.sh").read_text()
+        row = recipes.split(f"{script.parent.name}/{script.stem})", 1)[1].split(";;", 1)[0]
+        return tuple(
+            int(re.search(rf"^\s*{n}=(\d)$", row, re.M).group(1)) for n in ("STEP1_ZERO", "STEP3_CRITIC_ZERO")
+        )
     row_key = f"{script.parent.name}/{script.stem.replace('multi_node', 'single_node')})"
     recipes = (script.parent.parent / "recipes.sh").read_text()
     row = re.search(rf"^\s+{re.escape(row_key)}\s+recipe ([\d ]+)", recipes, re.M)
@@ -87,8 +100,9 @@ def test_every_model_and_deployment_has_a_script():
         f"{fam}/{size}/{dep}.sh"
         for fam, sizes in EXPECTED_MODELS.items()
         for size in sizes
-        for dep in e2e_rlhf.DEPLOYMENTS
+        for dep in CLUSTER_DEPLOYMENTS
     }
+    want |= {f"smollm2/135m/{dep}.sh" for dep in HAND_SET["smollm2"]}
     assert want <= have, sorted(want - have)
     assert "tiny/single_gpu.sh" in have
     # the orchestrator knows every script directory, and every model it knows has its scripts
@@ -96,9 +110,10 @@ def test_every_model_and_deployment_has_a_script():
         str(p.parent.relative_to(LAUNCH)) for p in SCRIPTS
     }
     for spec in e2e_rlhf.MODELS:
-        deployments = ["single_gpu"] if spec.hub_id == "tiny" else e2e_rlhf.DEPLOYMENTS
+        deployments = HAND_SET.get(spec.family, CLUSTER_DEPLOYMENTS)
         for dep in deployments:
             assert e2e_rlhf.launch_script(spec, dep).is_file()
+    assert set(e2e_rlhf.DEPLOYMENTS) == set(CLUSTER_DEPLOYMENTS) | {"cpu"}
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, "dpo"])
@@ -110,7 +125,7 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
     args = PARSERS[step](stage_args)  # parse only: nothing is loaded
 
     deployment = deployment_of(script)
-    if script.parent.name == "tiny":
+    if script.parent.name == "tiny" or deployment == "cpu":
         assert launcher == ["python"]
     elif deployment == "single_gpu":
         assert launcher[:3] == ["deepspeed", "--num_gpus", "1"]
@@ -135,7 +150,13 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
             stage3.max_prompt_seq_len,
             stage3.max_answer_seq_len,
         )
-    if script.parent.name != "tiny":
+    if family(script) == "smollm2":  # the bundled task (its gold), in the model's chat format
+        assert args.data_path == [e2e_rlhf.REPO.joinpath("data", "synthetic").as_posix()]
+        assert args.apply_chat_template and args.data_split == "4,4,2"
+        if step in (1, 2):  # the base model is materialised offline; the reward model starts from the SFT one
+            base = out / "base" if step == 1 else out / "sft"
+            assert args.model_name_or_path == str(base)
+    elif script.parent.name != "tiny":
         assert args.data_path[0] == "Dahoas/rm-static" and args.data_split == "2,4,4"
         lora_dim = args.actor_lora_dim if step == 3 else args.lora_dim
         lora_module = args.actor_lora_module_name if step == 3 else args.lora_module_name

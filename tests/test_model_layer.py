@@ -36,7 +36,8 @@ def test_load_causal_lm_resizes_embeddings_for_new_pad(tiny_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<extra_a>", "<extra_b>"]})
     model = load_causal_lm(str(tiny_dir), tok, dropout=0.0)
-    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows >= len(tok) and rows % 64 == 0 and rows - len(tok) < 64  # a GEMM-friendly multiple
     assert model.config.pad_token_id == tok.pad_token_id
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.config.dropout == 0.0

@@ -210,7 +210,7 @@ def test_prompt_eval_prints_both_models_answers(tiny_dir, tmp_path):
     assert out.count(f"fine-tuned: {other} (") == 2
     # the printed answers are the greedy answers of each model
     for path in (tiny_dir, other):
-        model, tok = prompt_eval.load_for_generation(str(path), "fp32")
+        model, tok, _ = prompt_eval.load_for_generation(str(path), "fp32")
         answer = prompt_eval.generate(
             model, tok, prompt_eval.wrap_prompt("How do I clean a cast iron pan?"), max_new_tokens=6
         )

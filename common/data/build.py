@@ -13,7 +13,8 @@ Order of work (validation comes before any splitting or tokenization):
    in its stats as `without_rejected`); a source that would lose more than half of the rows stage 2 takes
    from it (train slice + eval) this way is a DataError unless skip_bad_rows (an SFT-only hub dataset in
    data_path is an error at once).
-6. Train rows of all sources are mixed by a seeded permutation; eval keeps source order.
+6. Train rows of all sources are mixed by a seeded permutation; eval keeps source order. max_train_samples
+   keeps the first rows of the mix, max_eval_samples a seeded sample of the eval rows (a CPU-sized run).
 7. Tokenize for the stage, save atomically, and every rank loads the file.
 `stats` (also printed on rank 0) holds per-source row counts, skipped/filtered rows and the truncation and
 drop counts of tokenization.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from common.chat_format import ChatFormat
 from common.data import tokenize
 from common.data.cache import build_once_per_node, cache_key
 from common.data.rows import DataError, Row
@@ -59,6 +61,9 @@ class DataConfig:
     mask_prompt: bool = False
     prompt_overflow: str = "truncate_left"
     skip_bad_rows: bool = False
+    apply_chat_template: bool = False  # render prompts with the model's chat template (common.chat_format)
+    max_train_samples: int = 0  # > 0: the stage trains on at most this many rows of its mixed slice
+    max_eval_samples: int = 0  # > 0: it evaluates on a seeded sample of at most this many eval rows
 
     def validate(self) -> None:
         for name in ("data_path", "sft_only_data_path"):
@@ -72,6 +77,8 @@ class DataConfig:
             raise ValueError(
                 f"max_seq_len={self.max_seq_len} / max_prompt_seq_len={self.max_prompt_seq_len} too small"
             )
+        if self.max_train_samples < 0 or self.max_eval_samples < 0:
+            raise ValueError("max_train_samples and max_eval_samples must be >= 0 (0 = all rows)")
         if self.prompt_overflow not in tokenize.PROMPT_OVERFLOW_POLICIES:
             raise ValueError(
                 f"prompt_overflow={self.prompt_overflow!r}: expected one of {tokenize.PROMPT_OVERFLOW_POLICIES}"
@@ -104,6 +111,8 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     cfg.validate()
     tokenize.check_tokenizer(tokenizer)
+    if cfg.apply_chat_template:
+        ChatFormat.for_tokenizer(tokenizer)  # a tokenizer without a usable template fails before any reading
     sources = [("data", open_source(entry)) for entry in cfg.data_path]
     if stage == 1:
         sources += [("sft_only", open_source(entry)) for entry in cfg.sft_only_data_path]
@@ -127,6 +136,8 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
                 "mask_prompt": cfg.mask_prompt,
                 "prompt_overflow": cfg.prompt_overflow,
                 "skip_bad_rows": cfg.skip_bad_rows,
+                "chat_template": tokenizer.chat_template if cfg.apply_chat_template else None,
+                "max_samples": (cfg.max_train_samples, cfg.max_eval_samples),
             }
         )
 
@@ -184,6 +195,14 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
         )
     mix = seeded_permutation(len(train_rows), derive_seed(cfg.seed, "mix"))
     train_rows = [train_rows[i] for i in mix]
+    if cfg.max_train_samples:
+        train_rows = train_rows[: cfg.max_train_samples]
+    if cfg.max_eval_samples and len(eval_rows) > cfg.max_eval_samples:
+        keep = seeded_permutation(len(eval_rows), derive_seed(cfg.seed, "eval sample"))[
+            : cfg.max_eval_samples
+        ]
+        eval_rows = [eval_rows[i] for i in sorted(keep)]
+    stats["train_rows_used"], stats["eval_rows_used"] = len(train_rows), len(eval_rows)
 
     train, stats["train"] = _tokenize(train_rows, tokenizer, stage, cfg)
     evals, stats["eval"] = _tokenize(eval_rows, tokenizer, stage, cfg)
@@ -213,11 +232,12 @@ def _pairs_only(
 
 
 def _tokenize(rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig) -> tuple[dict[str, list], dict]:
+    fmt = ChatFormat.for_tokenizer(tokenizer) if cfg.apply_chat_template else None
     if stage == 1:
-        return tokenize.tokenize_sft(rows, tokenizer, cfg.max_seq_len)
+        return tokenize.tokenize_sft(rows, tokenizer, cfg.max_seq_len, fmt)
     if stage == 2:
-        return tokenize.tokenize_pairs(rows, tokenizer, cfg.max_seq_len)
-    return tokenize.tokenize_prompts(rows, tokenizer, cfg.max_prompt_seq_len, cfg.prompt_overflow)
+        return tokenize.tokenize_pairs(rows, tokenizer, cfg.max_seq_len, fmt)
+    return tokenize.tokenize_prompts(rows, tokenizer, cfg.max_prompt_seq_len, cfg.prompt_overflow, fmt)
 
 
 def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
@@ -225,7 +245,7 @@ def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
     for name, values in tokens.items():
         if name.endswith("prompt_len"):
             state[name] = torch.tensor(values, dtype=torch.int64)
-        elif name == "extra":  # JSON texts
+        elif name in ("extra", "prompt_text"):  # texts
             state[name] = list(values)
         else:
             state[name] = TokenLists.from_lists(values).state()
@@ -234,7 +254,9 @@ def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
 
 def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
     if stage == 1:
-        return SFTDataset(TokenLists.from_state(state["input_ids"]), state["prompt_len"], cfg.mask_prompt)
+        # With a chat template the loss is on the assistant's tokens only, whatever --mask_prompt says.
+        mask_prompt = cfg.mask_prompt or cfg.apply_chat_template
+        return SFTDataset(TokenLists.from_state(state["input_ids"]), state["prompt_len"], mask_prompt)
     if stage == 2:
         return PairDataset(
             TokenLists.from_state(state["chosen"]),
@@ -242,7 +264,7 @@ def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
             state["chosen_prompt_len"],
             state["rejected_prompt_len"],
         )
-    return PromptDataset(TokenLists.from_state(state["prompt"]), state.get("extra"))
+    return PromptDataset(TokenLists.from_state(state["prompt"]), state.get("extra"), state.get("prompt_text"))
 
 
 def _report(stats: dict[str, Any]) -> None:

@@ -61,8 +61,9 @@ class PairCollator:
 
 
 class PromptCollator:
-    """[{"input_ids"(, "extra")}] -> {"input_ids", "attention_mask"}, each (B, P), LEFT-padded for generation,
-    and "extra": the rows' extra dataset columns (a list of B dicts) when the dataset has them."""
+    """[{"input_ids"(, "extra", "prompt_text")}] -> {"input_ids", "attention_mask"}, each (B, P), LEFT-padded
+    for generation, "extra": the rows' extra dataset columns (a list of B dicts) and "prompt_text": their
+    original prompt texts (B str, chat-template data), when the dataset has them."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -72,6 +73,8 @@ class PromptCollator:
         out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "extra" in batch[0]:
             out["extra"] = [b["extra"] for b in batch]
+        if "prompt_text" in batch[0]:
+            out["prompt_text"] = [b["prompt_text"] for b in batch]
         return out
 
 

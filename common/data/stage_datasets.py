@@ -95,11 +95,12 @@ class PairDataset(Dataset):
 
 class PromptDataset(Dataset):
     """PPO prompts (no EOS, no padding), with each row's extra dataset columns (a dict, {} for none) when the
-    data has any."""
+    data has any, and its original prompt text when the ids are a chat-template rendering of it."""
 
-    def __init__(self, prompts: TokenLists, extra: list[str] | None = None):
+    def __init__(self, prompts: TokenLists, extra: list[str] | None = None, texts: list[str] | None = None):
         self.prompts = prompts
         self.extra = extra
+        self.texts = texts
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -108,6 +109,8 @@ class PromptDataset(Dataset):
         item: dict[str, Any] = {"input_ids": self.prompts[i]}
         if self.extra is not None:
             item["extra"] = json.loads(self.extra[i]) if self.extra[i] else {}
+        if self.texts is not None:
+            item["prompt_text"] = self.texts[i]
         return item
 
 

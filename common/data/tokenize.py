@@ -13,6 +13,13 @@ characters: the only EOS id in a sequence is the one appended here.
   least one prompt token is dropped. Both cases are counted.
 - PPO (stage 3): prompt ids only, at most max_prompt_seq_len; longer prompts are cut from the left
   (`prompt_overflow="truncate_left"`) or dropped ("drop"), and counted.
+
+With a ChatFormat (`--apply_chat_template`, `common.chat_format`) each prompt is rendered by the model's chat
+template (ending in its generation prompt) and encoded with the template's special tokens as special ids;
+a row whose own text contains a special-token string is a DataError, so the only special ids in a
+sequence are the template's and the appended EOS (its end-of-turn token). Responses are the assistant
+content, stripped. Stage 3 then also keeps each prompt's original text ("prompt_text"), which reward
+functions and the gold scorer read instead of the rendering.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from common.chat_format import ChatFormat, ChatTemplateError
 from common.data.rows import DataError, Row
 
 PROMPT_OVERFLOW_POLICIES = ("truncate_left", "drop")
@@ -65,12 +73,49 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((definition + json.dumps(special, sort_keys=True)).encode()).hexdigest()
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added, special-token strings treated as plain text."""
+def encode_texts(tokenizer: Any, texts: Sequence[str], split_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; special-token strings are plain text unless
+    `split_special_tokens` is False (rendered chat templates)."""
     ids: list[list[int]] = []
     for start in range(0, len(texts), _BATCH):
         batch = list(texts[start : start + _BATCH])
-        ids.extend(tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        ids.extend(
+            tokenizer(batch, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+        )
+    return ids
+
+
+def encode_prompts(rows: Sequence[Row], tokenizer: Any, fmt: ChatFormat | None) -> list[list[int]]:
+    """Prompt ids of each row: its text as is, or rendered by the chat template when `fmt` is given."""
+    if fmt is None:
+        ids = encode_texts(tokenizer, [r.prompt for r in rows])
+        _check_no_special(ids, rows, "prompt", tokenizer)
+        return ids
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    texts = []
+    for row in rows:
+        for column in ("prompt", "chosen", "rejected"):
+            text = getattr(row, column) or ""
+            found = next((t for t in specials if t in text), None)
+            if found is not None:
+                raise DataError(
+                    f"{row.origin}, column {column!r}: contains the special token {found!r}, which the chat "
+                    "template uses; remove it or train without --apply_chat_template"
+                )
+        try:
+            texts.append(fmt.prompt(row.prompt))
+        except ChatTemplateError as e:
+            raise DataError(f"{row.origin}, column 'prompt': {e}") from None
+    return encode_texts(tokenizer, texts, split_special_tokens=False)
+
+
+def encode_responses(
+    rows: Sequence[Row], column: str, tokenizer: Any, fmt: ChatFormat | None
+) -> list[list[int]]:
+    """Ids of each row's `column` response (without EOS): as is, or its stripped content with `fmt`."""
+    texts = [getattr(r, column) for r in rows]
+    ids = encode_texts(tokenizer, texts if fmt is None else [fmt.response(t) for t in texts])
+    _check_no_special(ids, rows, column, tokenizer)
     return ids
 
 
@@ -93,13 +138,13 @@ def fit_to_length(prompt: list[int], response: list[int], max_len: int) -> tuple
     return prompt + response, len(prompt)
 
 
-def tokenize_sft(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tuple[dict[str, list], dict]:
+def tokenize_sft(
+    rows: Sequence[Row], tokenizer: Any, max_seq_len: int, fmt: ChatFormat | None = None
+) -> tuple[dict[str, list], dict]:
     """SFT rows -> {"input_ids": [prompt + chosen + [eos]], "prompt_len": [int]}, plus counts."""
     eos = tokenizer.eos_token_id
-    prompts = encode_texts(tokenizer, [r.prompt for r in rows])
-    chosens = encode_texts(tokenizer, [r.chosen for r in rows])
-    _check_no_special(prompts, rows, "prompt", tokenizer)
-    _check_no_special(chosens, rows, "chosen", tokenizer)
+    prompts = encode_prompts(rows, tokenizer, fmt)
+    chosens = encode_responses(rows, "chosen", tokenizer, fmt)
     out: dict[str, list] = {"input_ids": [], "prompt_len": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "dropped_too_long": 0}
     for prompt, chosen in zip(prompts, chosens, strict=True):
@@ -115,18 +160,18 @@ def tokenize_sft(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tuple
     return out, counts
 
 
-def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tuple[dict[str, list], dict]:
+def tokenize_pairs(
+    rows: Sequence[Row], tokenizer: Any, max_seq_len: int, fmt: ChatFormat | None = None
+) -> tuple[dict[str, list], dict]:
     """Pair rows -> {"chosen": [prompt + chosen + [eos]], "rejected": [prompt + rejected + [eos]],
     "chosen_prompt_len": [int], "rejected_prompt_len": [int]} (the prompt tokens each side kept, for DPO's
     response mask), plus counts.
 
     A pair is dropped when either side is too long; it counts once."""
     eos = tokenizer.eos_token_id
-    prompts = encode_texts(tokenizer, [r.prompt for r in rows])
-    chosens = encode_texts(tokenizer, [r.chosen for r in rows])
-    rejecteds = encode_texts(tokenizer, [r.rejected for r in rows])
-    for ids, column in ((prompts, "prompt"), (chosens, "chosen"), (rejecteds, "rejected")):
-        _check_no_special(ids, rows, column, tokenizer)
+    prompts = encode_prompts(rows, tokenizer, fmt)
+    chosens = encode_responses(rows, "chosen", tokenizer, fmt)
+    rejecteds = encode_responses(rows, "rejected", tokenizer, fmt)
     out: dict[str, list] = {"chosen": [], "rejected": [], "chosen_prompt_len": [], "rejected_prompt_len": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "dropped_too_long": 0}
     for prompt, chosen, rejected in zip(prompts, chosens, rejecteds, strict=True):
@@ -145,15 +190,19 @@ def tokenize_pairs(rows: Sequence[Row], tokenizer: Any, max_seq_len: int) -> tup
 
 
 def tokenize_prompts(
-    rows: Sequence[Row], tokenizer: Any, max_prompt_seq_len: int, prompt_overflow: str
+    rows: Sequence[Row],
+    tokenizer: Any,
+    max_prompt_seq_len: int,
+    prompt_overflow: str,
+    fmt: ChatFormat | None = None,
 ) -> tuple[dict[str, list], dict]:
     """PPO rows -> {"prompt": [prompt ids, at most max_prompt_seq_len], "extra": [each kept row's extra
-    columns as JSON, "" for none]} ("extra" only when some row has any), plus counts."""
+    columns as JSON, "" for none], "prompt_text": [each kept row's prompt text]} ("extra" only when some row
+    has any, "prompt_text" only with a chat format), plus counts."""
     if prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
         raise ValueError(f"prompt_overflow={prompt_overflow!r}: expected one of {PROMPT_OVERFLOW_POLICIES}")
-    prompts = encode_texts(tokenizer, [r.prompt for r in rows])
-    _check_no_special(prompts, rows, "prompt", tokenizer)
-    out: dict[str, list] = {"prompt": [], "extra": []}
+    prompts = encode_prompts(rows, tokenizer, fmt)
+    out: dict[str, list] = {"prompt": [], "extra": [], "prompt_text": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "prompt_dropped": 0}
     for prompt, row in zip(prompts, rows, strict=True):
         if len(prompt) > max_prompt_seq_len:
@@ -164,7 +213,10 @@ def tokenize_prompts(
             prompt = prompt[-max_prompt_seq_len:]
         out["prompt"].append(prompt)
         out["extra"].append(row.extra)
+        out["prompt_text"].append(row.prompt)
     if not any(out["extra"]):
         del out["extra"]
+    if fmt is None:
+        del out["prompt_text"]
     counts["rows_out"] = len(out["prompt"])
     return out, counts
