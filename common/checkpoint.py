@@ -100,6 +100,18 @@ def _marker(output_dir: Path) -> dict[str, Any] | None:
         raise SystemExit(f"{path}: not valid JSON ({e}); remove it or pick another --output_dir") from None
 
 
+def refuse_foreign_files(out: Path, own_files: frozenset[str], writer: str) -> None:
+    """FileExistsError unless `out` is missing or a directory holding only files `writer` writes itself (its
+    own earlier output, which it may overwrite): a model writer never mixes its files with someone else's."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own_files)
+    if foreign:
+        raise FileExistsError(f"{out} is not empty and holds files {writer} did not write: {foreign}")
+
+
 def check_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespace) -> None:
     """Refuse (SystemExit naming the directory) to write into a directory holding someone else's files
     or another run's checkpoints. Writes nothing: call it before any compute, `claim_output_dir` later.

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from common.checkpoint import refuse_foreign_files
+
 
 @dataclass(frozen=True)
 class PackagedModel:
@@ -117,14 +119,7 @@ def write_pretrained(name: str, out_dir: str | Path) -> Path:
 
     Raises FileExistsError if out_dir holds anything this function does not write itself."""
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
-        if foreign:
-            raise FileExistsError(
-                f"{out} is not empty and holds files write_pretrained did not write: {foreign}"
-            )
+    refuse_foreign_files(out, OWN_FILES, "write_pretrained")
     model, tokenizer = load_packaged(name)
     tokenizer.model_max_length = model.config.max_position_embeddings
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from common.checkpoint import refuse_foreign_files
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 ARCHS = ("opt", "gpt2", "llama")
@@ -209,12 +211,7 @@ def write_tiny(
     from an earlier call are overwritten. Returns out_dir as a Path.
     """
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
-        if foreign:
-            raise FileExistsError(f"{out} is not empty and holds files write_tiny did not write: {foreign}")
+    refuse_foreign_files(out, OWN_FILES, "write_tiny")
     tokenizer = train_tokenizer(read_bundled_texts(Path(train_file)), vocab_size)
     model = build_tiny_model(arch, tokenizer, seed, **sizes)
     tokenizer.model_max_length = model.config.max_position_embeddings

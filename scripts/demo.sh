@@ -8,6 +8,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-OUT="output/demo-$(date +%Y%m%d-%H%M%S)"
+# DEMO_NAME / DEMO_MODEL: another model's demo (scripts/demo_smollm2.sh) in place of the tiny default.
+OUT="output/${DEMO_NAME:-demo}-$(date +%Y%m%d-%H%M%S)"
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then OUT="$1"; shift; fi
-exec python e2e_rlhf.py --tiny --output-dir "$OUT" "$@"
+read -r -a model <<<"${DEMO_MODEL:---tiny}"
+exec python e2e_rlhf.py "${model[@]}" --output-dir "$OUT" "$@"

@@ -35,8 +35,8 @@ case "$SIZE/$DEPLOYMENT" in
         STEP3_CRITIC_ZERO=0
         STEP3_ARGS=(--max_train_samples 256 --max_prompt_seq_len 96 --max_answer_seq_len 40
             --per_device_generation_batch_size 8 --per_device_training_batch_size 8
-            --enable_test_mode --test_stop_step 10 --eval_interval 0 --eval_num_prompts 48
-            --actor_learning_rate 1e-5 --critic_learning_rate 2e-5 --lr_scheduler_type constant
+            --enable_test_mode --test_stop_step 24 --eval_interval 0 --eval_num_prompts 48
+            --actor_learning_rate 3e-5 --critic_learning_rate 5e-5 --lr_scheduler_type constant
             --missing_eos_penalty -3 --seed 1234)
         CRITIC_FREE_ARGS=()
         GROUP_ARGS=(--num_samples_per_prompt 4 --per_device_generation_batch_size 2)
