@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+from common.checkpoint import RUN_MARKER
+
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
 _PROBE_Q, _PROBE_A = "PROBE-QUESTION-1", "PROBE-ANSWER-2"
@@ -117,14 +118,13 @@ def use_end_of_turn_as_eos(tokenizer: Any, name: str = "the tokenizer") -> ChatF
 
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
-_RUN_MARKER = ".rlhf_run.json"  # common.checkpoint.RUN_MARKER: the command a stage's output came from
 
 
 def trained_with_chat_template(path: str) -> bool | None:
     """Whether the stage run that wrote the model directory `path` (or its parent: OUT/ppo/actor) had
     --apply_chat_template; None when `path` is not a stage's output (a hub id, a downloaded model)."""
     for folder in (Path(path), Path(path).parent):
-        marker = folder / _RUN_MARKER
+        marker = folder / RUN_MARKER  # a stage's output directory: the command it came from
         if marker.is_file():
             try:
                 command = json.loads(marker.read_text()).get("command", [])
