@@ -100,6 +100,21 @@ def _marker(output_dir: Path) -> dict[str, Any] | None:
         raise SystemExit(f"{path}: not valid JSON ({e}); remove it or pick another --output_dir") from None
 
 
+# The files `save_pretrained` of a model and its tokenizer may write (what the model writers may overwrite).
+HF_MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+    }
+)
+
+
 def refuse_foreign_files(out: Path, own_files: frozenset[str], writer: str) -> None:
     """FileExistsError unless `out` is missing or a directory holding only files `writer` writes itself (its
     own earlier output, which it may overwrite): a model writer never mixes its files with someone else's."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from common.checkpoint import refuse_foreign_files
+from common.checkpoint import HF_MODEL_FILES, refuse_foreign_files
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,7 @@ MODELS: dict[str, PackagedModel] = {
     ),
 }
 # What write_pretrained writes; it refuses a non-empty directory that holds anything else.
-OWN_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "provenance.json",
-    }
-)
+OWN_FILES = HF_MODEL_FILES | {"provenance.json"}
 
 
 class MissingPackageError(ImportError):

@@ -39,7 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.checkpoint import refuse_foreign_files
+from common.checkpoint import HF_MODEL_FILES, refuse_foreign_files
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -57,18 +57,7 @@ DEFAULT_SIZES: dict[str, int | None] = {
 BUNDLED_TRAIN = Path(__file__).resolve().parents[1] / "data" / "synthetic" / "train.jsonl"
 # Everything write_tiny (through save_pretrained) may write; it refuses to write into a directory that
 # holds anything else, so it never mixes its output with someone's real model.
-OWN_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-    }
-)
+OWN_FILES = HF_MODEL_FILES
 
 
 def read_bundled_texts(path: Path = BUNDLED_TRAIN) -> Iterator[str]:
