@@ -455,13 +455,31 @@ def label_share_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, 
     return rows
 
 
+# distinct-2 after / before below this: the answers collapsed onto a few texts, whatever the means say
+COLLAPSE_RATIO = 0.5
+
+
 def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
-    """The reward-hacking measures of the held-out answers, before -> after."""
-    return [
+    """The reward-hacking measures of the held-out answers, before -> after, and a warning when their
+    diversity (distinct-2) fell below COLLAPSE_RATIO of what it was."""
+    rows = [
         (f"{prefix}: {label}", f"{before[key]:.3f} -> {after[key]:.3f}")
         for key, label in MEASURE_ROWS
         if key in before and key in after
     ]
+    if (
+        before.get("distinct_2")
+        and "distinct_2" in after
+        and after["distinct_2"] < COLLAPSE_RATIO * before["distinct_2"]
+    ):
+        drop = 1 - after["distinct_2"] / before["distinct_2"]
+        rows.append(
+            (
+                f"{prefix}: answer diversity",
+                f"COLLAPSED: distinct-2 fell {drop:.0%}; read the held-out answers",
+            )
+        )
+    return rows
 
 
 def gold_rows(ppo: dict, prefix: str = "stage 3") -> list[tuple[str, str]]:

@@ -292,6 +292,17 @@ def test_summary_rows(tmp_path):
     assert not any("gold" in label or "distinct" in label for label in rows)
 
 
+def test_a_collapse_of_the_answers_is_flagged_whatever_the_means_say():
+    """distinct-2 falling below half (SmolLM2's CPU run: 0.415 -> 0.074, gold and proxy both up) gets its own
+    row; half or more (the tiny demo: 0.307 -> 0.280) does not."""
+    rows = dict(e2e_rlhf.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": 0.074}))
+    assert rows["stage 3: answer diversity"] == "COLLAPSED: distinct-2 fell 82%; read the held-out answers"
+    for after in (0.280, 0.2075):
+        assert "stage 3: answer diversity" not in dict(
+            e2e_rlhf.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": after})
+        )
+
+
 def test_dpo_pipeline_reuses_a_finished_stage_1_and_reports_beside_ppo(tmp_path, capsys):
     run_main(tmp_path)  # SFT -> RM -> PPO
     capsys.readouterr()
