@@ -269,6 +269,7 @@ class StageRun:
     env: dict[str, str]
     log_path: Path
     verbose: bool = False
+    prefix: str = ""  # put before every echoed line (several seeds' stages at once)
     output_tail: list[str] = field(default_factory=list)
 
 
@@ -289,9 +290,9 @@ def run_subprocess(run: StageRun) -> int:
             tail.append(line)
             shown = CONSOLE_LINE.search(line)
             if run.verbose:
-                print(line, flush=True)
+                print(run.prefix + line, flush=True)
             elif shown:
-                print(line[shown.start() :], flush=True)
+                print(run.prefix + line[shown.start() :], flush=True)
         status = proc.wait()
     except KeyboardInterrupt:
         proc.wait()
@@ -433,11 +434,51 @@ MEASURE_ROWS = (
 )
 
 
-def proxy_gold_verdict(proxy_gain: float, gold_gain: float) -> str:
-    """In words, what the held-out proxy (reward-model) and gold scores did from before to after PPO."""
+# distinct-2 after / before below this: the answers collapsed onto a few texts, whatever the means say
+COLLAPSE_RATIO = 0.5
+
+
+# A rise of the malformed share by more than this (a share of the held-out answers) is a failure, whatever the
+# means say: 0.02 is about 3 of the 128 held-out prompts of the tiny default, the noise of one evaluation.
+MALFORMED_RISE_TOLERANCE = 0.02
+
+
+def answer_failures(before: dict, after: dict) -> list[str]:
+    """What the held-out answers themselves say against a gain, whatever the mean gold: the best share fell,
+    the malformed share rose by more than MALFORMED_RISE_TOLERANCE, or the answers collapsed (distinct-2 below
+    COLLAPSE_RATIO of before). Empty when none, or when the figures are not recorded."""
+    failures = []
+    if "gold_share_best" in before and after.get("gold_share_best", 1.0) < before["gold_share_best"]:
+        failures.append(
+            f"the best share fell ({before['gold_share_best']:.2f} -> {after['gold_share_best']:.2f})"
+        )
+    if (
+        "gold_share_malformed" in before
+        and after.get("gold_share_malformed", 0.0)
+        > before["gold_share_malformed"] + MALFORMED_RISE_TOLERANCE + 1e-9
+    ):
+        failures.append(
+            f"the malformed share rose ({before['gold_share_malformed']:.2f} -> {after['gold_share_malformed']:.2f})"
+        )
+    if before.get("distinct_2") and after.get("distinct_2", 1.0) < COLLAPSE_RATIO * before["distinct_2"]:
+        failures.append(
+            f"the answers collapsed (distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f})"
+        )
+    return failures
+
+
+def proxy_gold_verdict(
+    proxy_gain: float, gold_gain: float, before: dict | None = None, after: dict | None = None
+) -> str:
+    """In words, what the held-out proxy (reward-model) and gold scores did from before to after training;
+    with the evaluations `before` and `after`, a gold gain whose answers say otherwise (`answer_failures`) is
+    no gain."""
     gains = f"proxy {proxy_gain:+.3f}, gold {gold_gain:+.3f}"
+    failures = answer_failures(before or {}, after or {})
     if proxy_gain > 0 and gold_gain <= 0:
         return f"REWARD HACKING: the proxy rose but the gold did not ({gains})"
+    if gold_gain > 0 and failures:
+        return f"NOT a real gain: the gold mean rose, but {'; '.join(failures)} ({gains})"
     if proxy_gain > 0:
         return f"both rose: a real gain ({gains})"
     if gold_gain > 0:
@@ -453,10 +494,6 @@ def label_share_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, 
         if key in before and key in after:
             rows.append((f"{prefix}: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
     return rows
-
-
-# distinct-2 after / before below this: the answers collapsed onto a few texts, whatever the means say
-COLLAPSE_RATIO = 0.5
 
 
 def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
@@ -491,7 +528,12 @@ def gold_rows(ppo: dict, prefix: str = "stage 3") -> list[tuple[str, str]]:
         gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({ppo['gold_reward']})"
         rows.append((f"{prefix}: held-out gold score before -> after", gold))
         rows += label_share_rows(prefix, before, after)
-        rows.append((f"{prefix}: proxy vs gold", proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"])))
+        rows.append(
+            (
+                f"{prefix}: proxy vs gold",
+                proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"], before, after),
+            )
+        )
     return rows + measure_rows(prefix, before, after)
 
 
@@ -559,6 +601,26 @@ def _label(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _algo_list(text: str) -> list[str]:
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in PIPELINES]
+    if unknown or not algos:
+        raise argparse.ArgumentTypeError(f"{unknown or text!r}: choose from {', '.join(sorted(PIPELINES))}")
+    return list(dict.fromkeys(algos))
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seeds are comma-separated integers, e.g. 1,2,3"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds, e.g. 1,2,3")
+    return seeds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run SFT -> reward model -> PPO through the launch scripts; skip finished stages."
@@ -586,12 +648,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--algo",
-        choices=sorted(PIPELINES),
-        default="ppo",
+        type=_algo_list,
+        default=["ppo"],
         help="ppo: SFT -> reward model -> PPO (steps 1 2 3); grpo, dr_grpo, rloo, reinforce_pp, "
         "reinforce_pp_baseline: the same, with that critic-free estimator as step 3 (in <algo>/); dpo: SFT -> "
-        "DPO on the same pairs (steps 1 2: step 2 is DPO, in dpo/). All write under one --output-dir, so "
-        "they share finished stages.",
+        "DPO on the same pairs (steps 1 2: step 2 is DPO, in dpo/). A comma-separated list runs each in turn. "
+        "All write under one --output-dir, so they share finished stages.",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="N,N,...",
+        help="Run the pipelines once per seed, into OUTPUT/seed-N, every stage with --seed N (the tiny model's "
+        "init too), then print per method the mean, std, worst seed and 95%% bootstrap interval of the gold's "
+        "figures (OUTPUT/multiseed_summary.md, .json, multiseed_gold_vs_kl.png).",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="With --seeds: seeds run at once, the CPU threads shared among them (1).",
     )
     parser.add_argument(
         "--step", type=int, nargs="+", choices=(1, 2, 3), default=None, help="Steps to run (all)."
@@ -625,8 +702,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dpo-args", default="", metavar="FLAGS", help="Extra flags for the DPO step (--algo dpo)."
     )
     args = parser.parse_args(argv)
-    if args.step is None:
-        args.step = sorted(PIPELINES[args.algo])
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.tiny:
         args.actor_model = "tiny"
     return args
@@ -641,28 +718,41 @@ def algo_flag(stage: Stage) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
-    args = parse_args(argv)
-    actor = resolve_actor(args.actor_model)
-    reward_model = resolve_reward(args.reward_model, actor)
-    script = launch_script(actor, args.deployment_type)
-    stages = PIPELINES[args.algo]
-    out = (args.output_dir or REPO / "output" / actor.hub_id.split("/")[-1]).resolve()
+@dataclass
+class Invocation:
+    """What every pipeline of one e2e_rlhf.py call shares: the parsed flags, the models, the launch script and
+    the runner."""
+
+    args: argparse.Namespace
+    actor: ModelSpec
+    reward_model: str
+    script: Path
+    runner: Runner
+
+
+def run_pipeline(
+    inv: Invocation, algo: str, out: Path, env: dict[str, str], ran: set[str], prefix: str = ""
+) -> int:
+    """Plan and run one --algo's stages under `out`; a stage already run in this invocation (named in `ran`,
+    which gets the stages that run) is not run again, --force or not. Returns the exit status."""
+    args = inv.args
+    stages = PIPELINES[algo]
+    steps = sorted(stages) if args.step is None else args.step  # --step 3 with --algo ppo,dpo: DPO has no 3
+    if len(args.algo) > 1 and args.step is not None:
+        steps = [s for s in steps if s in stages]
     try:
-        plan = plan_stages(out, args.step, args.force, stages)
+        plan = plan_stages(out, steps, args.force, stages)
     except ValueError as e:
-        if not args.dry_run or not set(args.step) <= set(stages):
-            raise SystemExit(f"e2e_rlhf: {e}") from None
-        print(f"note: {e}")
-        plan = [PlannedStage(stages[s], True, "dry run") for s in sorted(set(args.step))]
-    models = f"actor {actor.hub_id}, " + (f"reward model {reward_model}" if args.algo != "dpo" else "DPO")
-    print(f"pipeline: {models}, {args.deployment_type}, output {out}")
-    env = stage_env(actor, reward_model)
-    ran: set[str] = set()
-    started = time.perf_counter()
+        if not args.dry_run or not set(steps) <= set(stages):
+            raise SystemExit(f"e2e_rlhf: {prefix}{e}") from None
+        print(f"{prefix}note: {e}")
+        plan = [PlannedStage(stages[s], True, "dry run") for s in sorted(set(steps))]
+    plan = [
+        PlannedStage(p.stage, False, "ran in this invocation") if p.stage.name in ran else p for p in plan
+    ]
     for planned in plan:
         stage = planned.stage
-        header = f"== step {stage.step}: {stage.title}"
+        header = f"{prefix}== step {stage.step}: {stage.title}"
         if not planned.run:
             print(f"{header}: skipped, {planned.reason}")
             continue
@@ -670,39 +760,129 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
         zero = args.actor_zero_stage if trains_policy else args.reward_zero_stage
         extra = shlex.split(args.dpo_args if stage.name == "dpo" else getattr(args, f"step{stage.step}_args"))
         command = stage_command(
-            script, stage.launch_arg, out, zero, args.reward_zero_stage, args.dry_run, extra
+            inv.script, stage.launch_arg, out, zero, args.reward_zero_stage, args.dry_run, extra
         )
-        print(f"{header} ({planned.reason})\n   {shlex.join(command)}", flush=True)
+        print(f"{header} ({planned.reason})\n{prefix}   {shlex.join(command)}", flush=True)
         run = StageRun(
-            stage.step, command, env, stage.dir(out) / STAGE_LOG, verbose=args.verbose or args.dry_run
+            stage.step,
+            command,
+            env,
+            stage.dir(out) / STAGE_LOG,
+            verbose=args.verbose or args.dry_run,
+            prefix=prefix,
         )
         if not args.dry_run:
             stage.metrics_path(out).unlink(missing_ok=True)  # an interrupted rerun must not look finished
             (stage.dir(out) / RUN_RECORD).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        status = runner(run)
+        status = inv.runner(run)
         seconds = time.perf_counter() - t0
         if status != 0:
             print(failure_help(stage, run, status), file=sys.stderr)
             return status
         if args.dry_run:
+            ran.add(stage.name)
             continue
         if not is_finished(stage, out):
-            print(f"step {stage.step} exited 0 but wrote no {stage.metrics_path(out)}; log: {run.log_path}")
+            print(
+                f"{prefix}step {stage.step} exited 0 but wrote no {stage.metrics_path(out)}; log: {run.log_path}"
+            )
             return 1
         write_run_record(stage, out, command, seconds)
         ran.add(stage.name)
         print(f"{header}: done in {_duration(seconds)}", flush=True)
-    if args.dry_run:
-        return 0
-    for stage in stale_after(out, plan, stages):
-        print(
-            f"note: {stage.dir(out)} was made from the previous outputs of earlier steps; rerun it with "
-            f"{algo_flag(stage)}--step {stage.step} --force"
-        )
-    report(out, ran)
-    print(f"this invocation: {_duration(time.perf_counter() - started)}")
+    if not args.dry_run:
+        for stage in stale_after(out, plan, stages):
+            if stage.name not in ran:
+                print(
+                    f"{prefix}note: {stage.dir(out)} was made from the previous outputs of earlier steps; "
+                    f"rerun it with {algo_flag(stage)}--step {stage.step} --force"
+                )
     return 0
+
+
+def run_algos(inv: Invocation, out: Path, env: dict[str, str], prefix: str = "") -> tuple[int, set[str]]:
+    """Every --algo in turn under `out` (they share finished stages); (exit status, the stages that ran)."""
+    ran: set[str] = set()
+    for algo in inv.args.algo:
+        status = run_pipeline(inv, algo, out, env, ran, prefix)
+        if status:
+            return status, ran
+    return 0, ran
+
+
+def seed_env(env: dict[str, str], seed: int, jobs: int) -> dict[str, str]:
+    """A seed's environment: SEED for the launch scripts (every stage's --seed, the tiny model's init) and,
+    with several seeds at once, the CPU threads shared out among them (unless OMP_NUM_THREADS is set)."""
+    env = {**env, "SEED": str(seed)}
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def run_seeds(inv: Invocation, out: Path, env: dict[str, str]) -> int:
+    """`--seeds`: the selected pipelines once per seed, into OUT/seed-N (--jobs seeds at a time), then the
+    multi-seed summary of every method finished under those seed directories."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.multiseed import format_summary, seed_dir
+
+    args = inv.args
+
+    def one(seed: int) -> int:
+        status, _ = run_algos(inv, seed_dir(out, seed), seed_env(env, seed, args.jobs), f"[seed {seed}] ")
+        return status
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        statuses = dict(zip(args.seeds, pool.map(one, args.seeds), strict=True))
+    failed = [seed for seed, status in statuses.items() if status]
+    if args.dry_run:
+        return max(statuses.values())
+    summary, paths = multiseed_report(out, args.seeds)
+    if summary:
+        print("\n" + format_summary(summary))
+        print(
+            f"table:         {paths['table']}\nper seed:      {paths['json']}\ngold vs KL:    {paths['png']}"
+        )
+    print(f"one seed's table and outputs: python e2e_rlhf.py --output-dir {seed_dir(out, args.seeds[0])} ...")
+    if failed:
+        print(f"e2e_rlhf: seeds {failed} failed; their logs are under {out}/seed-N/<stage>/{STAGE_LOG}")
+        return 1
+    return 0
+
+
+def multiseed_report(out: Path, seeds: Sequence[int]) -> tuple[dict, dict[str, Path]]:
+    """The multi-seed summary of every policy-training stage (PPO, the critic-free estimators, DPO) finished
+    under OUT/seed-N for `seeds`, and the files it was written to under `out`."""
+    from pipeline.multiseed import Method, collect, write_summary
+
+    methods = [Method(s.name, s.title, s.metrics) for s in (*RL_STAGES, DPO_STAGES[2])]
+    summary = collect(out, seeds, methods)
+    return summary, (write_summary(out, summary) if summary else {})
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
+    args = parse_args(argv)
+    actor = resolve_actor(args.actor_model)
+    reward_model = resolve_reward(args.reward_model, actor)
+    inv = Invocation(args, actor, reward_model, launch_script(actor, args.deployment_type), runner)
+    out = (args.output_dir or REPO / "output" / actor.hub_id.split("/")[-1]).resolve()
+    kinds = ", ".join(
+        [f"reward model {reward_model}"] * any(a != "dpo" for a in args.algo) + ["DPO"] * ("dpo" in args.algo)
+    )
+    seeds = f", seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
+    print(f"pipeline: actor {actor.hub_id}, {kinds}, {args.deployment_type}, output {out}{seeds}")
+    env = stage_env(actor, reward_model)
+    started = time.perf_counter()
+    if args.seeds:
+        status = run_seeds(inv, out, env)
+    else:
+        status, ran = run_algos(inv, out, env)
+        if status == 0 and not args.dry_run:
+            report(out, ran)
+    if status == 0 and not args.dry_run:
+        print(f"this invocation: {_duration(time.perf_counter() - started)}")
+    return status
 
 
 if __name__ == "__main__":

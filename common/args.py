@@ -33,6 +33,13 @@ def add_data_args(parser: argparse.ArgumentParser, stage: int) -> None:
         default="2,4,4",
         help="Proportions of each dataset given to stages 1,2,3 as disjoint seeded slices, e.g. '2,4,4'.",
     )
+    g.add_argument(
+        "--data_split_seed",
+        type=int,
+        default=None,
+        help="Seed of the --data_split slices (default: --seed). Runs of one pipeline must share it to get "
+        "disjoint slices; give it to train a second reward model with another --seed on the same slice.",
+    )
     g.add_argument("--sft_only_data_path", nargs="*", default=[], help="Datasets used only in stage 1.")
     g.add_argument(
         "--data_output_path",
@@ -348,6 +355,7 @@ def data_config(args: argparse.Namespace):
         "max_train_samples",
         "max_eval_samples",
     )
-    return DataConfig(
-        data_path=list(args.data_path), **{f: getattr(args, f) for f in fields if hasattr(args, f)}
-    )
+    values = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    if getattr(args, "data_split_seed", None) is not None:
+        values["seed"] = args.data_split_seed
+    return DataConfig(data_path=list(args.data_path), **values)

@@ -67,6 +67,8 @@ __all__ = [
     "kl_loss",
     "rloo_scores",
     "PREFERENCE_LOSSES",
+    "ENSEMBLE_AGGREGATIONS",
+    "ensemble_scores",
     "entropy_from_logits",
     "gae",
     "get_advantage_estimator",
@@ -340,6 +342,36 @@ def kl_penalty(
             raise ValueError(f"kl_penalty: clamp must be > 0, got {clamp}")
         kl = kl.clamp(min=-clamp, max=clamp)
     return kl
+
+
+ENSEMBLE_AGGREGATIONS = ("mean", "min", "mean_minus_std")
+
+
+def ensemble_scores(
+    scores: torch.Tensor, aggregation: str = "mean_minus_std", std_coef: float = 1.0
+) -> torch.Tensor:
+    """One score per sequence from k reward models' scores (k, B) of the same B sequences (Coste et al. 2023,
+    "Reward Model Ensembles Help Mitigate Overoptimization"):
+
+        mean            the members' mean
+        min             the lowest member's score (worst-case optimisation)
+        mean_minus_std  mean - std_coef * std over the members (uncertainty-weighted; population std, so
+                        two members 2a apart have std a)
+
+    Members must score on one scale (each normalised by its own stage-2 statistics). Returns (B,) float32
+    (or float64 for float64 input)."""
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"ensemble_scores: scores must be (k, B) with k >= 1, got {tuple(scores.shape)}")
+    s = _upcast(scores)
+    if aggregation == "mean":
+        return s.mean(0)
+    if aggregation == "min":
+        return s.min(0).values
+    if aggregation == "mean_minus_std":
+        return s.mean(0) - std_coef * s.std(0, unbiased=False)
+    raise ValueError(
+        f"ensemble_scores: aggregation must be one of {ENSEMBLE_AGGREGATIONS}, got {aggregation!r}"
+    )
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:

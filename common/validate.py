@@ -313,12 +313,14 @@ def reward_model_path(args: argparse.Namespace) -> tuple[str, str] | None:
 
 def ppo_model_paths(args: argparse.Namespace) -> dict[str, str]:
     """{flag: path} of every model stage 3 loads: the actor, the critic when the estimator trains one, the
-    reward model when there is one."""
+    reward model when there is one and the further members of its ensemble."""
     models = {"--actor_model_name_or_path": args.actor_model_name_or_path}
     if get_advantage_estimator(args.advantage_estimator).needs_critic:
         models["--critic_model_name_or_path"] = args.critic_model_name_or_path
     if (reward := reward_model_path(args)) is not None:
         models[reward[0]] = reward[1]
+        for i, path in enumerate(getattr(args, "reward_ensemble_models", []), start=1):
+            models[f"--reward_ensemble_models (member {i})"] = path
     return models
 
 

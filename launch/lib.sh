@@ -17,7 +17,8 @@
 #   --dry-run          print the final command(s), prefixed '+ ', and run nothing (also DRY_RUN=1)
 #   -- FLAGS...        appended to the stage's command; a flag given twice takes the later value
 # Environment: ACTOR_MODEL / REWARD_MODEL replace the scripts' hub ids (e.g. with local copies),
-# NUM_GPUS (single_node, default 8), HOSTFILE (multi_node, default /job/hostfile), MASTER_PORT (29500).
+# NUM_GPUS (single_node, default 8), HOSTFILE (multi_node, default /job/hostfile), MASTER_PORT (29500),
+# SEED (every stage's --seed, before the FLAGS after --; the tiny script's model init too: e2e_rlhf.py --seeds).
 #
 # Configuration a script sets before `launch`:
 #   DEPLOYMENT      process (plain python: CPU or one GPU) | single_gpu | single_node | multi_node
@@ -226,6 +227,7 @@ _stage_command() {
                 --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}" "${STEP3_ARGS[@]}" "${estimator[@]}"
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/$STEP" --output_dir "$STAGE_DIR") ;;
     esac
+    if [ -n "${SEED:-}" ]; then CMD+=(--seed "$SEED"); fi
     CMD+=("${EXTRA[@]}")
 }
 

@@ -19,7 +19,12 @@ from common.args import (
     add_training_args,
     parse_stage_args,
 )
-from common.rl_math import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, get_advantage_estimator
+from common.rl_math import (
+    ADVANTAGE_ESTIMATORS,
+    ENSEMBLE_AGGREGATIONS,
+    LOSS_AGGREGATIONS,
+    get_advantage_estimator,
+)
 from common.validate import reward_model_path
 
 
@@ -72,6 +77,27 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="Weight of the reward model's normalised score in the reward (0: no reward model is loaded).",
+    )
+    g.add_argument(
+        "--reward_ensemble_models",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="More reward models (the same tokenizer; stage 2 with other seeds): the reward model's score becomes "
+        "the --reward_ensemble_aggregation of its and their normalised scores (Coste et al. 2023). The critic "
+        "still starts from --critic_model_name_or_path.",
+    )
+    g.add_argument(
+        "--reward_ensemble_aggregation",
+        choices=ENSEMBLE_AGGREGATIONS,
+        default="mean_minus_std",
+        help="How the ensemble's scores combine (common.rl_math.ensemble_scores).",
+    )
+    g.add_argument(
+        "--reward_ensemble_std_coef",
+        type=float,
+        default=1.0,
+        help="lambda of mean_minus_std: mean - lambda x std over the members.",
     )
     g.add_argument(
         "--reward_fn",
@@ -285,6 +311,13 @@ def check_ppo_args(args: argparse.Namespace) -> None:
             "stage 3 needs a reward: a reward model (--reward_model_name_or_path, or --critic_model_name_or_path) "
             "and/or a reward function (--reward_fn module:function)"
         )
+    if args.reward_ensemble_models and reward_model_path(args) is None:
+        raise SystemExit(
+            "--reward_ensemble_models adds members to the reward model, but there is none (--reward_model_coef 0, "
+            "or no --reward_model_name_or_path / --critic_model_name_or_path)"
+        )
+    if args.reward_ensemble_std_coef < 0:
+        raise SystemExit(f"--reward_ensemble_std_coef must be >= 0, got {args.reward_ensemble_std_coef}")
     if args.kl_in_loss and args.adaptive_kl:
         raise SystemExit("--adaptive_kl adapts the KL penalty in the reward; with --kl_in_loss there is none")
     if args.whiten_advantages is None:

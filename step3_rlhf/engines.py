@@ -9,7 +9,9 @@
              head, so values start in reward units; trainable, ZeRO `--critic_zero_stage`. Only built for an
              estimator that needs values (gae); the critic-free ones (grpo, rloo, ...) have none.
 - reward:    the frozen reward model, returning normalised scores (stage-2 statistics); none when the reward
-             is a `--reward_fn` alone (`--reward_model_coef 0`, or no reward-model path).
+             is a `--reward_fn` alone (`--reward_model_coef 0`, or no reward-model path). With
+             `--reward_ensemble_models`, a `RewardEnsemble` of it and those frozen models, scoring with
+             `common.rl_math.ensemble_scores` of their normalised scores.
 - ema:       optional exponential moving average of the actor (`--enable_ema`), saved beside it.
 
 Dropout is off in all of them (item 12): `--actor_dropout` / `--critic_dropout` default to 0 here and
@@ -33,7 +35,7 @@ from common import dist
 from common.ds_config import eval_config, torch_dtype, train_config
 from common.model import disable_dropout, load_causal_lm
 from common.reward_model import load_reward_model_for_training
-from common.rl_math import get_advantage_estimator
+from common.rl_math import ensemble_scores, get_advantage_estimator
 from common.training import (
     frozen_engine,
     init_engine,
@@ -48,9 +50,26 @@ class Engines:
     actor: nn.Module
     ref: nn.Module
     critic: nn.Module | None  # None for the critic-free estimators
-    reward: nn.Module | None  # None when the reward is a reward function alone
+    reward: nn.Module | RewardEnsemble | None  # None when the reward is a reward function alone
     ema: nn.Module | None
     hybrid: bool  # whether the actor is a DeepSpeed hybrid engine
+
+
+class RewardEnsemble:
+    """Frozen reward engines called as one: `ensemble(seq, attention_mask, normalize=True).scores` (B,) is
+    `ensemble_scores` of the members' normalised scores, `.member_scores` (k, B) what each member said."""
+
+    def __init__(self, members: list[nn.Module], aggregation: str, std_coef: float):
+        self.members, self.aggregation, self.std_coef = members, aggregation, std_coef
+
+    def __call__(
+        self, seq: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> SimpleNamespace:
+        member_scores = torch.stack(
+            [m(seq, attention_mask, normalize=normalize).scores.float() for m in self.members]
+        )
+        scores = ensemble_scores(member_scores, self.aggregation, self.std_coef)
+        return SimpleNamespace(scores=scores, member_scores=member_scores)
 
 
 def hybrid_engine_unavailable(model: nn.Module) -> str | None:
@@ -183,6 +202,13 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
         # ZeRO-3 partitions the reward model like the critic beside it, or like the actor when there is none.
         stage = args.critic_zero_stage if critic is not None else args.actor_zero_stage
         reward = _build_reward(args, tokenizer, found[1], dtype, world, stage)
+        if args.reward_ensemble_models:
+            members = [
+                _build_reward(args, tokenizer, p, dtype, world, stage) for p in args.reward_ensemble_models
+            ]
+            reward = RewardEnsemble(
+                [reward, *members], args.reward_ensemble_aggregation, args.reward_ensemble_std_coef
+            )
     return Engines(actor=actor, ref=ref, critic=critic, reward=reward, ema=ema, hybrid=hybrid is not None)
 
 

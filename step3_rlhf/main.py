@@ -91,7 +91,7 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
 def algorithm_settings(args) -> dict[str, object]:
     """The settings that say which RL algorithm ran: estimator, group size, reward, KL placement, loss
     aggregation (recorded in ppo_metrics.json)."""
-    return {
+    settings = {
         "advantage_estimator": args.advantage_estimator,
         "num_samples_per_prompt": args.num_samples_per_prompt,
         "critic": get_advantage_estimator(args.advantage_estimator).needs_critic,
@@ -103,13 +103,24 @@ def algorithm_settings(args) -> dict[str, object]:
         "loss_agg": args.loss_agg,
         "whiten_advantages": args.whiten_advantages,
     }
+    if args.reward_ensemble_models:
+        settings["reward_ensemble"] = {
+            "members": [settings["reward_model"], *args.reward_ensemble_models],
+            "aggregation": args.reward_ensemble_aggregation,
+            "std_coef": args.reward_ensemble_std_coef,
+        }
+    return settings
 
 
 def describe_algorithm(args) -> str:
     """One log line of `algorithm_settings`."""
     s = algorithm_settings(args)
+    model = f"reward model {s['reward_model']}"
+    if "reward_ensemble" in s:
+        ens = s["reward_ensemble"]
+        model = f"{ens['aggregation']} of a {len(ens['members'])}-member reward-model ensemble"
     reward = " + ".join(
-        [f"{s['reward_model_coef']:g} x reward model {s['reward_model']}"] * (s["reward_model"] is not None)
+        [f"{s['reward_model_coef']:g} x {model}"] * (s["reward_model"] is not None)
         + [f"{s['reward_fn_coef']:g} x {s['reward_fn']}"] * (s["reward_fn"] is not None)
     )
     return (

@@ -239,6 +239,52 @@ def test_proxy_gold_verdict_in_words(proxy, gold, verdict):
     assert e2e_rlhf.proxy_gold_verdict(proxy, gold) == verdict
 
 
+GOOD_BEFORE = {"gold_share_best": 0.17, "gold_share_malformed": 0.05, "distinct_2": 0.415}
+
+
+@pytest.mark.parametrize(
+    ("after", "failure"),
+    [
+        # the SmolLM2 collapse: the mean rose, the best share fell and the answers became one sentence
+        (
+            {"gold_share_best": 0.02, "gold_share_malformed": 0.05, "distinct_2": 0.074},
+            "the best share fell (0.17 -> 0.02)",
+        ),
+        (
+            {"gold_share_best": 0.5, "gold_share_malformed": 0.08, "distinct_2": 0.4},
+            "the malformed share rose (0.05 -> 0.08)",
+        ),
+        (
+            {"gold_share_best": 0.5, "gold_share_malformed": 0.05, "distinct_2": 0.2},
+            "the answers collapsed (distinct-2 0.415 -> 0.200)",
+        ),
+    ],
+)
+def test_a_gold_gain_the_answers_contradict_is_no_real_gain(after, failure):
+    verdict = e2e_rlhf.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after)
+    assert verdict.startswith("NOT a real gain: the gold mean rose, but ") and failure in verdict, verdict
+    assert verdict.endswith("(proxy +0.800, gold +0.250)")
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        {
+            "gold_share_best": 0.5,
+            "gold_share_malformed": 0.07,
+            "distinct_2": 0.3,
+        },  # +0.02 malformed: tolerated
+        {
+            "gold_share_best": 0.17,
+            "gold_share_malformed": 0.0,
+            "distinct_2": 0.208,
+        },  # best level, distinct-2 at 0.5x
+    ],
+)
+def test_a_gold_gain_within_the_tolerances_is_a_real_gain(after):
+    assert e2e_rlhf.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after).startswith("both rose: a real gain")
+
+
 # ---------------------------------------------------------------------------------------------- stage-3 runs
 
 USER_GOLD = '''

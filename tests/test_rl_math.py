@@ -743,3 +743,24 @@ def test_pair_response_logprobs_sum_to_the_response_likelihood():
     mask = rl_math.pair_response_mask(torch.ones_like(ids), torch.tensor([2]))
     by_hand = sum(torch.log_softmax(logits[0, j - 1], -1)[ids[0, j]] for j in (2, 3, 4))
     assert rl_math.masked_sum(logp, mask, dim=1).item() == pytest.approx(by_hand.item(), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- reward ensembles
+
+
+def test_ensemble_scores_by_hand():
+    from common.rl_math import ensemble_scores
+
+    # three members scoring two sequences: sequence 0 they agree on, sequence 1 they dispute
+    s = torch.tensor([[1.0, 3.0], [1.0, -1.0], [1.0, 1.0]])
+    assert torch.equal(ensemble_scores(s, "mean"), torch.tensor([1.0, 1.0]))
+    assert torch.equal(ensemble_scores(s, "min"), torch.tensor([1.0, -1.0]))
+    # population std of (3, -1, 1): mean 1, squared deviations 4, 4, 0 -> var 8/3
+    expected = torch.tensor([1.0, 1.0 - 0.5 * (8 / 3) ** 0.5])
+    assert torch.allclose(ensemble_scores(s, "mean_minus_std", std_coef=0.5), expected)
+    assert torch.equal(ensemble_scores(s[:1], "mean_minus_std"), s[0])  # one member: its own scores
+    assert ensemble_scores(s.bfloat16(), "mean").dtype == torch.float32
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        ensemble_scores(s, "median")
+    with pytest.raises(ValueError, match=r"\(k, B\)"):
+        ensemble_scores(s[0], "mean")

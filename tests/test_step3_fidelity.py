@@ -878,3 +878,35 @@ def test_a_reward_function_gets_the_extra_columns_of_each_answers_prompt(grouped
     r = st.maker.make(batch["input_ids"], batch["attention_mask"], extra)
     assert seen == {"answer": [3, 3, 5, 5], "unit": ["kg", "kg", None, None]}
     torch.testing.assert_close(r.scores, torch.tensor([3.0, 3.0, 5.0, 5.0]))
+
+
+def test_a_reward_ensemble_scores_with_the_aggregate_of_its_members(models):
+    """--reward_ensemble_models: the reward is ensemble_scores of the members' normalised scores (a second
+    member with another head and normalisation), the critic still starts from the first, and the rollout's
+    scores are the ensemble's."""
+    torch.manual_seed(1)
+    second = load_reward_model_for_training(str(models.actor_dir), models.tok)
+    second.set_normalization(0.5, -0.2, "test fixture")
+    second_dir = models.root / "rm_member_2"
+    save_reward_model(second, second_dir, models.tok, 0)
+    st = _stage(models, "--reward_ensemble_models", str(second_dir), "--reward_ensemble_aggregation", "min")
+    ensemble = st.engines.reward
+    assert len(ensemble.members) == 2 and ensemble.aggregation == "min"
+    torch.manual_seed(0)
+    r = st.maker.make_rollout(models.batches[:1])
+    with torch.no_grad():
+        each = torch.stack([m(r.seq, r.attention_mask, normalize=True).scores for m in ensemble.members])
+    assert not torch.allclose(each[0], each[1]), "the two members should disagree"
+    assert st.args.missing_eos_penalty is None  # so every row's score is the ensemble's
+    torch.testing.assert_close(r.scores, each.min(0).values)
+    from step3_rlhf.main import algorithm_settings
+
+    assert algorithm_settings(st.args)["reward_ensemble"]["members"] == [str(models.rm_dir), str(second_dir)]
+
+
+def test_a_reward_ensemble_needs_a_reward_model(models):
+    argv = _argv(models.root, models.actor_dir, models.rm_dir, "--reward_ensemble_models", str(models.rm_dir))
+    argv += ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "2", "--reward_model_coef", "0",
+             "--reward_fn", "common.gold:synthetic_gold"]  # fmt: skip
+    with pytest.raises(SystemExit, match="--reward_ensemble_models adds members to the reward model"):
+        parse_args(argv)

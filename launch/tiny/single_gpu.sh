@@ -13,7 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" "$@"
 DEPLOYMENT=process
 if [ -z "${ACTOR_MODEL:-}" ]; then
     ACTOR_MODEL="$OUTPUT/tiny"
-    PREPARE=(python -m common.tiny "$OUTPUT/tiny" --arch opt --seed 0)
+    PREPARE=(python -m common.tiny "$OUTPUT/tiny" --arch opt --seed "${SEED:-0}")
     PREPARE_CREATES="$OUTPUT/tiny/config.json"
 fi
 REWARD_MODEL="${REWARD_MODEL:-$OUTPUT/sft}"  # the reward model starts from the SFT model
