@@ -8,6 +8,8 @@
         --deployment-type single_gpu --output-dir out/opt-1.3b
     python e2e_rlhf.py --actor-model meta-llama/Llama-2-7b-hf --deployment-type multi_node --step 3
     python e2e_rlhf.py ... --dry-run               # print each stage's final command, run nothing
+    python e2e_rlhf.py --tiny --seeds 1,2,3 --algo ppo,grpo,dpo --jobs 2   # over seeds: OUT/seed-N/<algo>/,
+                                                   # then mean, std, worst seed and 95% interval per method
 
 Like DeepSpeed-Chat's e2e_rlhf.py, every stage runs through a launch script,
 `launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]]`, which holds the
@@ -20,7 +22,10 @@ settings for that model size and hardware (see launch/lib.sh). Output layout und
     grpo/, rloo/, ...   (--algo grpo, ...) the same as ppo/ without critic/
     dpo/       (--algo dpo) the DPO policy (Hugging Face format), dpo_metrics.json, heldout_answers.jsonl,
                training.log, stage_run.json
+    rm-2/, rm-3/   further reward models of an ensemble (REWARD_MEMBERS of the launch scripts; the tiny default's)
     tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
+With --seeds, each seed's outputs are this layout under OUT/seed-N/, and OUT holds the multi-seed summary
+(pipeline/multiseed.py: multiseed_summary.md, .json, multiseed_gold_vs_kl.png).
 
 A stage is finished when its metrics file exists: the stage scripts write it last, after the model is saved,
 so an interrupted or failed stage never counts as finished. A finished stage is skipped (--force reruns it);
@@ -665,6 +670,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "figures (OUTPUT/multiseed_summary.md, .json, multiseed_gold_vs_kl.png).",
     )
     parser.add_argument(
+        "--reward-members",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Reward models step 2 trains (REWARD_MEMBERS of the launch scripts): K > 1 adds rm-2 ... rm-K "
+        "(other seeds, same data) and PPO and the critic-free steps score with their ensemble. Default: the "
+        "launch script's.",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -704,6 +718,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.reward_members is not None and args.reward_members < 1:
+        parser.error(f"--reward-members must be >= 1, got {args.reward_members}")
     if args.tiny:
         args.actor_model = "tiny"
     return args
@@ -873,6 +889,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     seeds = f", seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
     print(f"pipeline: actor {actor.hub_id}, {kinds}, {args.deployment_type}, output {out}{seeds}")
     env = stage_env(actor, reward_model)
+    if args.reward_members is not None:
+        env["REWARD_MEMBERS"] = str(args.reward_members)
     started = time.perf_counter()
     if args.seeds:
         status = run_seeds(inv, out, env)

@@ -12,8 +12,10 @@ once per method through the tiny launch script, each from the same sft/ and rm/:
     REINFORCE++      bash launch/tiny/single_gpu.sh reinforce_pp OUT   16 prompts x 1 answer
     GRPO, gold as reward function
                      ... grpo OUT -- --reward_fn common.gold:synthetic_gold --reward_model_coef 0
-The critic-free methods take the script's CRITIC_FREE_ARGS (actor lr 7.5e-5, half PPO's); add flags to them
-all with --critic-free-args='...' (e.g. '--actor_learning_rate 1.5e-4' for PPO's lr).
+                                    --reward_ensemble_models   (none of the ensemble)
+The critic-free methods take the script's STEP3_ARGS (and CRITIC_FREE_ARGS, empty in the tiny script: they
+share PPO's actor lr 7.5e-5); add flags to them all with --critic-free-args='...'. Multi-seed figures:
+`e2e_rlhf.py --tiny --seeds 1,2,3 --algo grpo,rloo,...` (pipeline/multiseed.py).
 
 Every method generates the same number of answers (30 iterations x 16) and is evaluated on the same 128
 held-out prompts with the same sampling, so their "before" rows are one and the same policy. Prints one table
@@ -41,7 +43,8 @@ sys.path.insert(0, str(REPO))
 from bench.bench_ppo import environment  # noqa: E402
 from bench.dpo_vs_ppo import figures  # noqa: E402
 
-GOLD_FN = ["--reward_fn", "common.gold:synthetic_gold", "--reward_model_coef", "0"]
+# no reward model: the gold alone (and none of the launch script's ensemble members)
+GOLD_FN = ["--reward_fn", "common.gold:synthetic_gold", "--reward_model_coef", "0", "--reward_ensemble_models"]
 # (directory under OUT, title, launch STEP, extra flags)
 METHODS = [
     ("ppo", "PPO (GAE, critic)", "3", []),

@@ -11,8 +11,9 @@ multi-seed summary of pipeline/multiseed.py (mean, std, 95% bootstrap interval a
 gain, best and malformed shares, KL and distinct-2) per variant, plus its markdown table
 (OUT/defences.md). A finished variant of a seed is not run again.
 
-Variants are the tiny script's PPO (`ppo`, the default) with one thing changed; each line of VARIANTS says
-what and why.
+Variants are the tiny script's PPO (`ppo`, the default: the lowest score of three reward models) with one
+thing changed; each line of VARIANTS says what. Members rm-2, rm-3 are trained with the seeds of the launch
+scripts' REWARD_MEMBERS (launch/lib.sh), so the default variant equals `e2e_rlhf.py --tiny --seeds N`'s ppo/.
 """
 
 from __future__ import annotations
@@ -29,44 +30,55 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.multiseed import Method, collect, format_summary, markdown_table, seed_dir  # noqa: E402
 
-ENSEMBLE = ["--reward_ensemble_models", "{out}/rm-2", "{out}/rm-3"]
-# name -> (launch STEP, extra stage-3 flags ({out} = the seed's output root), extra reward models needed)
+# name -> (launch STEP, extra stage-3 flags, reward models: the launch scripts' REWARD_MEMBERS, so K > 1 scores
+# with rm/ and rm-2 ... rm-K). The tiny default (launch/tiny/single_gpu.sh) is PPO at actor lr 7.5e-5 on the min
+# of 3 reward models; every other variant changes the reward models, their aggregation or the step size.
+LR_1_5 = ["--actor_learning_rate", "1.5e-4"]
 VARIANTS: dict[str, tuple[str, list[str], int]] = {
-    "ppo": ("3", [], 0),  # the tiny default
-    "ppo_lr_7.5e-5": ("3", ["--actor_learning_rate", "7.5e-5"], 0),  # a smaller step
-    "ppo_kl_0.3": ("3", ["--init_kl_coef", "0.3"], 0),  # a stronger KL penalty
-    "ppo_adaptive_kl_1": (
+    "ppo": ("3", [], 3),  # the tiny default
+    "single_rm_lr1.5e-4": ("3", LR_1_5, 1),  # the default before the ensembles: one reward model, lr 1.5e-4
+    "single_rm_lr7.5e-5": ("3", [], 1),  # one reward model, the default's step
+    "single_rm_kl0.3_lr1.5e-4": ("3", [*LR_1_5, "--init_kl_coef", "0.3"], 1),  # a stronger KL penalty
+    # a KL target: horizon 64 samples, so the coefficient moves by up to x1.05 per 16-sample iteration
+    "single_rm_kl_target1_lr1.5e-4": (
         "3",
-        ["--adaptive_kl", "--kl_target", "1", "--kl_horizon", "500"],
-        0,
-    ),  # a KL target
-    "ensemble_mean": ("3", [*ENSEMBLE, "--reward_ensemble_aggregation", "mean"], 2),
-    "ensemble_min": ("3", [*ENSEMBLE, "--reward_ensemble_aggregation", "min"], 2),
-    "ensemble_mean_minus_std": ("3", [*ENSEMBLE, "--reward_ensemble_aggregation", "mean_minus_std"], 2),
-    "rloo": ("rloo", [], 0),  # a critic-free estimator, for reference
+        [*LR_1_5, "--adaptive_kl", "--kl_target", "1", "--kl_horizon", "64"],
+        1,
+    ),
+    "ens2_min_lr1.5e-4": (
+        "3",
+        LR_1_5,
+        2,
+    ),  # min of two = mean - std (the population std of two is half their gap)
+    "ens3_mean_lr1.5e-4": ("3", [*LR_1_5, "--reward_ensemble_aggregation", "mean"], 3),
+    "ens3_mean_minus_std_lr1.5e-4": ("3", [*LR_1_5, "--reward_ensemble_aggregation", "mean_minus_std"], 3),
+    "ens3_min_lr1.5e-4": ("3", LR_1_5, 3),  # the default's ensemble at twice its step
 }
 
 
-def _env(seed: int, threads: int) -> dict[str, str]:
-    env = dict(os.environ, SEED=str(seed), PYTHONUNBUFFERED="1")
+def _env(seed: int, threads: int, reward_models: int) -> dict[str, str]:
+    env = dict(os.environ, SEED=str(seed), PYTHONUNBUFFERED="1", REWARD_MEMBERS=str(reward_models))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
-def _launch(step: str, out: Path, flags: list[str], seed: int, threads: int, log: Path) -> None:
+def _launch(
+    step: str, out: Path, flags: list[str], seed: int, threads: int, log: Path, reward_models: int = 1
+) -> None:
     cmd = ["bash", "launch/tiny/single_gpu.sh", step, str(out), "--", *flags]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         status = subprocess.run(
-            cmd, cwd=REPO, env=_env(seed, threads), stdout=f, stderr=subprocess.STDOUT
+            cmd, cwd=REPO, env=_env(seed, threads, reward_models), stdout=f, stderr=subprocess.STDOUT
         ).returncode
     if status:
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}; log {log}")
 
 
 def extra_reward_model(out: Path, seed: int, k: int, threads: int) -> None:
-    """rm-k of a seed: stage 2 on the seed's data slice with another seed (init and data order)."""
+    """rm-k of a seed: stage 2 on the seed's data slice with another seed (init and data order), as the launch
+    scripts' REWARD_MEMBERS trains it (launch/lib.sh)."""
     target = out / f"rm-{k}"
     if (target / "rm_metrics.json").is_file():
         return
@@ -77,16 +89,15 @@ def extra_reward_model(out: Path, seed: int, k: int, threads: int) -> None:
 
 
 def run_variant(out: Path, seed: int, name: str, threads: int) -> None:
-    step, flags, members = VARIANTS[name]
+    step, flags, reward_models = VARIANTS[name]
     target = out / name
     if (target / "ppo_metrics.json").is_file():
         return
-    for k in range(2, 2 + members):
+    for k in range(2, reward_models + 1):
         extra_reward_model(out, seed, k, threads)
-    flags = [f.format(out=out) for f in flags]
-    flags += ["--output_dir", str(target), "--tensorboard_path", str(out / "tensorboard" / name)]
+    flags = [*flags, "--output_dir", str(target), "--tensorboard_path", str(out / "tensorboard" / name)]
     print(f"[seed {seed}] {name}", flush=True)
-    _launch(step, out, flags, seed, threads, out / f"{name}.log")
+    _launch(step, out, flags, seed, threads, out / f"{name}.log", reward_models)
 
 
 def main(argv: list[str] | None = None) -> None:

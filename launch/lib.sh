@@ -31,6 +31,11 @@
 #                   --num_samples_per_prompt n and a generation batch n times smaller, so an iteration
 #                   generates as many answers as PPO's; grpo also gets --kl_in_loss (its paper's)
 #   PREPARE         optional array, a command run before step 1 unless PREPARE_CREATES exists
+#   REWARD_MEMBERS  reward models step 2 trains (default 1; the environment may set it): members 2..K go to
+#                   OUTPUT/rm-2 ... rm-K first (stage 2 again on the same data slice, --data_split_seed, with seed
+#                   100 x seed + k), OUTPUT/rm last, so rm/rm_metrics.json still means "step 2 finished"; PPO and
+#                   the critic-free steps then score with the ensemble (--reward_ensemble_models, the
+#                   aggregation of STEP3_ARGS or stage 3's default, min); DPO does not use them
 
 set -euo pipefail
 
@@ -89,6 +94,8 @@ CRITIC_FREE_ARGS=()
 GROUP_ARGS=()
 PREPARE=()
 PREPARE_CREATES=""
+REWARD_MEMBERS_ENV="${REWARD_MEMBERS:-}"  # the environment's value wins over the script's
+REWARD_MEMBERS=1
 
 # ---- the recipes of launch/<family>/recipes.sh: one row per model size and deployment
 # recipe S1_ZERO S1_BATCH S1_ACCUM  S2_ZERO S2_BATCH S2_ACCUM  ACTOR_ZERO CRITIC_ZERO GEN_BATCH TRAIN_BATCH PPO_ACCUM  [OPTION...]
@@ -192,6 +199,8 @@ _require() {  # _require PATH WHAT: a stage input that must exist (real runs onl
 # Build the stage's command into CMD and its output directory into STAGE_DIR.
 _stage_command() {
     _launcher
+    REWARD_MEMBERS="${REWARD_MEMBERS_ENV:-$REWARD_MEMBERS}"
+    [[ "$REWARD_MEMBERS" =~ ^[1-9][0-9]*$ ]] || launch_usage "REWARD_MEMBERS must be a positive integer, got '$REWARD_MEMBERS'"
     case "$STEP" in
         1)
             STAGE_DIR="$OUTPUT/sft"
@@ -228,7 +237,35 @@ _stage_command() {
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/$STEP" --output_dir "$STAGE_DIR") ;;
     esac
     if [ -n "${SEED:-}" ]; then CMD+=(--seed "$SEED"); fi
+    case "$STEP" in 1|2|dpo) ;; *) if [ "$REWARD_MEMBERS" -gt 1 ]; then
+        CMD+=(--reward_ensemble_models)
+        for ((_k = 2; _k <= REWARD_MEMBERS; _k++)); do CMD+=("$OUTPUT/rm-$_k"); done
+    fi ;; esac
     CMD+=("${EXTRA[@]}")
+}
+
+# The seed of step 2's command: the last --seed in it (SEED or the script's), 1234 when none.
+_step2_seed() {
+    local seed=1234 i
+    for ((i = 0; i < ${#CMD[@]} - 1; i++)); do [ "${CMD[$i]}" != --seed ] || seed="${CMD[$((i + 1))]}"; done
+    echo "$seed"
+}
+
+# REWARD_MEMBERS > 1: step 2's further members, rm-2 ... rm-K, each the step-2 command with its own output,
+# seed and TensorBoard directory (later flags win) on the main model's data slice; finished ones are skipped.
+_train_reward_members() {
+    local seed k member
+    seed="$(_step2_seed)"
+    for ((k = 2; k <= REWARD_MEMBERS; k++)); do
+        member=("${CMD[@]}" --output_dir "$OUTPUT/rm-$k" --seed "$((100 * seed + k))" --data_split_seed "$seed"
+            --tensorboard_path "$OUTPUT/tensorboard/rm-$k")
+        if [ "$DRY_RUN" != 1 ] && [ -f "$OUTPUT/rm-$k/rm_metrics.json" ]; then
+            echo "[launch] reward-model member $k: $OUTPUT/rm-$k is finished, skipped"
+            continue
+        fi
+        _print_cmd "${member[@]}"
+        [ "$DRY_RUN" = 1 ] || "${member[@]}"
+    done
 }
 
 # Run (or print) the configured stage. Output goes to the terminal and to STAGE_DIR/training.log.
@@ -238,6 +275,7 @@ launch() {
     if [ "$STEP" = 1 ] && [ "${#PREPARE[@]}" -gt 0 ] && [ ! -e "$PREPARE_CREATES" ]; then prepare=1; fi
     if [ "$DRY_RUN" = 1 ]; then
         [ "$prepare" = 0 ] || _print_cmd "${PREPARE[@]}"
+        if [ "$STEP" = 2 ]; then _train_reward_members; fi
         _print_cmd "${CMD[@]}"
         return 0
     fi
@@ -245,7 +283,10 @@ launch() {
         2|dpo) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
         1) ;;
         *) _require "$OUTPUT/sft/config.json" "the stage-1 model"
-           _require "$OUTPUT/rm/config.json" "the stage-2 reward model" ;;
+           _require "$OUTPUT/rm/config.json" "the stage-2 reward model"
+           for ((_k = 2; _k <= REWARD_MEMBERS; _k++)); do
+               _require "$OUTPUT/rm-$_k/config.json" "reward-model member $_k (REWARD_MEMBERS=$REWARD_MEMBERS)"
+           done ;;
     esac
     if [ "$DEPLOYMENT" = multi_node ] && [ ! -f "${HOSTFILE:-/job/hostfile}" ]; then
         echo "launch: hostfile ${HOSTFILE:-/job/hostfile} not found: write one line per node, e.g." \
@@ -261,6 +302,7 @@ launch() {
     {
         echo "[launch] $(date '+%Y-%m-%d %H:%M:%S') $LAUNCH_SCRIPT step $STEP"
         if [ "$prepare" = 1 ]; then _print_cmd "${PREPARE[@]}"; "${PREPARE[@]}"; fi
+        if [ "$STEP" = 2 ]; then _train_reward_members; fi
         _print_cmd "${CMD[@]}"
         "${CMD[@]}"
     } 2>&1 | tee -a "$log" || status=$?  # -a: a resumed or repeated run keeps the earlier log

@@ -182,7 +182,7 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         cells = [title, str(len(s["seeds"]))]
         for m in MEASURES:
             st = s["stats"][m.key]
-            digits = 2 if m.key != "gold_gain" else 3
+            digits = 2 if m.key in ("final_kl", "distinct_2_ratio") else 3
             cells.append(f"{_num(st['mean'], m.signed, digits)} ({_num(st['worst'], m.signed, digits)})")
         cells.append(f"{s['gold_raised']}/{len(s['seeds'])}")
         rows.append("| " + " | ".join(cells) + " |")

@@ -80,18 +80,20 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--reward_ensemble_models",
-        nargs="+",
+        nargs="*",
         default=[],
         metavar="PATH",
         help="More reward models (the same tokenizer; stage 2 with other seeds): the reward model's score becomes "
         "the --reward_ensemble_aggregation of its and their normalised scores (Coste et al. 2023). The critic "
-        "still starts from --critic_model_name_or_path.",
+        "still starts from --critic_model_name_or_path. Given without paths: no ensemble (a launch script's "
+        "members are dropped).",
     )
     g.add_argument(
         "--reward_ensemble_aggregation",
         choices=ENSEMBLE_AGGREGATIONS,
-        default="mean_minus_std",
-        help="How the ensemble's scores combine (common.rl_math.ensemble_scores).",
+        default="min",
+        help="How the ensemble's scores combine (common.rl_math.ensemble_scores): min measured best on the "
+        "bundled task's gold (README, 'Reward-model ensembles').",
     )
     g.add_argument(
         "--reward_ensemble_std_coef",
@@ -314,7 +316,8 @@ def check_ppo_args(args: argparse.Namespace) -> None:
     if args.reward_ensemble_models and reward_model_path(args) is None:
         raise SystemExit(
             "--reward_ensemble_models adds members to the reward model, but there is none (--reward_model_coef 0, "
-            "or no --reward_model_name_or_path / --critic_model_name_or_path)"
+            "or no --reward_model_name_or_path / --critic_model_name_or_path); give --reward_ensemble_models "
+            "with no paths (or REWARD_MEMBERS=1 to the launch scripts) to drop them"
         )
     if args.reward_ensemble_std_coef < 0:
         raise SystemExit(f"--reward_ensemble_std_coef must be >= 0, got {args.reward_ensemble_std_coef}")

@@ -29,8 +29,9 @@ def tiny_tokenizer(tiny_dir):
 
 @pytest.fixture(scope="session")
 def demo_stages(tmp_path_factory) -> Path:
-    """Output root of `e2e_rlhf.py --tiny --step 1 2`: the demo's stage-1 model (sft/), reward model (rm/),
-    data cache (data_cache/, split 4,4,2) and tiny base model (tiny/). About 4 minutes on 2 cores; tests that
+    """Output root of `e2e_rlhf.py --tiny --step 1 2`: the demo's stage-1 model (sft/), reward models (rm/ and
+    the ensemble's rm-2/, rm-3/), data cache (data_cache/, split 4,4,2) and tiny base model (tiny/). About 7
+    minutes on 2 cores; tests that
     need a stage-1 policy that writes well-formed answers and a reward model that ranks them by content (the
     gold gain of PPO) share it. Its stage 3 belongs to tests/test_gold_pipeline.py: others write elsewhere.
     To iterate on those tests, point RLHF_TEST_DEMO_STAGES at a finished `e2e_rlhf.py --tiny --step 1 2` output
@@ -47,7 +48,7 @@ def demo_stages(tmp_path_factory) -> Path:
                 )
         return out
     out = tmp_path_factory.mktemp("demo") / "pipeline"
-    run_e2e(out, "--step", "1", "2")
+    run_e2e(out, "--step", "1", "2", timeout=1800)
     return out
 
 

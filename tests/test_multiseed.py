@@ -207,3 +207,40 @@ def test_the_tiny_launch_script_takes_the_seed_from_the_environment(tmp_path, mo
     words = lines[1].split()
     seeds = [words[i + 1] for i, w in enumerate(words) if w == "--seed"]
     assert seeds[-1] == "7" and len(seeds) == 2
+
+
+def test_reward_members_train_before_the_main_reward_model_and_join_stage_3(tmp_path):
+    """REWARD_MEMBERS=3: step 2 trains rm-2 and rm-3 (same data slice, their own seeds) before rm/, and steps 3
+    and grpo score with the ensemble of the three; DPO takes none of it."""
+    env = {**os.environ, "SEED": "4", "REWARD_MEMBERS": "3"}
+
+    def dry(step: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["bash", str(TINY_SCRIPT), step, str(tmp_path), "--dry-run"], env=env, capture_output=True, text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        return [line.split()[1:] for line in out.splitlines() if line.startswith("+ ")]
+
+    def last(cmd: list[str], flag: str) -> str:
+        return [cmd[i + 1] for i, w in enumerate(cmd) if w == flag][-1]
+
+    step2 = dry("2")
+    assert [last(c, "--output_dir") for c in step2] == [str(tmp_path / f) for f in ("rm-2", "rm-3", "rm")]
+    assert [last(c, "--seed") for c in step2] == ["402", "403", "4"]
+    assert [last(c, "--data_split_seed") for c in step2[:2]] == ["4", "4"] and "--data_split_seed" not in step2[2]
+    for step in ("3", "grpo"):
+        (cmd,) = dry(step)
+        i = cmd.index("--reward_ensemble_models")
+        assert cmd[i + 1 : i + 3] == [str(tmp_path / "rm-2"), str(tmp_path / "rm-3")]
+    assert "--reward_ensemble_models" not in dry("dpo")[0]
+
+
+def test_e2e_reward_members_reach_the_launch_scripts(tmp_path, monkeypatch):
+    monkeypatch.delenv("REWARD_MEMBERS", raising=False)
+    runner = SeededStages()
+    seen = []
+    argv = ["--tiny", "--seeds", "1", "--reward-members", "3", "--output-dir", str(tmp_path)]
+    assert e2e_rlhf.main(argv, runner=lambda run: seen.append(run.env.get("REWARD_MEMBERS")) or runner(run)) == 0
+    assert seen == ["3", "3", "3"]
+    with pytest.raises(SystemExit):
+        e2e_rlhf.parse_args(["--reward-members", "0"])
