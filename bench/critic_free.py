@@ -44,7 +44,13 @@ from bench.bench_ppo import environment  # noqa: E402
 from bench.dpo_vs_ppo import figures  # noqa: E402
 
 # no reward model: the gold alone (and none of the launch script's ensemble members)
-GOLD_FN = ["--reward_fn", "common.gold:synthetic_gold", "--reward_model_coef", "0", "--reward_ensemble_models"]
+GOLD_FN = [
+    "--reward_fn",
+    "common.gold:synthetic_gold",
+    "--reward_model_coef",
+    "0",
+    "--reward_ensemble_models",
+]
 # (directory under OUT, title, launch STEP, extra flags)
 METHODS = [
     ("ppo", "PPO (GAE, critic)", "3", []),

@@ -227,7 +227,10 @@ def test_reward_members_train_before_the_main_reward_model_and_join_stage_3(tmp_
     step2 = dry("2")
     assert [last(c, "--output_dir") for c in step2] == [str(tmp_path / f) for f in ("rm-2", "rm-3", "rm")]
     assert [last(c, "--seed") for c in step2] == ["402", "403", "4"]
-    assert [last(c, "--data_split_seed") for c in step2[:2]] == ["4", "4"] and "--data_split_seed" not in step2[2]
+    assert [last(c, "--data_split_seed") for c in step2[:2]] == [
+        "4",
+        "4",
+    ] and "--data_split_seed" not in step2[2]
     for step in ("3", "grpo"):
         (cmd,) = dry(step)
         i = cmd.index("--reward_ensemble_models")
@@ -240,7 +243,9 @@ def test_e2e_reward_members_reach_the_launch_scripts(tmp_path, monkeypatch):
     runner = SeededStages()
     seen = []
     argv = ["--tiny", "--seeds", "1", "--reward-members", "3", "--output-dir", str(tmp_path)]
-    assert e2e_rlhf.main(argv, runner=lambda run: seen.append(run.env.get("REWARD_MEMBERS")) or runner(run)) == 0
+    assert (
+        e2e_rlhf.main(argv, runner=lambda run: seen.append(run.env.get("REWARD_MEMBERS")) or runner(run)) == 0
+    )
     assert seen == ["3", "3", "3"]
     with pytest.raises(SystemExit):
         e2e_rlhf.parse_args(["--reward-members", "0"])
