@@ -141,8 +141,11 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
     )
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
     assert before["kl"] == 0.0 and after["accuracy"] > 0.75, (before, after)
-    assert after["gold_mean"] >= before["gold_mean"] + 0.03, (before, after)
-    assert after["gold_share_best"] > before["gold_share_best"], (before, after)
+    # The same run from the stage-1 models of seeds 1-4 (README, "What CI asserts"): gold gain +0.089 on average,
+    # +0.055 in the worst seed (+0.028 on another machine's draw of the default seed); best share +0.283, worst
+    # +0.266.
+    assert after["gold_mean"] >= before["gold_mean"] + 0.01, (before, after)
+    assert after["gold_share_best"] >= before["gold_share_best"] + 0.15, (before, after)
     rows = [json.loads(line) for line in (out / "heldout_answers.jsonl").read_text().splitlines()]
     assert sum(r["gold_after"] for r in rows) / len(rows) == pytest.approx(after["gold_mean"], abs=1e-9)
     saved = AutoModelForCausalLM.from_pretrained(out)  # LoRA merged into a plain model

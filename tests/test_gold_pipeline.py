@@ -30,11 +30,11 @@ def gold_of(answers_file: Path, column: str) -> dict[str, float]:
     return summarize(scores)
 
 
-# Below the worst of the 5 seeds measured (README): gold gain WORST_GOLD, best-share gain WORST_BEST, malformed
-# share after WORST_MALFORMED.
+# Below the worst of the seeds measured (README, "Measured on the tiny default, over seeds"): gold gain +0.143,
+# best-share gain +0.312, malformed share after 0.062 in the worst seed.
 MIN_GOLD_GAIN = 0.08
 MIN_BEST_GAIN = 0.20
-MAX_MALFORMED = 0.15
+MAX_MALFORMED = 0.10
 
 
 def test_tiny_default_pipeline_raises_the_gold(demo_stages):
@@ -54,6 +54,7 @@ def test_tiny_default_pipeline_raises_the_gold(demo_stages):
     assert after["gold_mean"] >= before["gold_mean"] + MIN_GOLD_GAIN, (before, after)
     assert after["best"] >= before["best"] + MIN_BEST_GAIN, (before, after)
     assert after["malformed"] <= MAX_MALFORMED, (before, after)
+    assert "REWARD HACKING" not in log and "COLLAPSED" not in log, log[-3000:]
     algorithm = json.loads((out / "ppo" / "ppo_metrics.json").read_text())["algorithm"]
     assert algorithm["reward_ensemble"]["aggregation"] == "min"
     assert algorithm["reward_ensemble"]["members"] == [str(out / d) for d in ("rm", "rm-2", "rm-3")]
