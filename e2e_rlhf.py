@@ -55,6 +55,7 @@ LAUNCH_DIR = REPO / "launch"
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
 RUN_RECORD = "stage_run.json"
 STAGE_LOG = "training.log"
+RUN_MARKER = ".rlhf_run.json"  # common.checkpoint.RUN_MARKER: a stage has run in the directory
 # Lines of a stage's output shown on the console (everything goes to its training.log): a stage's tagged
 # lines, also where they follow a progress bar that had not ended its line, and the launch scripts' lines.
 CONSOLE_LINE = re.compile(r"^(\+ |launch: )|\[(sft|reward|ppo|dpo|data|launch)\] ")
@@ -775,6 +776,8 @@ def run_pipeline(
         trains_policy = stage.step in (1, 3) or stage.name == "dpo"
         zero = args.actor_zero_stage if trains_policy else args.reward_zero_stage
         extra = shlex.split(args.dpo_args if stage.name == "dpo" else getattr(args, f"step{stage.step}_args"))
+        if (stage.dir(out) / RUN_MARKER).is_file():  # a rerun replaces the stage's earlier model on purpose
+            extra.append("--overwrite_output_dir")
         command = stage_command(
             inv.script, stage.launch_arg, out, zero, args.reward_zero_stage, args.dry_run, extra
         )

@@ -95,6 +95,21 @@ class ChatFormat:
             rm_static_messages(prompt), tokenize=False, add_generation_prompt=True
         )
 
+    def prompt_pieces(self, prompt: str) -> list[tuple[str, bool]]:
+        """The rendered prompt as (piece, is_message_text) in order: the template's text around the
+        messages' contents, and the contents themselves (to be encoded as plain text, whatever they hold)."""
+        messages = rm_static_messages(prompt)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+        pieces: list[tuple[str, bool]] = []
+        for i, part in enumerate(re.split("\ue000(\\d+)\ue001", rendered)):
+            if i % 2 == 0:
+                if part:
+                    pieces.append((part, False))
+            else:
+                pieces.append((messages[int(part)]["content"], True))
+        return pieces
+
     @staticmethod
     def response(response: str) -> str:
         """The assistant content of a response (the pipeline appends the EOS = end-of-turn id itself)."""

@@ -22,9 +22,10 @@ micro-batches of it already consumed (the DistributedSampler order is a function
 those are skipped), and each rank's RNG; the per-step losses then equal an uninterrupted run's.
 
 Output directory: `check_output_dir` (before any compute, writes nothing) refuses a directory holding
-files this project did not write, another stage's run, or this stage's checkpoints when neither --resume
-nor --overwrite_output_dir is given; `claim_output_dir` then writes the marker. Nothing is deleted that
-the project did not write.
+files this project did not write, another stage's run, or this stage's checkpoints or model when neither
+--resume nor --overwrite_output_dir is given, and, even with --overwrite_output_dir, one where a file this
+project did not write has a name the stage writes; `claim_output_dir` then writes the marker. Nothing is
+replaced or deleted that the project did not write.
 
 No pickle of ours: RNG states are JSON + safetensors. The engines' own files are DeepSpeed's format
 (torch.save), read back by DeepSpeed's load_checkpoint; resume only checkpoints you wrote.
@@ -54,6 +55,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from common import dist
+from common.files import (
+    MODEL_FILES,
+    STAGING,
+    DamagedFileError,
+    check_safetensors,
+    is_model_file,
+    read_json_file,
+    removed_on_write_failure,
+)
 
 RUN_MARKER = ".rlhf_run.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -85,6 +95,8 @@ class TrainerState:
     skipped_steps: int = 0
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the data position depends on (`data_position`): a resume with other values is refused.
+    data_position: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ output directory
@@ -100,18 +112,12 @@ def _marker(output_dir: Path) -> dict[str, Any] | None:
         raise SystemExit(f"{path}: not valid JSON ({e}); remove it or pick another --output_dir") from None
 
 
-# The files `save_pretrained` of a model and its tokenizer may write (what the model writers may overwrite).
-HF_MODEL_FILES = frozenset(
-    {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.jinja",
-    }
+HF_MODEL_FILES = MODEL_FILES  # the files the model writers may overwrite
+# Names a stage writes at its output directory's root besides model files (stage 3: models in sub-directories).
+STAGE_FILES = frozenset(
+    {RUN_MARKER, TRAIN_LOG, CHECKPOINTS, "tensorboard", STAGING, "actor", "actor_ema", "critic"}
+    | {f"{name}_metrics.json" for name in ("sft", "rm", "ppo", "dpo")}
+    | {"heldout_answers.jsonl", "normalization_sample.jsonl"}
 )
 
 
@@ -131,9 +137,10 @@ def check_output_dir(output_dir: str | Path, stage: str, args: argparse.Namespac
     """Refuse (SystemExit naming the directory) to write into a directory holding someone else's files
     or another run's checkpoints. Writes nothing: call it before any compute, `claim_output_dir` later.
 
-    Allowed: a missing or empty directory (files of LAUNCHER_FILES aside); this stage's earlier run when
-    it left no complete checkpoints (a rerun replaces its files) or with --resume; anything with
-    --overwrite_output_dir. `--resume auto` becomes 'latest' when a complete checkpoint of this stage is
+    Allowed: a missing or empty directory (files of LAUNCHER_FILES aside); this stage's earlier run with
+    --resume, or when it left neither complete checkpoints nor a model; with --overwrite_output_dir, a run
+    of ours (its files are replaced), or someone else's files when none has a name this stage writes (ours
+    go beside them: a file we did not write is never replaced). `--resume auto` becomes 'latest' when a complete checkpoint of this stage is
     there and None (a fresh start) otherwise: `args.resume` is set accordingly. Rank 0 decides; every rank
     gets the same verdict."""
     if args.resume == "auto":
@@ -176,20 +183,47 @@ def _output_dir_error(out: Path, stage: str, args: argparse.Namespace) -> str | 
         if not own:
             return f"--resume: {out} holds no earlier run of stage {stage} ({RUN_MARKER} missing or other)"
         return None
-    if args.overwrite_output_dir or not others:
+    if not others:
+        return None
+    if marker is None:  # nothing there is ours: --overwrite_output_dir may add our files, never replace one
+        ours = sorted(n for n in others if is_model_file(n) or n in STAGE_FILES)
+        if ours:
+            return (
+                f"--output_dir {out} holds files this project did not write, and this stage would replace "
+                f"some of them ({', '.join(ours[:5])}): pick another directory (--overwrite_output_dir never "
+                "replaces files the project did not write)"
+            )
+        if args.overwrite_output_dir:
+            return None
+        return (
+            f"--output_dir {out} is not empty ({', '.join(sorted(others)[:5])}) and holds files this project did "
+            "not write: pick another directory, or pass --overwrite_output_dir to write this stage's files "
+            "beside them (none of them is replaced or deleted)"
+        )
+    if args.overwrite_output_dir:
         return None
     if not own:
-        whose = f"stage {marker.get('stage')!r}" if marker else "files this project did not write"
         return (
-            f"--output_dir {out} is not empty ({', '.join(sorted(others)[:5])}...) and holds {whose}: "
-            "pick another directory or pass --overwrite_output_dir (nothing is deleted)"
+            f"--output_dir {out} holds a run of stage {marker.get('stage')!r}: pick another directory, or pass "
+            "--overwrite_output_dir to replace its files with this stage's"
         )
     if args.resume is None and complete_checkpoints(out):
         return (
             f"--output_dir {out} holds checkpoints of an earlier {stage} run: pass --resume to "
             "continue it or --overwrite_output_dir to start over (removes those checkpoints)"
         )
+    if args.resume is None and _holds_model(out):
+        return (
+            f"--output_dir {out} holds the model of an earlier {stage} run: pass --overwrite_output_dir to "
+            "replace it (the earlier model stays until the new one is completely written) or pick another "
+            "directory"
+        )
     return None
+
+
+def _holds_model(out: Path) -> bool:
+    """A stage's saved model: config.json at the root (stages 1, 2, DPO) or in actor/ (stage 3)."""
+    return (out / "config.json").is_file() or (out / "actor" / "config.json").is_file()
 
 
 def _start_fresh(out: Path) -> None:
@@ -335,24 +369,30 @@ def save_checkpoint(
                 shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     dist.barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-    if write_extra is not None:
-        write_extra(tmp)
-    meta, tensors = _rng_state()
-    rank = dist.get_rank()
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(meta))
-    save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"))
-    if dist.is_rank0():
-        state.world_size = dist.get_world_size()
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    dist.barrier()
-    if dist.is_rank0():
-        os.replace(tmp, final)
-        with open(final / COMPLETE, "w") as f:
-            f.write("ok\n")
-            f.flush()
-            os.fsync(f.fileno())
+    previous = complete_checkpoints(output_dir)
+    keeps = (
+        f"the previous checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint existed"
+    )
+    with removed_on_write_failure(f"writing checkpoint {tmp}", tmp, keeps):
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        if write_extra is not None:
+            write_extra(tmp)
+        meta, tensors = _rng_state()
+        rank = dist.get_rank()
+        (tmp / f"rng_rank{rank}.json").write_text(json.dumps(meta))
+        save_file(tensors, str(tmp / f"rng_rank{rank}.safetensors"))
+        if dist.is_rank0():
+            state.world_size = dist.get_world_size()
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        dist.barrier()
+        if dist.is_rank0():
+            manifest = {"files": _file_sizes(tmp)}
+            os.replace(tmp, final)
+            with open(final / COMPLETE, "w") as f:  # last: the checkpoint exists from here on
+                f.write(json.dumps(manifest, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         if save_total_limit > 0:
             for old in complete_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old)
@@ -360,34 +400,105 @@ def save_checkpoint(
     return final
 
 
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None when they are whole: every file the
+    manifest in COMPLETE lists must exist with its size (checkpoints written before 2026-12-07 have no
+    manifest), the trainer state and RNG JSON must parse and the RNG safetensors must be whole."""
+    try:
+        text = (checkpoint / COMPLETE).read_text()
+        manifest = json.loads(text) if text.strip() != "ok" else {"files": {}}
+        for rel, size in manifest["files"].items():
+            file = checkpoint / rel
+            if not file.is_file():
+                return f"{file} is missing"
+            if file.stat().st_size != size:
+                return f"{file} has {file.stat().st_size} bytes, {size} were written (truncated or replaced)"
+        state = read_json_file(checkpoint / STATE_FILE)
+        for rank in range(int(state.get("world_size", 1))):
+            read_json_file(checkpoint / f"rng_rank{rank}.json")
+            check_safetensors(checkpoint / f"rng_rank{rank}.safetensors")
+    except DamagedFileError as e:
+        return str(e)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{checkpoint}: unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def resolve_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """The checkpoint directory `--resume` names: 'latest' -> newest complete one; else a path, which
-    must be a complete checkpoint. Raises SystemExit saying what is missing."""
-    if resume == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
+    """The checkpoint directory `--resume` names: 'latest' -> the newest complete one whose files are whole
+    (a damaged one is reported and passed over); else a path, which must be a complete, whole checkpoint.
+    Raises SystemExit saying what is missing or damaged. Rank 0 decides; every rank gets its answer."""
+    if not dist.is_rank0():
+        found = _broadcast(None)
+        if isinstance(found, tuple):
+            raise SystemExit(found[1])
+        return found
+    try:
+        found = _resolve(Path(output_dir), resume)
+    except SystemExit as e:
+        _broadcast(("error", str(e)))
+        raise
+    return _broadcast(found)
+
+
+def _resolve(output_dir: Path, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / COMPLETE).is_file() or not (path / STATE_FILE).is_file():
             raise SystemExit(
-                f"--resume latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS}"
+                f"--resume {path}: not a complete checkpoint ({COMPLETE} or {STATE_FILE} missing)"
             )
-        return found[-1]
-    path = Path(resume)
-    if not (path / COMPLETE).is_file() or not (path / STATE_FILE).is_file():
-        raise SystemExit(f"--resume {path}: not a complete checkpoint ({COMPLETE} or {STATE_FILE} missing)")
-    return path
+        if damage := checkpoint_damage(path):
+            raise SystemExit(f"--resume {path}: damaged checkpoint: {damage}; {_others(output_dir, path)}")
+        return path
+    found = complete_checkpoints(output_dir)
+    if not found:
+        raise SystemExit(f"--resume latest: no complete checkpoint under {output_dir / CHECKPOINTS}")
+    damaged = []
+    for checkpoint in reversed(found):
+        if (damage := checkpoint_damage(checkpoint)) is None:
+            for bad, why in damaged:
+                print(f"[resume] skipped the damaged checkpoint {bad.name}: {why}", flush=True)
+            if damaged:
+                print(f"[resume] falling back to {checkpoint}, the newest whole checkpoint", flush=True)
+            return checkpoint
+        damaged.append((checkpoint, damage))
+    raise SystemExit(
+        f"--resume latest: every checkpoint under {output_dir / CHECKPOINTS} is damaged: "
+        + "; ".join(f"{c.name}: {why}" for c, why in damaged)
+        + ". Start over with --overwrite_output_dir"
+    )
+
+
+def _others(output_dir: Path, not_this: Path) -> str:
+    others = [c.name for c in complete_checkpoints(output_dir) if c.resolve() != not_this.resolve()]
+    return f"pick another with --resume PATH (complete ones: {others})" if others else "no other checkpoint"
 
 
 def load_checkpoint(checkpoint: Path, engines: dict[str, Any]) -> TrainerState:
     """Load every engine's state (weights, optimizer, scheduler, step counters) and the trainer state from
     `checkpoint`. Collective. The RNG states are restored separately, by `restore_rng`, at the moment
     training continues (a DataLoader draws from the torch RNG when its iterator is created)."""
-    state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    state = TrainerState(**read_json_file(checkpoint / STATE_FILE))
     if state.world_size != dist.get_world_size():
         raise SystemExit(
             f"--resume {checkpoint}: saved by {state.world_size} ranks, this run has "
             f"{dist.get_world_size()}; ZeRO shards resume on the same number of ranks only"
         )
     for name, engine in engines.items():
-        path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+        try:
+            path, _ = engine.load_checkpoint(str(checkpoint), tag=name)
+        except Exception as e:  # DeepSpeed's torch.load of a damaged file: name the checkpoint instead
+            raise SystemExit(
+                f"--resume {checkpoint}: cannot read engine '{name}' ({type(e).__name__}: {e}); its files are "
+                f"damaged: {_others(checkpoint.parent.parent, checkpoint)}"
+            ) from None
         if path is None:
             raise SystemExit(f"--resume {checkpoint}: engine '{name}' checkpoint missing or unreadable")
     return state
@@ -407,15 +518,59 @@ def restore_rng(checkpoint: Path) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
+def data_position(
+    args: argparse.Namespace, batch_flags: tuple[str, ...], **datasets: tuple[int, str]
+) -> dict[str, Any]:
+    """What a stage's position in its data streams depends on: the values of `batch_flags` (names of
+    args), the world size, and for each named dataset its rows and content hash, e.g.
+    `data_position(args, ("per_device_train_batch_size",), train=(len(data.train), data.train_sha256))`."""
+    position: dict[str, Any] = {flag: getattr(args, flag) for flag in batch_flags}
+    position["world_size"] = dist.get_world_size()
+    for name, (rows, sha256) in datasets.items():
+        position[f"{name}_rows"] = rows
+        position[f"{name}_sha256"] = sha256
+    return position
+
+
+def _position_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    changes = []
+    for key in sorted(saved.keys() & now.keys()):
+        if saved[key] == now[key] or key.endswith("_rows"):
+            continue
+        if key.endswith("_sha256"):
+            name = key.removesuffix("_sha256")
+            rows = f"{name}_rows"
+            changes.append(
+                f"the {name} data changed ({saved.get(rows)} rows, sha256 {str(saved[key])[:12]} then; "
+                f"{now.get(rows)} rows, sha256 {str(now[key])[:12]} now)"
+            )
+        elif key == "world_size":
+            continue  # load_checkpoint says it, with what to do
+        else:
+            changes.append(f"--{key} was {saved[key]}, is {now[key]}")
+    return changes
+
+
 def resume_if_asked(
-    args: argparse.Namespace, engines: dict[str, Any], stage: str
+    args: argparse.Namespace, engines: dict[str, Any], stage: str, position: dict[str, Any] | None = None
 ) -> tuple[TrainerState, Path | None]:
     """With --resume: load the checkpoint it names into `engines`, drop train-log lines past it, and return
-    (its state, its directory). Without: (a fresh state, None)."""
+    (its state, its directory). Without: (a fresh state, None). `position` (`data_position`) is recorded in
+    the state; a checkpoint recorded with another one is refused before anything is loaded, naming what
+    changed (the skipped micro-batches would be other rows: some trained twice, some never)."""
+    position = position or {}
     if args.resume is None:
-        return TrainerState(world_size=dist.get_world_size()), None
+        return TrainerState(world_size=dist.get_world_size(), data_position=position), None
     checkpoint = resolve_checkpoint(args.output_dir, args.resume)
+    saved = read_json_file(checkpoint / STATE_FILE).get("data_position", {})
+    if changes := _position_changes(saved, position):
+        raise SystemExit(
+            f"--resume {checkpoint}: its data position was saved under other settings: {'; '.join(changes)}. "
+            "Resuming would train some rows twice and others never: resume with the same settings and data, "
+            "or start over with --overwrite_output_dir"
+        )
     state = load_checkpoint(checkpoint, engines)
+    state.data_position = position
     truncate_train_log(args.output_dir, state.step)
     dist.print_rank0(
         f"[{stage}] resumed from {checkpoint}: step {state.step}, epoch {state.epoch + 1}, "

@@ -37,6 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import cached_file
 
 from common import dist
+from common.errors import UserError
 
 PAD_TOKEN = "<pad>"
 # Embeddings grown for an added token are padded to a multiple of this (tensor-core and GEMM-friendly).
@@ -205,7 +206,7 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _SHOWN_KEYS = 5
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError, ValueError):
     """A checkpoint lacks weights its model needs, or holds weights the model has no place for."""
 
 

@@ -5,7 +5,8 @@ The function is called as `fn(prompts, responses, finished, **columns)`:
     prompts[i]    the prompt text, decoded without special tokens ("\\n\\nHuman: ...\\n\\nAssistant:")
     responses[i]  the answer decoded without special tokens, cut at its first EOS (which is left out)
     finished[i]   whether the answer ended with EOS within the length budget
-    columns       the prompt rows' extra dataset columns, one list per column, when the data has any
+    columns       the prompt rows' extra dataset columns, one list per column, when the data has any (a
+                  function without **kwargs gets only the columns it names as parameters)
 and returns one number, or one object with `.score` (and optionally a string `.label`), per answer. A
 function that raises, returns the wrong number of scores or a non-finite one stops the run with a message
 naming the function and the sample.
@@ -14,8 +15,12 @@ naming the function and the sample.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
+import os
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,19 +43,38 @@ def import_score_function(name: str, flag: str) -> Callable[..., Sequence[Any]]:
     module_name, sep, function = name.partition(":")
     if not sep or not module_name or not function:
         raise SystemExit(f"{flag} {name!r}: expected 'module:function'")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # a launcher puts the script's directory first, not the working directory
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise SystemExit(
+                f"{flag} {name}: no module {module_name!r} in the working directory ({cwd}) or on PYTHONPATH"
+            ) from None
+        raise SystemExit(_import_failure(flag, name, module_name, e)) from None
     except Exception as e:
-        raise SystemExit(
-            f"{flag} {name}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-            "it must be importable from the working directory or PYTHONPATH"
-        ) from None
+        raise SystemExit(_import_failure(flag, name, module_name, e)) from None
     fn = getattr(module, function, None)
     if fn is None:
         raise SystemExit(f"{flag} {name}: module {module_name!r} has no {function!r}")
     if not callable(fn):
         raise SystemExit(f"{flag} {name}: {function!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _import_failure(flag: str, name: str, module_name: str, e: Exception) -> str:
+    """The module was found, but importing it raised: say where in it."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = next(
+        (f"{f.filename}, line {f.lineno}" for f in reversed(frames) if "importlib" not in f.filename), ""
+    )
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f"{e.filename}, line {e.lineno}"
+    return f"{flag} {name}: importing module {module_name!r} raised {type(e).__name__}: {e}" + (
+        f" ({where})" if where else ""
+    )
 
 
 def call_score_function(
@@ -68,7 +92,7 @@ def call_score_function(
     to find the sample), returns the wrong number of scores, a non-number, a non-finite score or a label
     that is not a string."""
     n = len(prompts)
-    columns = columns or {}
+    columns = _accepted_columns(sf.fn, columns or {})
     try:
         out = list(sf.fn(list(prompts), list(responses), list(finished), **columns))
     except Exception as e:
@@ -109,3 +133,15 @@ def _first_raising_sample(
         except Exception:
             return i
     return None
+
+
+def _accepted_columns(fn: Callable[..., Any], columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The extra columns `fn` can take: all of them when it has **kwargs, else those it names."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: pass everything, as documented
+        return columns
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return columns
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in columns.items() if k in named}

@@ -39,13 +39,18 @@ def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int) -> DataLoader:
+def train_loader(
+    dataset: Dataset, collate: Callable, batch_size: int, seed: int, drop_last: bool = False
+) -> DataLoader:
     """Shuffled per epoch (call `loader.sampler.set_epoch(e)`), the same order on every rank for a seed,
-    each rank a disjoint shard; every rank gets the same number of batches (ZeRO needs lock-step)."""
+    each rank a disjoint shard; every rank gets the same number of batches (ZeRO needs lock-step).
+    `drop_last`: leave out each epoch's last, short batch (stage 3's rollouts have a fixed size)."""
     sampler = DistributedSampler(
         dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed
     )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
+    )
 
 
 class _EvalShard(Dataset):

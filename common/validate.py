@@ -24,8 +24,8 @@ Every failure is a SystemExit whose message names the flag, the path and what is
   minibatch divisibility is in step3_rlhf/args.py; the hybrid engine's --inference_tp_size divides the ranks.
 - LoRA: --lora_module_name (--actor_/--critic_) matches at least one Linear layer of the model it adapts.
 
-`exit_cleanly_on_data_errors` makes a DataError found later (common.data names the file, row and column)
-end the run with that message and no traceback.
+A DataError found later (common.data names the file, row and column) ends the run with that message and no
+traceback: it is a `common.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from common.files import DamagedFileError, check_model_weights
 from common.rl_math import get_advantage_estimator
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -97,6 +97,22 @@ def _check_local_dir(flag: str, path: Path, trust_remote_code: bool, allow_pickl
         if file.exists() and "auto_map" in _read_json(flag, file) and not trust_remote_code:
             raise SystemExit(_remote_code_message(flag, str(path), name))
     _check_weight_files(flag, path, allow_pickle_weights)
+    _check_whole(flag, path)
+
+
+def _check_whole(flag: str, path: Path) -> None:
+    """Every safetensors file is whole (a save killed halfway, a copy cut short) and a reward model's value
+    head, which its config.json names, is there."""
+    fix = "it was cut short or damaged: rerun the stage that wrote it, or point the flag at an intact copy"
+    head = _read_json(flag, path / "config.json").get("reward_model")
+    if isinstance(head, dict) and not (path / head.get("value_head", "value_head.safetensors")).is_file():
+        raise SystemExit(
+            f"{flag} {path}: a reward model whose value head ({head.get('value_head')}) is missing; {fix}"
+        )
+    try:
+        check_model_weights(path, fix)
+    except DamagedFileError as e:
+        raise SystemExit(f"{flag} {e}") from None
 
 
 def _read_json(flag: str, file: Path) -> dict:
@@ -393,25 +409,3 @@ def _check_model(args: argparse.Namespace, flag: str, path: str) -> Any:
         trust_remote_code=getattr(args, "trust_remote_code", False),
         allow_pickle_weights=getattr(args, "allow_pickle_weights", False),
     )
-
-
-# ------------------------------------------------------------------------------------- later errors
-
-
-def exit_cleanly_on_data_errors() -> None:
-    """Make an uncaught DataError end the process with exit status 1 and its message on stderr, without a
-    traceback: the message names the file, row and column, and a traceback would only bury it."""
-    from common.data import DataError
-
-    previous = sys.excepthook
-    if getattr(previous, "_data_error_hook", False):
-        return
-
-    def hook(exc_type, exc, tb) -> None:
-        if issubclass(exc_type, DataError):
-            print(f"data error: {exc}", file=sys.stderr, flush=True)
-        else:
-            previous(exc_type, exc, tb)
-
-    hook._data_error_hook = True  # type: ignore[attr-defined]
-    sys.excepthook = hook

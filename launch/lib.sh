@@ -252,14 +252,16 @@ _step2_seed() {
 }
 
 # REWARD_MEMBERS > 1: step 2's further members, rm-2 ... rm-K, each the step-2 command with its own output,
-# seed and TensorBoard directory (later flags win) on the main model's data slice; finished ones are skipped.
+# seed and TensorBoard directory (later flags win) on the main model's data slice; finished ones are skipped
+# unless the FLAGS after -- hold --overwrite_output_dir (a rerun of step 2 then retrains every member).
 _train_reward_members() {
-    local seed k member
+    local seed k member overwrite=0 flag
     seed="$(_step2_seed)"
+    for flag in "${EXTRA[@]}"; do [ "$flag" != --overwrite_output_dir ] || overwrite=1; done
     for ((k = 2; k <= REWARD_MEMBERS; k++)); do
         member=("${CMD[@]}" --output_dir "$OUTPUT/rm-$k" --seed "$((100 * seed + k))" --data_split_seed "$seed"
             --tensorboard_path "$OUTPUT/tensorboard/rm-$k")
-        if [ "$DRY_RUN" != 1 ] && [ -f "$OUTPUT/rm-$k/rm_metrics.json" ]; then
+        if [ "$DRY_RUN" != 1 ] && [ "$overwrite" = 0 ] && [ -f "$OUTPUT/rm-$k/rm_metrics.json" ]; then
             echo "[launch] reward-model member $k: $OUTPUT/rm-$k is finished, skipped"
             continue
         fi

@@ -25,11 +25,14 @@ from common.checkpoint import (
     check_finite_loss,
     check_output_dir,
     claim_output_dir,
+    data_position,
     epoch_batches,
     resume_if_asked,
     save_checkpoint,
 )
 from common.data import SFTCollator, build_stage_data
+from common.errors import exit_cleanly_on_user_errors
+from common.files import final_outputs, write_text_atomic
 from common.model import (
     causal_lm_loss,
     load_tokenizer,
@@ -48,7 +51,9 @@ from common.training import (
     to_device,
     train_loader,
 )
-from common.validate import exit_cleanly_on_data_errors, validate_sft
+from common.validate import validate_sft
+
+METRICS_FILE = "sft_metrics.json"  # written last: the stage finished
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,11 +94,15 @@ def evaluate_perplexity(engine, loader, dev: torch.device) -> float:
     return math.exp(min(stats[0].item() / max(stats[1].item(), 1.0), 50.0))
 
 
+# What the order of training rows depends on (with the data and the world size).
+BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     dist.init_distributed()
     validate_sft(args)  # model path and weights, tokenizer vs vocabulary, lengths, LoRA names
-    exit_cleanly_on_data_errors()
     check_output_dir(args.output_dir, "sft", args)
     set_seed(args.seed)
     dev = device()
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     claim_output_dir(args.output_dir, "sft", args)
     engines = {"model": engine}
-    state, resumed_from = resume_if_asked(args, engines, "sft")
+    position = data_position(args, BATCH_FLAGS, train=(len(data.train), data.train_sha256))
+    state, resumed_from = resume_if_asked(args, engines, "sft", position)
 
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "sft"
@@ -164,14 +174,15 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer_steps": engine.global_steps,
         "skipped_nonfinite_steps": state.skipped_steps,
     }
-    save_hf_model(engine, args.output_dir, tokenizer, args.zero_stage)
-    if args.verify_save:
-        batch, _ = next(iter(eval_dl))
-        diff = saved_logits_max_diff(engine, args.output_dir, to_device(batch, dev))
-        metrics["saved_logits_max_abs_diff"] = diff
-        dist.print_rank0(f"[sft] saved model vs engine: max |logit diff| {diff}")
+    with final_outputs(args.output_dir, METRICS_FILE) as staged:
+        save_hf_model(engine, staged, tokenizer, args.zero_stage)
+        if args.verify_save:
+            batch, _ = next(iter(eval_dl))
+            diff = saved_logits_max_diff(engine, staged, to_device(batch, dev))
+            metrics["saved_logits_max_abs_diff"] = diff
+            dist.print_rank0(f"[sft] saved model vs engine: max |logit diff| {diff}")
     if dist.is_rank0():
-        (Path(args.output_dir) / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
     dist.print_rank0(f"[sft] saved to {args.output_dir}; perplexity curve {[round(p, 3) for p in curve]}")
     monitor.close()
     dist.destroy()

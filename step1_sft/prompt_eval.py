@@ -96,10 +96,18 @@ def load_for_generation(
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: ChatFormat | None) -> list[int]:
     """Token ids of an rm-static prompt as the model was trained on it: the plain text, or its chat-template
-    rendering (the template's special tokens as special ids)."""
-    if fmt is None:
-        return tokenizer(prompt, add_special_tokens=False).input_ids
-    return tokenizer(fmt.prompt(prompt), add_special_tokens=False, split_special_tokens=False).input_ids
+    rendering (the template's special tokens as special ids). Special-token strings inside the text (a user
+    typing "<|im_end|>") are encoded as plain characters, never as the special token."""
+    if fmt is None:  # as the data layer encodes text: a typed "<|endoftext|>" stays characters
+        return tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    if not any(t in prompt for t in specials):
+        return tokenizer(fmt.prompt(prompt), add_special_tokens=False, split_special_tokens=False).input_ids
+    # Typed text holding a special-token string: the template's own tokens stay special, the text stays text.
+    ids: list[int] = []
+    for piece, is_text in fmt.prompt_pieces(prompt):
+        ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=is_text).input_ids
+    return ids
 
 
 @dataclass

@@ -35,12 +35,15 @@ from common.checkpoint import (
     check_finite_loss,
     check_output_dir,
     claim_output_dir,
+    data_position,
     epoch_batches,
     resume_if_asked,
     save_checkpoint,
 )
 from common.data import PairCollator, PromptCollator, build_stage_data
 from common.ds_config import eval_config, torch_dtype
+from common.errors import exit_cleanly_on_user_errors
+from common.files import final_outputs, write_text_atomic
 from common.heldout import (
     ANSWERS_FILE,
     evaluate_answers,
@@ -62,7 +65,7 @@ from common.training import (
     to_device,
     train_loader,
 )
-from common.validate import exit_cleanly_on_data_errors, validate_dpo
+from common.validate import validate_dpo
 from step2_dpo.answers import answer_sampler
 from step2_dpo.args import parse_args
 from step2_dpo.pairs import PAIR_STATS, Reference, dpo_loss, evaluate_pairs
@@ -100,11 +103,15 @@ def build_policy_and_reference(args, tokenizer, ds_config: dict, batches_per_epo
     return policy, Reference(engine=ref)
 
 
+# What the order of training rows depends on (with the data and the world size).
+BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     dist.init_distributed()
     validate_dpo(args)  # model paths and weights, one tokenizer, lengths, LoRA names
-    exit_cleanly_on_data_errors()
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
     check_output_dir(args.output_dir, "dpo", args)
     set_seed(args.seed)
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
 
     claim_output_dir(args.output_dir, "dpo", args)
     engines = {"model": policy}
-    state, resumed_from = resume_if_asked(args, engines, "dpo")
+    position = data_position(args, BATCH_FLAGS, train=(len(pairs.train), pairs.train_sha256))
+    state, resumed_from = resume_if_asked(args, engines, "dpo", position)
 
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "dpo"
@@ -201,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
             tick, window_pairs, window = time.perf_counter(), 0, []
     final, after_answers = run_eval(0, "final eval (whole eval set)")
 
-    save_hf_model(policy, args.output_dir, tokenizer, args.zero_stage)
     before = curve[0]
     metrics = {
         "evals": curve,
@@ -214,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer_steps": policy.global_steps,
         "skipped_nonfinite_steps": state.skipped_steps,
     }
+    with final_outputs(args.output_dir, METRICS_FILE) as staged:
+        save_hf_model(policy, staged, tokenizer, args.zero_stage)
+        if dist.is_rank0() and prompts_dl is not None:
+            write_heldout_answers(staged / ANSWERS_FILE, before_answers, after_answers)
     if dist.is_rank0():
-        if prompts_dl is not None:
-            write_heldout_answers(Path(args.output_dir) / ANSWERS_FILE, before_answers, after_answers)
-        (Path(args.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
     if "gold_mean" in final:
         dist.print_rank0(
             f"[dpo] held-out gold {before['gold_mean']:+.3f} -> {final['gold_mean']:+.3f} at KL "

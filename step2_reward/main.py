@@ -33,12 +33,15 @@ from common.checkpoint import (
     check_finite_loss,
     check_output_dir,
     claim_output_dir,
+    data_position,
     epoch_batches,
     resume_if_asked,
     save_checkpoint,
 )
 from common.data import PairCollator, build_stage_data
 from common.ds_config import torch_dtype
+from common.errors import exit_cleanly_on_user_errors
+from common.files import final_outputs, write_text_atomic
 from common.model import load_tokenizer
 from common.monitor import Monitor, progress
 from common.reward_model import load_reward_model_for_training, save_reward_model
@@ -54,7 +57,6 @@ from common.training import (
     train_loader,
     with_lora_and_checkpointing,
 )
-from common.validate import exit_cleanly_on_data_errors
 from step2_reward.args import parse_args
 from step2_reward.normalize import normalize_reward_model, write_sample
 from step2_reward.pairwise import evaluate, forward_pairs, log_eval, pairwise_loss, saved_scores_max_diff
@@ -63,11 +65,15 @@ from step2_reward.validate import validate_reward
 METRICS_FILE = "rm_metrics.json"
 
 
+# What the order of training rows depends on (with the data and the world size).
+BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     dist.init_distributed()
     validate_reward(args)  # model paths and weights, tokenizers vs vocabularies, lengths, LoRA names
-    exit_cleanly_on_data_errors()
     check_output_dir(args.output_dir, "reward", args)
     set_seed(args.seed)
     dev = device()
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
 
     claim_output_dir(args.output_dir, "reward", args)
     engines = {"model": engine}
-    state, resumed_from = resume_if_asked(args, engines, "reward")
+    position = data_position(args, BATCH_FLAGS, train=(len(data.train), data.train_sha256))
+    state, resumed_from = resume_if_asked(args, engines, "reward", position)
 
     monitor = Monitor(
         args.enable_tensorboard, args.tensorboard_path or f"{args.output_dir}/tensorboard", "reward"
@@ -156,8 +163,6 @@ def main(argv: list[str] | None = None) -> None:
     final = run_eval(0, "final eval (whole eval set)")
 
     normalization, sample = normalize_reward_model(engine, tokenizer, args, data.train, dev)
-    save_reward_model(engine, args.output_dir, tokenizer, args.zero_stage)
-    write_sample(sample, args.output_dir)
     metrics = {
         "eval_curve": curve,
         "final": final,
@@ -165,13 +170,16 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer_steps": engine.global_steps,
         "skipped_nonfinite_steps": state.skipped_steps,
     }
-    if args.verify_save:
-        batch, _ = next(iter(eval_dl))
-        diff = saved_scores_max_diff(engine, args.output_dir, to_device(batch, dev))
-        metrics["saved_scores_max_abs_diff"] = diff
-        dist.print_rank0(f"[reward] saved model vs engine: max |score diff| {diff}")
+    with final_outputs(args.output_dir, METRICS_FILE) as staged:
+        save_reward_model(engine, staged, tokenizer, args.zero_stage)
+        write_sample(sample, staged)
+        if args.verify_save:
+            batch, _ = next(iter(eval_dl))
+            diff = saved_scores_max_diff(engine, staged, to_device(batch, dev))
+            metrics["saved_scores_max_abs_diff"] = diff
+            dist.print_rank0(f"[reward] saved model vs engine: max |score diff| {diff}")
     if dist.is_rank0():
-        (Path(args.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
     points = ", ".join(f"step {c['step']}: {c['accuracy']:.3f}" for c in curve)
     dist.print_rank0(f"[reward] accuracy curve: {points}")
     dist.print_rank0(

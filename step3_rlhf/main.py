@@ -34,11 +34,14 @@ from common.checkpoint import (
     append_train_log,
     check_output_dir,
     claim_output_dir,
+    data_position,
     restore_rng,
     resume_if_asked,
     save_checkpoint,
 )
 from common.data import PromptCollator, build_stage_data, load_unsupervised
+from common.errors import exit_cleanly_on_user_errors
+from common.files import final_outputs, write_text_atomic
 from common.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_heldout_answers
 from common.model import load_tokenizer, save_hf_model
 from common.monitor import Monitor, progress
@@ -52,7 +55,7 @@ from common.rl_math import (
 )
 from common.score_fn import ScoreFunction, import_score_function
 from common.training import device, eval_loader, peak_memory_mb, set_seed, to_device, train_loader
-from common.validate import exit_cleanly_on_data_errors, reward_model_path, validate_ppo
+from common.validate import reward_model_path, validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import ExperienceMaker, Rollout
@@ -65,6 +68,8 @@ from step3_rlhf.resume import (
     restore_ppo_extra_state,
     trained_engines,
 )
+
+METRICS_FILE = "ppo_metrics.json"  # written last: the stage finished
 
 
 def rollout_stats(r: Rollout) -> dict[str, float]:
@@ -144,7 +149,17 @@ def print_answers(tokenizer, r: Rollout, step: int) -> None:
     print(f"--- step {step} | score {r.scores[0].item():+.3f}\n{prompt.strip()}\n>>> {answer}", flush=True)
 
 
+# What the prompt and PPO-ptx streams' positions depend on (with the data and the world size).
+BATCH_FLAGS = (
+    "seed",
+    "per_device_generation_batch_size",
+    "generation_batches",
+    "per_device_training_batch_size",
+)
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
     reward_fn = None
@@ -159,13 +174,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # data
     validate_ppo(args)  # model paths and weights, one tokenizer for all models, lengths, LoRA names
-    exit_cleanly_on_data_errors()
     tokenizer = load_tokenizer(
         args.actor_model_name_or_path, args.trust_remote_code, args.apply_chat_template
     )
     data = build_stage_data(data_config(args), tokenizer, stage=3)
     collate = PromptCollator(tokenizer.pad_token_id)
-    prompts = train_loader(data.train, collate, args.per_device_generation_batch_size, args.seed)
+    # A rollout has a fixed size: each epoch's last, short batch of prompts is left out (counted below).
+    prompts = train_loader(
+        data.train, collate, args.per_device_generation_batch_size, args.seed, drop_last=True
+    )
     eval_set = (
         data.eval
         if not args.eval_num_prompts
@@ -196,7 +213,16 @@ def main(argv: list[str] | None = None) -> None:
         iterations = min(iterations, args.test_stop_step)
     if iterations < 1:
         raise SystemExit(
-            f"{len(prompts)} prompt batches per rank < --generation_batches {args.generation_batches}"
+            f"{len(prompts.sampler)} training prompts per rank make {len(prompts)} full generation batches "
+            f"(--per_device_generation_batch_size {args.per_device_generation_batch_size}), fewer than "
+            f"--generation_batches {args.generation_batches}: lower them or add prompts"
+        )
+    unused = len(prompts.sampler) - iterations_per_epoch * args.generation_batches * prompts.batch_size
+    if unused:
+        dist.print_rank0(
+            f"[ppo] {len(prompts.sampler)} prompts per rank and epoch: {iterations_per_epoch} iterations of "
+            f"{args.generation_batches} x {prompts.batch_size}; the {unused} left over are not used that "
+            "epoch (a different draw each epoch)"
         )
     eval_interval = resolve_eval_interval(args.eval_interval, iterations)
     rollout_size = (
@@ -226,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # resume, or start: positions of the prompt and PPO-ptx streams, then the RNG
     claim_output_dir(args.output_dir, "ppo", args)
-    state, resumed_from = resume_if_asked(args, trained_engines(engines), "ppo")
+    streams = {"prompt": (len(data.train), data.train_sha256)}
+    if ptx_loader is not None:
+        streams["ptx"] = (len(ptx_loader.dataset), "")  # its blocks are cached by content: rows say enough
+    position = data_position(args, BATCH_FLAGS, **streams)
+    state, resumed_from = resume_if_asked(args, trained_engines(engines), "ppo", position)
     batches = BatchStream(prompts, state.step * args.generation_batches, epochs=args.num_train_epochs)
     if ptx_loader is not None:
         trainer.ptx_batches = BatchStream(ptx_loader, state.extra.get("ptx_batches", 0))
@@ -312,11 +342,14 @@ def main(argv: list[str] | None = None) -> None:
         dist.print_rank0(f"[ppo] gold gain {after['gold_mean'] - before['gold_mean']:+.3f} ({gold.name})")
 
     out = Path(args.output_dir)
-    save_hf_model(engines.actor, out / "actor", tokenizer, args.actor_zero_stage)
-    if engines.ema is not None:
-        save_hf_model(engines.ema, out / "actor_ema", tokenizer, 3 if zero3 else 0)
-    if engines.critic is not None:
-        save_reward_model(engines.critic, out / "critic", tokenizer, args.critic_zero_stage)
+    with final_outputs(out, METRICS_FILE) as staged:
+        save_hf_model(engines.actor, staged / "actor", tokenizer, args.actor_zero_stage)
+        if engines.ema is not None:
+            save_hf_model(engines.ema, staged / "actor_ema", tokenizer, 3 if zero3 else 0)
+        if engines.critic is not None:
+            save_reward_model(engines.critic, staged / "critic", tokenizer, args.critic_zero_stage)
+        if dist.is_rank0() and "before_answers" in run:  # absent in checkpoints written before 2026-11-21
+            write_heldout_answers(staged / ANSWERS_FILE, run["before_answers"], after_answers)
     if dist.is_rank0():
         metrics = {
             "before": before,
@@ -333,9 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             "evals": evals,
             "history": history,
         }
-        if "before_answers" in run:  # absent in checkpoints written before 2026-11-21
-            write_heldout_answers(out / ANSWERS_FILE, run["before_answers"], after_answers)
-        (out / "ppo_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
     saved = [
         "actor",
         *(["critic"] if engines.critic is not None else []),

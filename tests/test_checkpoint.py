@@ -203,7 +203,7 @@ def test_resume_auto_resumes_when_it_can_and_starts_fresh_otherwise(tmp_path):
     prepare(out, "reward", args)
     assert args.resume == "latest"
     args = parse(["--resume", "auto"])  # another stage's checkpoints are never resumed, nor overwritten
-    with pytest.raises(SystemExit, match="holds stage 'reward'"):
+    with pytest.raises(SystemExit, match="holds a run of stage 'reward'"):
         prepare(out, "sft", args)
 
 

@@ -22,6 +22,8 @@ drop counts of tokenization.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,26 @@ class StageData:
     train: Dataset
     eval: Dataset
     stats: dict[str, Any]
+    train_sha256: str = ""  # of the tokenized training rows: a resumed run checks it is the same data
+
+
+def state_sha256(state: Any) -> str:
+    """sha256 of a tokenized split's state (nested dicts and lists of tensors, texts and numbers)."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(f"<{key}>".encode())
+                feed(value[key])
+        elif torch.is_tensor(value):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.contiguous().numpy().tobytes())
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def _identity(entry: str) -> str:
@@ -150,7 +172,12 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
     stats = blob["stats"]
     stats["from_cache"] = not built_now
     _report(stats)
-    return StageData(_to_dataset(blob["train"], stage, cfg), _to_dataset(blob["eval"], stage, cfg), stats)
+    return StageData(
+        _to_dataset(blob["train"], stage, cfg),
+        _to_dataset(blob["eval"], stage, cfg),
+        stats,
+        state_sha256(blob["train"]),
+    )
 
 
 def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[str, Any]:

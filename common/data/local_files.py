@@ -25,6 +25,8 @@ from typing import Any
 from common.data.rows import DataError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Files that may sit beside the splits under a split-like name without being data (notes, locks).
+NOT_DATA_SUFFIXES = (".md", ".lock", ".crc")
 TRAIN_PREFIXES = ("train",)
 EVAL_PREFIXES = ("test", "eval", "valid", "dev")
 
@@ -122,6 +124,18 @@ def split_files(path: Path) -> tuple[list[Path], list[Path]]:
         return [path], []
     candidates = [p for folder in (path, path / "data") if folder.is_dir() for p in sorted(folder.iterdir())]
     data_files = [p for p in candidates if p.is_file() and p.suffix.lower() in DATA_SUFFIXES]
+    unread = [
+        p.name
+        for p in candidates
+        if p.is_file()
+        and p.name.lower().startswith(TRAIN_PREFIXES + EVAL_PREFIXES)
+        and p.suffix.lower() not in DATA_SUFFIXES + NOT_DATA_SUFFIXES
+    ]
+    if unread:
+        raise DataError(
+            f"{path}: {unread} look like data splits, in a format this project does not read; convert them "
+            "to .jsonl, .json or .parquet, or move them out of the directory"
+        )
     train = [p for p in data_files if p.name.lower().startswith(TRAIN_PREFIXES)]
     evals = [p for p in data_files if p.name.lower().startswith(EVAL_PREFIXES)]
     unknown = [p.name for p in data_files if p not in train and p not in evals]

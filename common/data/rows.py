@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.dist import print_rank0
+from common.errors import UserError
 
 MAX_EXAMPLES = 5  # how many reasons for skipped rows are kept for the report
 # Longest text accepted in one column. Far beyond any sequence length a stage trains on (it would keep only
@@ -29,8 +30,10 @@ MAX_EXAMPLES = 5  # how many reasons for skipped rows are kept for the report
 MAX_TEXT_CHARS = 1_000_000
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: the message names the file (or dataset), the row, the column and the problem."""
+
+    prefix = "data error"
 
 
 class RowError(Exception):
