@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from common.chat_format import ChatFormat
+from common.errors import exit_cleanly_on_user_errors
 from step1_sft.prompt_eval import (
     ASSISTANT,
     HUMAN,
@@ -175,6 +176,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer, fmt = load_for_generation(args.path, args.dtype, args.chat_template)

@@ -268,13 +268,22 @@ def truncate_train_log(output_dir: str | Path, step: int) -> None:
     path = Path(output_dir) / TRAIN_LOG
     if not dist.is_rank0() or not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = [json.dumps(r) for r in read_train_log(output_dir) if r["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def read_train_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The log's records; a last line cut short (a run killed while appending it) is left out."""
     path = Path(output_dir) / TRAIN_LOG
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DamagedFileError(f"{path} line {i + 1}: not valid JSON") from None
+    return records
 
 
 # ------------------------------------------------------------------------------------------ non-finite

@@ -29,7 +29,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
 from common.ds_config import torch_dtype
+from common.errors import exit_cleanly_on_user_errors
 from common.model import load_tokenizer
+from common.validate import check_model_path
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 STOP_TEXT = "Human:"  # a model that starts the user's next turn itself has finished its answer
@@ -86,6 +88,9 @@ def load_for_generation(
     """A causal LM (safetensors only, no remote code) in eval mode on the GPU when there is one, its
     tokenizer (with a pad token distinct from EOS, as every stage uses) and the chat format to prompt it
     with (`common.chat_format.chat_format_for`: None for the plain rm-static text)."""
+    check_model_path(
+        "--path", path
+    )  # a missing, pickled, truncated or damaged model: a sentence, not a traceback
     tokenizer = load_tokenizer(path)
     fmt = chat_format_for(path, tokenizer, chat_template)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True)
@@ -220,6 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
     try:
         prompts = read_prompts(args.prompts_file) if args.prompts_file else list(BUILTIN_PROMPTS)

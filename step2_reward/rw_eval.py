@@ -25,8 +25,10 @@ import torch
 
 from common.data import pad_sequences
 from common.data.tokenize import encode_texts, fit_to_length
+from common.errors import exit_cleanly_on_user_errors
 from common.model import load_tokenizer
 from common.reward_model import RewardModel
+from common.validate import check_model_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,7 +155,9 @@ def format_table(
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_cleanly_on_user_errors()
     args = parse_args(argv)
+    check_model_path("--model_name_or_path", args.model_name_or_path)  # truncated, missing value head...
     try:
         if args.input_file:
             pairs = read_pairs(args.input_file)

@@ -433,3 +433,41 @@ def test_a_weights_mismatch_ends_in_its_message_without_a_traceback(tiny_dir, tm
     assert proc.returncode == 1
     assert f"error: {bad}: its weights do not fit" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_damaged_data_cache_is_rebuilt(tmp_path, capsys):
+    from common.data.cache import build_once_per_node
+
+    calls = []
+
+    def build() -> dict:
+        calls.append(1)
+        return {"rows": torch.arange(1000)}
+
+    blob, built = build_once_per_node(tmp_path, "stage1_sft", lambda: "k", build)
+    assert built and len(calls) == 1
+    truncate(tmp_path / "stage1_sft_k.pt")
+    blob, built = build_once_per_node(tmp_path, "stage1_sft", lambda: "k", build)
+    assert built and len(calls) == 2 and torch.equal(blob["rows"], torch.arange(1000))
+    assert f"[data] {tmp_path / 'stage1_sft_k.pt'} is damaged (" in capsys.readouterr().out
+
+
+def test_a_train_log_line_cut_short_by_a_kill_is_left_out(tmp_path):
+    (tmp_path / ckpt.TRAIN_LOG).write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo'
+    )
+    assert ckpt.read_train_log(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    ckpt.truncate_train_log(tmp_path, 1)
+    assert ckpt.read_train_log(tmp_path) == [{"step": 1, "loss": 2.0}]
+    (tmp_path / ckpt.TRAIN_LOG).write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')
+    with pytest.raises(DamagedFileError, match=r"train_log.jsonl line 1: not valid JSON"):
+        ckpt.read_train_log(tmp_path)
+
+
+def test_chat_and_eval_name_a_truncated_model(sft_run, tmp_path):
+    from step1_sft.prompt_eval import load_for_generation
+
+    model, _ = copy_run(sft_run, tmp_path)
+    truncate(model / "model.safetensors")
+    with pytest.raises(SystemExit, match=rf"--path {model}/model.safetensors: truncated"):
+        load_for_generation(str(model))

@@ -73,6 +73,9 @@ def build_once_per_node(
         try:
             error_file.unlink(missing_ok=True)
             path = cache_dir / f"{prefix}_{key_fn()}.pt"
+            if path.exists() and (damage := _damage(path)):
+                print(f"[data] {path} is damaged ({damage}); rebuilding it", flush=True)
+                path.unlink()
             if not path.exists():
                 blob = build_fn()
                 save_atomic({"cache_version": CACHE_VERSION, **blob}, path)
@@ -94,3 +97,13 @@ def build_once_per_node(
                 "every rank of a node"
             )
     return load_blob(path), built_now
+
+
+def _damage(path: Path) -> str | None:
+    """Why the cache file cannot be read (truncated, corrupt, another version), or None. Only our own
+    cache is ever rebuilt: its name is the content key, so a rebuild gives the same data."""
+    try:
+        load_blob(path)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
