@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.files import DamagedFileError, check_model_weights
+from common.files import DamagedFileError, check_model_weights, read_json_file
 from common.rl_math import get_advantage_estimator
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -101,9 +101,15 @@ def _check_local_dir(flag: str, path: Path, trust_remote_code: bool, allow_pickl
 
 
 def _check_whole(flag: str, path: Path) -> None:
-    """Every safetensors file is whole (a save killed halfway, a copy cut short) and a reward model's value
-    head, which its config.json names, is there."""
+    """Every safetensors file is whole (a save killed halfway, a copy cut short), the tokenizer's JSON files
+    parse, and a reward model's value head, which its config.json names, is there."""
     fix = "it was cut short or damaged: rerun the stage that wrote it, or point the flag at an intact copy"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (path / name).is_file():
+            try:
+                read_json_file(path / name, fix)
+            except DamagedFileError as e:
+                raise SystemExit(f"{flag} {e}") from None
     head = _read_json(flag, path / "config.json").get("reward_model")
     if isinstance(head, dict) and not (path / head.get("value_head", "value_head.safetensors")).is_file():
         raise SystemExit(

@@ -209,6 +209,15 @@ def test_a_stage_refuses_damaged_weights_before_it_starts(sft_run, tmp_path):
     )
     assert f"{model}/model.safetensors: truncated" in proc.stderr and "Traceback" not in proc.stderr
 
+    tokenizer = model / "tokenizer.json"
+    truncate(tokenizer)
+    (model / "model.safetensors").unlink()
+    shutil.copy(sft_run[0] / "model.safetensors", model / "model.safetensors")
+    with pytest.raises(
+        SystemExit, match=rf"--model_name_or_path {tokenizer}: not valid JSON, truncated or corrupt"
+    ):
+        check_model_path("--model_name_or_path", str(model))
+
     rm = tmp_path / "rm_dir"
     rm.mkdir()
     config = {"model_type": "gpt2", "reward_model": {"value_head": "value_head.safetensors"}}
