@@ -16,7 +16,8 @@ Prints a table and appends one JSON line (figures, hardware, versions, git commi
 --compare [kv,naive,logits,zero,gather] (alone: all five) adds ratios measured in the same process on the same
 inputs, the arms interleaved (A B A B ..., --repeats rounds, medians) so that other load hits both alike:
   kv      generation without / with the KV cache;
-  naive   the naive loop of ../shared/seeds/002 (a separate full forward per sample and model, no batching)
+  naive   the naive loop of a textbook PPO-for-LLMs implementation (a separate full forward per sample
+          and model, no batching)
           / our experience maker (one batched forward per model);
   logits  actor and reference log-prob forwards computing the vocabulary logits at every position / at
           the response positions only (`common.model.response_logits`); on a GPU also their peak memory;

@@ -1,7 +1,7 @@
 """The reward model: a transformer trunk plus a scalar head, read at the last valid token.
 
 Stage 2 trains it on preference pairs; stage 3 uses it twice, frozen as the reward engine and as the
-initialisation of the critic (ppo-fidelity items 9-11, 13).
+initialisation of the critic (docs/ppo-fidelity.md items 9-11, 13).
 
     rm = RewardModel.from_pretrained("facebook/opt-350m")     # any causal LM: trunk + fresh head
     out = rm(input_ids, attention_mask)                        # out.values (B, L), out.scores (B,)

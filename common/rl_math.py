@@ -3,7 +3,7 @@ preference losses of DPO): pure functions over tensors with explicit masks.
 
 Nothing here touches a model, an optimizer or DeepSpeed; every function takes tensors and returns tensors,
 so each formula can be unit-tested against hand-computed numbers (tests/test_rl_math.py).
-Item numbers below refer to /work/shared/reference/ppo-fidelity.md.
+Item numbers below refer to docs/ppo-fidelity.md.
 
 Conventions
 -----------

@@ -12,7 +12,7 @@ plus rm_metrics.json (accuracy curve, final metrics, normalisation) and normaliz
 Beside it: the flags (args.py), their checks against the models (validate.py), the loss, scores and
 metrics of pairs (pairwise.py), the normalisation (normalize.py).
 
-The OpenAI recipe (ppo-fidelity item 10) is one epoch with the learning rate annealed to 0: the
+The OpenAI recipe (docs/ppo-fidelity.md item 10) is one epoch with the learning rate annealed to 0: the
 defaults (1 epoch, cosine schedule over the run) do exactly that.
 """
 

@@ -1,4 +1,4 @@
-"""Reward normalisation after stage-2 training (ppo-fidelity item 11; Ziegler et al. 2019).
+"""Reward normalisation after stage-2 training (docs/ppo-fidelity.md item 11; Ziegler et al. 2019).
 
 The trained reward model scores a sample of responses; gain and bias are fitted so that
 gain * raw + bias has mean 0 and std 1 on that sample, and are saved in the model's config.json, so a

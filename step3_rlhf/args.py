@@ -1,7 +1,7 @@
 """Stage-3 flags: the shared groups from common.args (prefixed per model) plus PPO's own.
 
 Every PPO constant DeepSpeed-Chat hard-codes is a flag here with the reference default documented
-(ppo-fidelity.md item numbers in brackets).
+(docs/ppo-fidelity.md item numbers in brackets).
 """
 
 from __future__ import annotations

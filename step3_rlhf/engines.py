@@ -5,7 +5,7 @@
              where DeepSpeed cannot build its inference kernels: on CPU, or for a model without a policy).
 - reference: a frozen copy of the initial actor, inference config; `--offload_reference_model` keeps
              its weights in CPU memory (ZeRO-3 parameter offload).
-- critic:    initialised from the reward model (ppo-fidelity item 13) with its normalisation folded into the
+- critic:    initialised from the reward model (docs/ppo-fidelity.md item 13) with its normalisation folded into the
              head, so values start in reward units; trainable, ZeRO `--critic_zero_stage`. Only built for an
              estimator that needs values (gae); the critic-free ones (grpo, rloo, ...) have none.
 - reward:    the frozen reward model, returning normalised scores (stage-2 statistics); none when the reward

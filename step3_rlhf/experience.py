@@ -14,6 +14,7 @@ that a prompt's group of n answers is sampled in one batch on one rank:
      last token (item 14), GAE advantages and returns (item 16), whitened advantages (item 17); for the
      critic-free estimators a group baseline of the scores, then returns-to-go.
 The math lives in common/rl_math.py; this module only moves tensors between models and those functions.
+Item numbers refer to docs/ppo-fidelity.md.
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     if ptx_loader is not None:
         trainer.ptx_batches = BatchStream(ptx_loader, state.extra.get("ptx_batches", 0))
     if resumed_from is None:
-        torch.manual_seed(args.seed + dist.get_rank())  # sampling differs across ranks (item 21)
+        # Sampling differs across ranks (docs/ppo-fidelity.md item 21).
+        torch.manual_seed(args.seed + dist.get_rank())
         dist.print_rank0(f"[ppo] gold reward of held-out answers: {gold.name if gold else 'none'}")
         before, before_answers = evaluate(maker, eval_dl, dev, args.seed, gold)
         dist.print_rank0(f"[ppo] held-out before PPO (stage-1 policy): {format_eval(before)}")

@@ -1,6 +1,6 @@
 """The PPO update: `--ppo_epochs` passes over a rollout, each a fresh permutation cut into minibatches,
 each minibatch into micro-batches of `--per_device_training_batch_size` accumulated into ONE optimizer
-step of the actor and one of the critic (ppo-fidelity item 19; no critic for the critic-free estimators).
+step of the actor and one of the critic (docs/ppo-fidelity.md item 19; no critic for the critic-free estimators).
 The policy loss reduces its tokens by --loss_agg; --kl_in_loss adds the KL to the reference as a loss term.
 Optional PPO-ptx LM loss and EMA (item 20).
 

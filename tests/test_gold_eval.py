@@ -1,4 +1,4 @@
-"""Gold evaluation in stage 3 (issue 13 item 4): loading and checking a --gold_reward function, its statistics,
+"""Gold evaluation in stage 3: loading and checking a --gold_reward function, its statistics,
 the default evaluation interval, the over-optimisation panel of the plot, the summary's verdict in words, and
 short stage-3 runs: a user gold function recorded at every held-out evaluation (at least 5 during PPO) and in
 heldout_answers.jsonl, a gold function that fails stopping the run with its name and the sample."""

@@ -1,4 +1,4 @@
-"""Issue 12 item 4: the layers point one way. The stages (step1_sft/, step2_reward/, step2_dpo/, step3_rlhf/) import
+"""The layers point one way. The stages (step1_sft/, step2_reward/, step2_dpo/, step3_rlhf/) import
 common/; nothing in common/ imports a stage, at module level or inside a function."""
 
 from __future__ import annotations

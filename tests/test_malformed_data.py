@@ -1,4 +1,4 @@
-"""Issue 6 item 7: a corpus of malformed dataset files through the real data layer (build_stage_data).
+"""A corpus of malformed dataset files through the real data layer (build_stage_data).
 
 Every file gives a DataError naming the file, the row and the problem - never a KeyError,
 UnicodeDecodeError, JSONDecodeError or pyarrow error, and never silent acceptance - or, with

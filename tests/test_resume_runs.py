@@ -1,4 +1,4 @@
-"""Issue 6 for stages 1, 2 and 3, run as a user runs them: a ZeRO-2 run (stage 3 on 2 ranks, stages 1 and 2 in
+"""Resume for stages 1, 2 and 3, run as a user runs them: a ZeRO-2 run (stage 3 on 2 ranks, stages 1 and 2 in
 one process: their checkpoint code is the same, and one process starts in half the time) killed with SIGKILL
 after its first complete checkpoint resumes with --resume and logs the same per-step losses (stage 3: losses,
 rewards and KL) as an uninterrupted run of the same seed; a NaN loss stops a run without writing a

@@ -1,4 +1,5 @@
-"""Tests for common/reward_model.py: padding invariance, head init, save/load, normalisation."""
+"""Tests for common/reward_model.py: padding invariance, head init, save/load, normalisation
+(item numbers: docs/ppo-fidelity.md)."""
 
 from __future__ import annotations
 

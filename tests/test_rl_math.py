@@ -1,6 +1,6 @@
 """Tests for common/rl_math.py against hand-computed numbers and independent references.
 
-Item numbers refer to /work/shared/reference/ppo-fidelity.md.
+Item numbers refer to docs/ppo-fidelity.md.
 """
 
 from __future__ import annotations

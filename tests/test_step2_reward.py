@@ -1,5 +1,6 @@
 """Stage-2 building blocks without a launcher: loss, evaluation sums, response masks, the training loader,
-LoRA on the backbone and its merge, flag checks, and rw_eval's tokenization, table and CLI."""
+LoRA on the backbone and its merge, flag checks, and rw_eval's tokenization, table and CLI (item numbers:
+docs/ppo-fidelity.md)."""
 
 from __future__ import annotations
 

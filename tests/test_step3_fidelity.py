@@ -1,4 +1,4 @@
-"""Stage-3 (PPO) wiring on real DeepSpeed engines: the silent-bug table of ppo-fidelity.md.
+"""Stage-3 (PPO) wiring on real DeepSpeed engines: the silent-bug table of docs/ppo-fidelity.md.
 
 The formulas themselves are unit-tested in tests/test_rl_math.py; here the question is whether
 step3_rlhf/ feeds them the right tensors: temperature everywhere, positions from the attention mask,
@@ -341,7 +341,7 @@ def test_rollout_logprobs_match_the_distribution_tokens_were_sampled_from(stage,
         assert kw["do_sample"] is True and kw["temperature"] == stage.args.temperature == 0.7
         assert kw["top_k"] == 0 and kw["top_p"] == 1.0
         assert kw["max_new_tokens"] == MAX_ANSWER
-        assert "position_ids" not in kw, "generate derives positions itself (ppo-fidelity item 4)"
+        assert "position_ids" not in kw, "generate derives positions itself (docs/ppo-fidelity.md item 4)"
         assert scores.shape[1] == part.action_mask.shape[1]
         sampled = part.seq[:, part.prompt_len :]
         gen_logp = torch.log_softmax(scores, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)

@@ -1,4 +1,4 @@
-"""Issue 6 items 5 and 6: every flag naming a model, a length, a batch size or LoRA layers is checked against
+"""Every flag naming a model, a length, a batch size or LoRA layers is checked against
 the model's files before any compute (common/validate.py), and pickle weights or model code shipped with a
 model are refused unless the user allows them. Each error is a SystemExit naming the flag, path and problem."""
 
@@ -383,7 +383,7 @@ def test_lora_module_name_matching_nothing(stage, lora_flags, message, tiny_dir)
     assert str(e.value).startswith(message) and str(tiny_dir) in str(e.value)
 
 
-# -------------------------------------------------------------------------------- item 6: pickle, code
+# -------------------------------------------------------------------------------- pickle, code
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Issue 12 item 2: no model the user names loads with random weights in it.
+"""No model the user names loads with random weights in it.
 
 A checkpoint that lacks a weight the model needs, or holds one it has no place for, is a WeightsMismatchError
 naming the path and the keys, in every loader (causal LM: actor, reference, SFT; trunk: reward model, critic),

@@ -37,7 +37,7 @@ _BATCH = 1024  # texts per tokenizer call
 
 
 def check_tokenizer(tokenizer: Any) -> None:
-    """Raise unless the tokenizer has an EOS id and a pad id distinct from it (ppo-fidelity item 1)."""
+    """Raise unless the tokenizer has an EOS id and a pad id distinct from it (docs/ppo-fidelity.md item 1)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None:
         raise ValueError("tokenizer.eos_token_id is None: every SFT target and RM sequence must end in EOS")
@@ -46,7 +46,7 @@ def check_tokenizer(tokenizer: Any) -> None:
     if pad == eos:
         raise ValueError(
             f"tokenizer.pad_token_id == eos_token_id == {eos}: padding masks would erase the real EOS; "
-            "add a dedicated pad token (ppo-fidelity item 1)"
+            "add a dedicated pad token (docs/ppo-fidelity.md item 1)"
         )
 
 
