@@ -347,7 +347,7 @@ def failure_help(stage: Stage, run: StageRun, status: int) -> str:
         *("    " + line for line in run.output_tail[-25:]),
         "If it ran out of memory: lower the per-device batch sizes (raise --gradient_accumulation_steps to keep the",
         "effective batch), raise the ZeRO stage (--actor-zero-stage / --reward-zero-stage), add --offload,",
-        "gradient checkpointing or LoRA; see the README's troubleshooting section.",
+        "gradient checkpointing or LoRA; see docs/operations.md, Troubleshooting.",
     ]
     return "\n".join(lines)
 

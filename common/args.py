@@ -1,6 +1,6 @@
 """Command-line flags, defined once as argument groups that every stage composes.
 
-Flag names and meanings follow DeepSpeed-Chat (see README) so its launch scripts carry over. Where
+Flag names and meanings follow DeepSpeed-Chat (docs/stages.md) so its launch scripts carry over. Where
 DeepSpeed-Chat hard-codes a constant (Adam betas, gradient clipping, ...), it is a flag here. A stage
 builds its parser from these groups; no flag is copied between stages, so defaults cannot drift.
 

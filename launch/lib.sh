@@ -292,7 +292,7 @@ launch() {
     esac
     if [ "$DEPLOYMENT" = multi_node ] && [ ! -f "${HOSTFILE:-/job/hostfile}" ]; then
         echo "launch: hostfile ${HOSTFILE:-/job/hostfile} not found: write one line per node, e.g." \
-            "'worker-1 slots=8', and pass HOSTFILE=path (see the README, 'Running on a cluster')" >&2
+            "'worker-1 slots=8', and pass HOSTFILE=path (see docs/operations.md, 'Running on a node or a cluster')" >&2
         exit 1
     fi
     mkdir -p "$STAGE_DIR"

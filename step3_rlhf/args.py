@@ -93,7 +93,7 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         choices=ENSEMBLE_AGGREGATIONS,
         default="min",
         help="How the ensemble's scores combine (common.rl_math.ensemble_scores): min measured best on the "
-        "bundled task's gold (README, 'Reward-model ensembles').",
+        "bundled task's gold (docs/stages.md, 'Reward-model ensembles').",
     )
     g.add_argument(
         "--reward_ensemble_std_coef",

@@ -48,7 +48,7 @@ def test_grpo_with_the_gold_as_reward_function_two_ranks_zero3(demo_stages, tmp_
     assert after["score"] == pytest.approx(after["gold_mean"], abs=1e-6)
     assert m["history"][0]["kl"] == 0.0
     # Measured on 64 held-out prompts: gold +0.781 -> +0.885, best share 0.56 -> 0.83, in 10 iterations. The
-    # same run on one rank (4 prompts x 4) from the stage-1 models of seeds 1-5 (README, "What CI asserts"):
+    # same run on one rank (4 prompts x 4) from the stage-1 models of seeds 1-5 (docs/results.md, "What CI asserts"):
     # gold gain +0.197 on average, +0.072 in the worst seed; best share +0.453, worst +0.328.
     assert m["gold_gain"] > 0.03, m["evals"]
     assert after["gold_share_best"] > before["gold_share_best"] + 0.1
@@ -75,7 +75,7 @@ def test_rloo_with_the_reward_model_raises_the_gold(demo_stages, tmp_path):
         f"RLOO held-out gold {before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f}, proxy {m['score_gain']:+.3f}"
     )
     assert "[ppo] estimator rloo (no critic), 4 samples per prompt, reward 1 x reward model" in log
-    # Measured from the stage-1 and reward models of seeds 1-5 (README, "What CI asserts"): gold gain +0.178 on
+    # Measured from the stage-1 and reward models of seeds 1-5 (docs/results.md, "What CI asserts"): gold gain +0.178 on
     # average, +0.092 in the worst seed; best share +0.348, worst +0.203.
     assert m["gold_gain"] > 0.04 and m["score_gain"] > 0, m["evals"]
     assert after["gold_share_best"] > before["gold_share_best"] + 0.10

@@ -141,7 +141,7 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
     )
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
     assert before["kl"] == 0.0 and after["accuracy"] > 0.75, (before, after)
-    # The same run from the stage-1 models of seeds 1-5 (README, "What CI asserts"): gold gain +0.112 on average,
+    # The same run from the stage-1 models of seeds 1-5 (docs/results.md, "What CI asserts"): gold gain +0.112 on average,
     # +0.055 in the worst seed (+0.028 on another machine's draw of the default seed); best share +0.305, worst
     # +0.266.
     assert after["gold_mean"] >= before["gold_mean"] + 0.01, (before, after)

@@ -1,4 +1,4 @@
-"""Nothing a user made is lost, and every fault ends in a sentence (README, "Bad input and faults").
+"""Nothing a user made is lost, and every fault ends in a sentence (docs/operations.md, "Bad input and faults").
 
 The classes: overwriting (a file we did not write is never replaced; a finished stage is replaced only with
 --overwrite_output_dir, and the earlier model stays until the new one is complete), damaged files (truncated

@@ -2,7 +2,7 @@
 reward models -> PPO on the lowest of their scores, at the demo's settings) raises the gold reward of held-out
 answers, not only the reward model's score.
 
-The margins are the multi-seed study's (README, "Measured on the tiny default, over seeds": `e2e_rlhf.py --tiny
+The margins are the multi-seed study's (docs/results.md, "Measured on the tiny default, over seeds": `e2e_rlhf.py --tiny
 --seeds 1,2,3,4,5`), set below the worst seed with room to spare: another CPU rounds differently from stage 1
 on and so draws another trajectory, and this test must pass on any of them.
 
@@ -30,7 +30,7 @@ def gold_of(answers_file: Path, column: str) -> dict[str, float]:
     return summarize(scores)
 
 
-# Below the worst of the seeds measured (README, "Measured on the tiny default, over seeds"): gold gain +0.143,
+# Below the worst of the seeds measured (docs/results.md, "Measured on the tiny default, over seeds"): gold gain +0.143,
 # best-share gain +0.312, malformed share after 0.062 in the worst seed.
 MIN_GOLD_GAIN = 0.08
 MIN_BEST_GAIN = 0.20

@@ -18,7 +18,7 @@ DATA=(--data_split 4,4,2 --apply_chat_template)
 
 case "$SIZE/$DEPLOYMENT" in
     135m/cpu)
-        # Two CPU cores, the three stages within 20 minutes (README, "A real model: SmolLM2-135M-Instruct"):
+        # Two CPU cores, the three stages within 20 minutes (docs/real-model.md):
         # slices of the data (--max_train_samples / --max_eval_samples), answers of at most 40 tokens, full
         # fine-tuning, the held-out evaluation only before and after PPO.
         DEPLOYMENT=process

@@ -20,7 +20,7 @@ fi
 REWARD_MODEL="${REWARD_MODEL:-$OUTPUT/sft}"  # the reward model starts from the SFT model
 # Three reward models (rm/, rm-2/, rm-3/: the same pairs, other seeds), and stage 3 maximises the lowest of their
 # scores (--reward_ensemble_aggregation min): over 5 seeds it raised the gold more and let fewer malformed
-# answers through than one reward model (README, "Reward-model ensembles"). REWARD_MEMBERS=1 for one.
+# answers through than one reward model (docs/stages.md, "Reward-model ensembles"). REWARD_MEMBERS=1 for one.
 REWARD_MEMBERS=3
 # The bundled synthetic dataset (data/synthetic); stage 1 gets 40% of it: more distinct prompts, not more
 # epochs, is what makes the stage-1 policy name the right topic's tip on held-out question templates.
@@ -45,7 +45,7 @@ STEP3_ARGS=(
     --missing_eos_penalty -3
 )
 # Actor lr 7.5e-5 with the ensemble: at 1.5e-4 the malformed share rose by +0.04 on average over seeds (+0.09
-# with one reward model), at 7.5e-5 by +0.02, with a higher gold (README, "Measured on the tiny default, over
+# with one reward model), at 7.5e-5 by +0.02, with a higher gold (docs/results.md, "Measured on the tiny default, over
 # seeds"). The critic-free estimators (e2e_rlhf.py --tiny --algo grpo, rloo, ...) take the same settings with
 # 4 prompts x 4 answers per iteration, as many answers as PPO's 16 prompts x 1, for as many iterations.
 GROUP_ARGS=(--num_samples_per_prompt 4 --per_device_generation_batch_size 4)
