@@ -307,7 +307,8 @@ def naive_experience(
 
 def compare_naive(s: Setup, repeats: int) -> dict[str, float]:
     """The four experience forwards of one sampled batch: the naive per-sample loop / ours, batched."""
-    seq, attn, _, _ = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])
+    answers = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])
+    seq, attn = answers.seq, answers.attention_mask
     prompt_len = s.batch["input_ids"].shape[1]
 
     def timed(fn: Callable[[], object]) -> Callable[[], float]:
@@ -339,7 +340,8 @@ def compare_logits(s: Setup, repeats: int) -> dict[str, float]:
     from common.model import position_ids_from_mask, response_logits
     from common.rl_math import logprobs_from_logits, response_positions
 
-    seq, attn, _, _ = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])
+    answers = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])
+    seq, attn = answers.seq, answers.attention_mask
     prompt_len, t = s.batch["input_ids"].shape[1], s.args.temperature
     answer = seq[:, prompt_len:]
     kw = {

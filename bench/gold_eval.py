@@ -37,34 +37,28 @@ def test_prompts(path: Path = TEST_FILE, n: int = 128) -> list[str]:
 
 
 @torch.no_grad()
-def sample_answers(
+def sample_policy(
     model_dir: str, prompts: list[str], temperature: float, max_new_tokens: int, seed: int, batch: int = 64
 ) -> tuple[list[str], list[bool]]:
-    """One sampled answer per prompt: (answers decoded without special tokens and cut at the first EOS,
-    finished flags: EOS within max_new_tokens)."""
+    """One sampled answer per prompt (`common.sampling.sample_answers`, stage 3's settings): (answers decoded
+    without special tokens and cut at the first EOS, finished flags: EOS within max_new_tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.sampling import SamplingSettings, decode_answer, sample_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     torch.manual_seed(seed)
     answers, finished = [], []
     for start in range(0, len(prompts), batch):
         enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True)
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in out[:, enc.input_ids.shape[1] :].tolist():
-            ends = tokenizer.eos_token_id in row
-            row = row[: row.index(tokenizer.eos_token_id)] if ends else row
-            answers.append(tokenizer.decode(row, skip_special_tokens=True))
+        out = sample_answers(model, tokenizer, enc.input_ids, enc.attention_mask, settings)
+        for i in range(out.seq.shape[0]):
+            ends = bool(out.ends[i])
+            _, _, text = decode_answer(tokenizer, out.seq[i], out.action_mask[i], ends, out.prompt_len)
+            answers.append(text)
             finished.append(ends)
     return answers, finished
 
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = []
     for model_dir in a.model:
         prompts = test_prompts(a.test_file, a.num_prompts)
-        answers, finished = sample_answers(model_dir, prompts, a.temperature, a.max_new_tokens, a.seed)
+        answers, finished = sample_policy(model_dir, prompts, a.temperature, a.max_new_tokens, a.seed)
         summaries.append(report(model_dir, prompts, answers, finished, a.show))
     for path in a.answers:
         with Path(path).open(encoding="utf-8") as f:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from common import dist
 from common.args import BUNDLED_DATA
+from common.sampling import decode_answer
 from common.score_fn import ScoreFunction, call_score_function, import_score_function
 from common.text_metrics import answer_measures
 from common.training import to_device
@@ -134,24 +135,6 @@ def format_eval(stats: dict[str, float]) -> str:
         f"turn markers {stats['leaked_turn_markers']:.2f}",
     ]
     return " | ".join(parts)
-
-
-def decode_answer(
-    tokenizer: Any,
-    seq: torch.Tensor,
-    mask: torch.Tensor,
-    ends: bool,
-    prompt_len: int,
-    prompt_text: str | None = None,
-) -> tuple[str, list[int], str]:
-    """One sampled row as a scorer sees it (the gold of held-out answers, a --reward_fn in training): seq
-    (P + R,) prompt + answer, mask (R,) over the answer, ends: it stopped at EOS -> (prompt text, answer
-    token ids without the EOS, answer text), both texts decoded without special tokens. `prompt_text`, the
-    row's original prompt, replaces the decoded one (chat-template data: `seq` holds the rendering)."""
-    response = seq[prompt_len:][mask.bool()]
-    tokens = response[:-1] if ends else response
-    prompt = prompt_text or tokenizer.decode(seq[:prompt_len], skip_special_tokens=True)
-    return prompt, tokens.tolist(), tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @dataclass

@@ -347,6 +347,19 @@ def kl_penalty(
 ENSEMBLE_AGGREGATIONS = ("mean", "min", "mean_minus_std")
 
 
+def sequence_kl(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k1",
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """(B,) the KL of each answer to the reference: the per-token estimator `kind` (`kl_penalty`) summed over
+    the answer's valid tokens. What the held-out evaluations report as an answer's KL (the x axis of the
+    over-optimisation curve), for PPO, the critic-free estimators and DPO alike."""
+    return masked_sum(kl_penalty(logprobs, ref_logprobs, kind, clamp), mask, dim=1)
+
+
 def ensemble_scores(
     scores: torch.Tensor, aggregation: str = "mean_minus_std", std_coef: float = 1.0
 ) -> torch.Tensor:

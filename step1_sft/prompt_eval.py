@@ -31,6 +31,7 @@ from common.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
 from common.ds_config import torch_dtype
 from common.errors import exit_cleanly_on_user_errors
 from common.model import load_tokenizer
+from common.sampling import SamplingSettings, sample_answers
 from common.validate import check_model_path
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -149,20 +150,20 @@ def generate(
     if max_prompt_tokens is not None:
         ids = ids[:, -max_prompt_tokens:]
     ids = ids.to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams
+    )
+    answers = sample_answers(
+        model,
+        tokenizer,
+        ids,
+        torch.ones_like(ids),
+        settings,
         stop_strings=[STOP_TEXT] if fmt is None else None,
         tokenizer=tokenizer,
-        num_beams=num_beams,
         streamer=streamer,
-        **(sampling if temperature > 0 else {"do_sample": False}),
     )
-    new = out[0, ids.shape[1] :].tolist()
+    new = answers.answers[0][answers.action_mask[0].bool()].tolist()
     raw = tokenizer.decode(new, skip_special_tokens=True)
     if new and new[-1] == tokenizer.eos_token_id:
         reason = "eos"

@@ -13,7 +13,8 @@ from torch import nn
 from common import dist
 from common.heldout import SampledAnswers
 from common.model import response_logits
-from common.rl_math import kl_penalty, logprobs_from_logits, masked_sum, response_mask
+from common.rl_math import logprobs_from_logits, sequence_kl
+from common.sampling import SamplingSettings, sample_answers
 from step2_dpo.pairs import Reference
 
 
@@ -22,7 +23,8 @@ def answer_sampler(
 ) -> Callable[[torch.Tensor, torch.Tensor, list[dict] | None, list[str] | None], SampledAnswers]:
     """`sample(prompts (B, P) left-padded, prompt_mask (B, P), extra columns, prompt texts (both unused)) ->
     SampledAnswers` for `common.heldout.evaluate_answers`."""
-    eos, pad, t = tokenizer.eos_token_id, tokenizer.pad_token_id, args.temperature
+    settings = SamplingSettings(max_new_tokens=args.max_answer_seq_len, temperature=args.temperature)
+    t = args.temperature
 
     @torch.no_grad()
     def sample(
@@ -31,29 +33,21 @@ def answer_sampler(
         extra: list[dict] | None = None,
         texts: list[str] | None = None,
     ) -> SampledAnswers:
-        prompt_len = prompts.shape[1]
         policy.eval()
-        seq = policy.module.generate(
-            input_ids=prompts,
-            attention_mask=prompt_mask,
-            max_new_tokens=args.max_answer_seq_len,
-            do_sample=True,
-            temperature=t,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            synced_gpus=zero3 and dist.get_world_size() > 1,  # ZeRO-3 ranks step together to the longest
+        # ZeRO-3 ranks step together to the longest answer.
+        answers = sample_answers(
+            policy, tokenizer, prompts, prompt_mask, settings, synced_gpus=zero3 and dist.get_world_size() > 1
         )
-        mask, ends = response_mask(seq[:, prompt_len:], eos)
-        seq[:, prompt_len:] = torch.where(mask.bool(), seq[:, prompt_len:], pad)
-        attention_mask = torch.cat([prompt_mask.long(), mask], dim=1)
-        answer = seq[:, prompt_len:]
-        logp = logprobs_from_logits(response_logits(policy, seq, attention_mask, prompt_len), answer, t)
+        seq, attention_mask, prompt_len = answers.seq, answers.attention_mask, answers.prompt_len
+        logp = logprobs_from_logits(
+            response_logits(policy, seq, attention_mask, prompt_len), answers.answers, t
+        )
         with reference.model() as ref:
-            ref_logp = logprobs_from_logits(response_logits(ref, seq, attention_mask, prompt_len), answer, t)
+            ref_logp = logprobs_from_logits(
+                response_logits(ref, seq, attention_mask, prompt_len), answers.answers, t
+            )
         policy.train()
-        kl = masked_sum(kl_penalty(logp, ref_logp, "k1"), mask, dim=1)
-        return SampledAnswers(seq=seq, mask=mask, ends=ends, kl=kl)
+        kl = sequence_kl(logp, ref_logp, answers.action_mask, "k1")
+        return SampledAnswers(seq=seq, mask=answers.action_mask, ends=answers.ends, kl=kl)
 
     return sample

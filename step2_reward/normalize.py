@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from common import dist
 from common.args import data_config
@@ -43,7 +43,7 @@ from common.data.tokenize import tokenizer_fingerprint
 from common.ds_config import torch_dtype
 from common.model import load_tokenizer
 from common.reward_model import RewardModel, fit_normalization
-from common.rl_math import response_mask
+from common.sampling import SamplingSettings, sample_answers
 from common.training import eval_loader, to_device
 
 SAMPLE_CHOICES = ("auto", "policy", "chosen", "none")
@@ -192,19 +192,8 @@ def _policy_records(
         dev,
         getattr(args, "allow_pickle_weights", False),
     )
-    vocab = policy.get_output_embeddings().weight.shape[0]
-    gen_config = GenerationConfig(
-        do_sample=True,
-        temperature=args.normalization_temperature,
-        top_k=0,
-        top_p=1.0,
-        num_beams=1,
-        repetition_penalty=1.0,
-        max_new_tokens=args.normalization_max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # Embedding rows padded past the tokenizer (pad_to_multiple_of) are not tokens: never sample them.
-        suppress_tokens=list(range(len(tokenizer), vocab)) or None,
+    settings = SamplingSettings(
+        max_new_tokens=args.normalization_max_new_tokens, temperature=args.normalization_temperature
     )
     torch.manual_seed(args.seed + dist.get_rank())  # item 21: sampling seed differs per rank
     loader = eval_loader(
@@ -214,12 +203,8 @@ def _policy_records(
     for batch, real in loader:
         batch = to_device(batch, dev)
         width = batch["input_ids"].shape[1]
-        # No position_ids: generate derives them from the attention mask (item 4).
-        out = policy.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=gen_config
-        )
-        response = out[:, width:]
-        mask = torch.cat([batch["attention_mask"], response_mask(response, tokenizer.eos_token_id)[0]], dim=1)
+        answers = sample_answers(policy, tokenizer, batch["input_ids"], batch["attention_mask"], settings)
+        out, mask = answers.seq, answers.attention_mask
         scores = _score(engine, {"input_ids": out, "attention_mask": mask}).cpu()
         out, mask = out.cpu(), mask.cpu()
         for row in range(len(real)):

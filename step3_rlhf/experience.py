@@ -29,15 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.heldout import decode_answer
 from common.model import response_logits
 from common.rl_math import (
     estimate_advantages,
     kl_penalty,
     logprobs_from_logits,
-    response_mask,
     response_positions,
 )
+from common.sampling import Samples, SamplingSettings, decode_answer, sample_answers
 from common.score_fn import ScoreFunction, call_score_function
 from step3_rlhf.engines import (
     Engines,
@@ -143,13 +142,21 @@ class ExperienceMaker:
         zero3_actor: bool,
         reward_fn: ScoreFunction | None = None,
     ):
-        self.e = engines
+        self.engines = engines
         self.tokenizer = tokenizer
         self.args = args
         self.kl_ctl = kl_ctl
         self.reward_fn = reward_fn
         self.zero3_actor = zero3_actor
         self.seconds: dict[str, float] = defaultdict(float)  # wall time per phase, reset by the caller
+        self.sampling = SamplingSettings(
+            max_new_tokens=args.max_answer_seq_len,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            do_sample=args.do_sample,
+            use_cache=args.generation_use_cache,
+        )
         if engines.hybrid:
             dist.print_rank0(
                 "[ppo] hybrid engine: "
@@ -164,10 +171,10 @@ class ExperienceMaker:
         """Whether this generate() call gathers the ZeRO-3 actor once (the same answer on every rank):
         --gather_actor_for_generation, by default when the full copy fits (see gathered_copy_fits). Never
         with the hybrid engine's kernels, which gather the layers themselves."""
-        if not self.zero3_actor or has_inference_kernels(self.e.actor):
+        if not self.zero3_actor or has_inference_kernels(self.engines.actor):
             return False
         choice = self.args.gather_actor_for_generation
-        return gathered_copy_fits(self.e.actor) if choice is None else choice
+        return gathered_copy_fits(self.engines.actor) if choice is None else choice
 
     @contextmanager
     def _timed(self, phase: str):
@@ -182,36 +189,40 @@ class ExperienceMaker:
 
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(B, P) left-padded prompts -> (B, P + R) sequences, R <= max_answer_seq_len. No position_ids are
-        passed: generate derives them from the attention mask (item 4)."""
-        a = self.args
-        self.e.actor.eval()
-        # With the hybrid engine and a model it has kernels for, DeepSpeed patches `module.generate` with its
-        # inference path; otherwise (CPU, unsupported architectures) this is the model's own generate().
+    def sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Samples:
+        """(B, P) left-padded prompts -> the actor's answers (`common.sampling.sample_answers`: with the hybrid
+        engine and a model it has kernels for, DeepSpeed's inference path; otherwise the model's own
+        generate())."""
         gather = self.gather_actor()
         # Without the gather, every decode step all-gathers partitions: all ranks step until the longest is done.
         synced_gpus = self.zero3_actor and dist.get_world_size() > 1 and not gather
-        with self._timed("generation"), gathered_for_generation(self.e.actor, gather):
-            seq = self.e.actor.module.generate(
-                input_ids=prompts,
-                attention_mask=prompt_mask,
-                max_new_tokens=a.max_answer_seq_len,
-                do_sample=a.do_sample,
-                temperature=a.temperature if a.do_sample else None,
-                top_k=a.top_k if a.do_sample else None,
-                top_p=a.top_p if a.do_sample else None,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
+        with self._timed("generation"), gathered_for_generation(self.engines.actor, gather):
+            return sample_answers(
+                self.engines.actor,
+                self.tokenizer,
+                prompts,
+                prompt_mask,
+                self.sampling,
                 synced_gpus=synced_gpus,
-                use_cache=a.generation_use_cache,
             )
-        self.e.actor.train()
-        if seq.shape[1] == prompts.shape[1]:  # cannot happen with max_new_tokens >= 1
-            raise RuntimeError("generate returned no new tokens")
-        return seq
 
     # -------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def policy_logprobs(
+        self, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor and reference log-probs (B, R) of the answers in `seq` at the sampling temperature."""
+        t = self.args.temperature
+        answer = seq[:, prompt_len:]
+        # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
+        with self._timed("actor_forward"):
+            logits = response_logits(self.engines.actor, seq, attention_mask, prompt_len)
+            logprobs = logprobs_from_logits(logits, answer, t)
+        with self._timed("reference_forward"):
+            logits = response_logits(self.engines.ref, seq, attention_mask, prompt_len)
+            ref_logprobs = logprobs_from_logits(logits, answer, t)
+        return logprobs, ref_logprobs
+
     @torch.no_grad()
     def score(
         self,
@@ -224,20 +235,11 @@ class ExperienceMaker:
         """Actor/reference log-probs, critic values (B, R) and rewards (B,) (`reward_scores`; extra: the rows'
         extra dataset columns, prompt_text: their original prompts (chat-template data), for a reward
         function)."""
-        t = self.args.temperature
-        answer = seq[:, prompt_len:]
-        # Train mode is harmless here (dropout is off in every engine) and keeps the hybrid engine in training mode.
-        with self._timed("actor_forward"):
-            logits = response_logits(self.e.actor, seq, attention_mask, prompt_len)
-            logprobs = logprobs_from_logits(logits, answer, t)
-        with self._timed("reference_forward"):
-            logits = response_logits(self.e.ref, seq, attention_mask, prompt_len)
-            ref_logprobs = logprobs_from_logits(logits, answer, t)
-        del logits
+        logprobs, ref_logprobs = self.policy_logprobs(seq, attention_mask, prompt_len)
         values = torch.zeros_like(logprobs)
-        if self.e.critic is not None:
+        if self.engines.critic is not None:
             with self._timed("critic_forward"):
-                values = response_positions(self.e.critic(seq, attention_mask).values, prompt_len)
+                values = response_positions(self.engines.critic(seq, attention_mask).values, prompt_len)
         scores = self.reward_scores(seq, attention_mask, prompt_len, extra, prompt_text)
         return {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores}
 
@@ -253,17 +255,18 @@ class ExperienceMaker:
         """(B,) rewards of sequences: --reward_model_coef x the reward model's normalised score plus
         --reward_fn_coef x the reward function's score (either may be absent), the function also given the
         rows' extra dataset columns (and their original prompts, `function_scores`)."""
-        a = self.args
+        args = self.args
         total = torch.zeros(seq.shape[0], dtype=torch.float32, device=seq.device)
-        if self.e.reward is not None:
+        if self.engines.reward is not None:
             with self._timed("reward_forward"):
                 total += (
-                    a.reward_model_coef * self.e.reward(seq, attention_mask, normalize=True).scores.float()
+                    args.reward_model_coef
+                    * self.engines.reward(seq, attention_mask, normalize=True).scores.float()
                 )
         if self.reward_fn is not None:
             with self._timed("reward_fn"):
                 answer_mask = attention_mask[:, prompt_len:]
-                total += a.reward_fn_coef * self.function_scores(
+                total += args.reward_fn_coef * self.function_scores(
                     seq, answer_mask, prompt_len, extra, prompt_text
                 )
         return total
@@ -315,19 +318,6 @@ class ExperienceMaker:
         return torch.tensor(scores, dtype=torch.float32, device=seq.device)
 
     @torch.no_grad()
-    def sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Sample responses -> (seq (B, P+R) with pad after the first EOS, attention_mask (B, P+R),
-        action_mask (B, R), ends_with_eos (B,))."""
-        prompt_len = prompts.shape[1]
-        seq = self.generate(prompts, prompt_mask)
-        action_mask, ends = response_mask(seq[:, prompt_len:], self.tokenizer.eos_token_id)
-        seq[:, prompt_len:] = torch.where(
-            action_mask.bool(), seq[:, prompt_len:], self.tokenizer.pad_token_id
-        )
-        attention_mask = torch.cat([prompt_mask.long(), action_mask], dim=1)
-        return seq, attention_mask, action_mask, ends
-
-    @torch.no_grad()
     def make(
         self,
         prompts: torch.Tensor,
@@ -338,26 +328,27 @@ class ExperienceMaker:
         """One generation batch -> a Rollout with log-probs, values, KL and scores (rewards, advantages and
         returns are filled in by `shape`, over the whole rollout). extra / prompt_text: the prompts' extra
         dataset columns and original texts, for a reward function."""
-        a = self.args
+        args = self.args
         prompt_len = prompts.shape[1]
-        if a.num_samples_per_prompt > 1:  # a group: n copies of each prompt, next to each other
-            prompts = prompts.repeat_interleave(a.num_samples_per_prompt, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(a.num_samples_per_prompt, dim=0)
+        if args.num_samples_per_prompt > 1:  # a group: n copies of each prompt, next to each other
+            prompts = prompts.repeat_interleave(args.num_samples_per_prompt, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(args.num_samples_per_prompt, dim=0)
             if extra is not None:
-                extra = [e for e in extra for _ in range(a.num_samples_per_prompt)]
+                extra = [e for e in extra for _ in range(args.num_samples_per_prompt)]
             if prompt_text is not None:
-                prompt_text = [t for t in prompt_text for _ in range(a.num_samples_per_prompt)]
-        seq, attention_mask, action_mask, ends = self.sample(prompts, prompt_mask)
+                prompt_text = [t for t in prompt_text for _ in range(args.num_samples_per_prompt)]
+        answers = self.sample(prompts, prompt_mask)
+        seq, attention_mask, ends = answers.seq, answers.attention_mask, answers.ends
         s = self.score(seq, attention_mask, prompt_len, extra, prompt_text)
         scores = s["scores"].float()
-        if a.missing_eos_penalty is not None:
-            scores = torch.where(ends, scores, torch.full_like(scores, a.missing_eos_penalty))
-        kl = kl_penalty(s["logprobs"], s["ref_logprobs"], kind=a.kl_estimator, clamp=a.kl_clamp)
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(ends, scores, torch.full_like(scores, args.missing_eos_penalty))
+        kl = kl_penalty(s["logprobs"], s["ref_logprobs"], kind=args.kl_estimator, clamp=args.kl_clamp)
         zeros = torch.zeros_like(kl)
         return Rollout(
             seq=seq,
             attention_mask=attention_mask,
-            action_mask=action_mask,
+            action_mask=answers.action_mask,
             logprobs=s["logprobs"],
             ref_logprobs=s["ref_logprobs"],
             values=s["values"],
@@ -373,21 +364,21 @@ class ExperienceMaker:
     def shape(self, r: Rollout) -> Rollout:
         """Rewards, advantages and returns of --advantage_estimator over the whole rollout of this rank
         (whose groups are complete: see `make`). The KL penalty goes into the reward unless --kl_in_loss."""
-        a = self.args
+        args = self.args
         r.advantages, r.returns, r.rewards = estimate_advantages(
-            a.advantage_estimator,
+            args.advantage_estimator,
             r.scores,
             r.kl,
             r.action_mask,
-            kl_coef=0.0 if a.kl_in_loss else self.kl_ctl.value,
+            kl_coef=0.0 if args.kl_in_loss else self.kl_ctl.value,
             values=r.values,
-            gamma=a.gamma,
-            lam=a.lam,
-            group_size=a.num_samples_per_prompt,
-            eps=a.group_std_eps,
-            clip_score=a.clip_reward_value,
-            whiten_rewards=a.whiten_rewards,
-            whiten=a.whiten_advantages,
+            gamma=args.gamma,
+            lam=args.lam,
+            group_size=args.num_samples_per_prompt,
+            eps=args.group_std_eps,
+            clip_score=args.clip_reward_value,
+            whiten_rewards=args.whiten_rewards,
+            whiten=args.whiten_advantages,
         )
         return r
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.heldout import MEASURES, GoldReward, SampledAnswers, evaluate_answers
-from common.rl_math import kl_penalty, masked_sum
+from common.rl_math import sequence_kl
 from step3_rlhf.experience import ExperienceMaker
 
 # TensorBoard Custom Scalars charts of the evaluations (common.monitor.Monitor.charts): title -> scalars
@@ -45,11 +45,11 @@ def evaluate(
     def sample(
         prompts: torch.Tensor, prompt_mask: torch.Tensor, extra: list[dict] | None, texts: list[str] | None
     ) -> SampledAnswers:
-        seq, attn, mask, ends = maker.sample(prompts, prompt_mask)
-        s = maker.score(seq, attn, prompts.shape[1], extra, texts)
-        kl = masked_sum(
-            kl_penalty(s["logprobs"], s["ref_logprobs"], args.kl_estimator, args.kl_clamp), mask, 1
-        )
-        return SampledAnswers(seq=seq, mask=mask, ends=ends, kl=kl, scores=s["scores"])
+        answers = maker.sample(prompts, prompt_mask)
+        seq, attention_mask, prompt_len = answers.seq, answers.attention_mask, answers.prompt_len
+        logprobs, ref_logprobs = maker.policy_logprobs(seq, attention_mask, prompt_len)
+        kl = sequence_kl(logprobs, ref_logprobs, answers.action_mask, args.kl_estimator, args.kl_clamp)
+        scores = maker.reward_scores(seq, attention_mask, prompt_len, extra, texts)
+        return SampledAnswers(seq=seq, mask=answers.action_mask, ends=answers.ends, kl=kl, scores=scores)
 
     return evaluate_answers(sample, loader, dev, seed, maker.tokenizer, gold)

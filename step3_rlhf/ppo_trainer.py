@@ -56,7 +56,7 @@ class PPOTrainer:
     def __init__(
         self, engines: Engines, args: argparse.Namespace, ptx_batches: Iterator | None, zero3_actor: bool
     ):
-        self.e = engines
+        self.engines = engines
         self.args = args
         self.ptx_batches = ptx_batches
         self.zero3_actor = zero3_actor
@@ -72,54 +72,54 @@ class PPOTrainer:
         return ok
 
     def actor_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
-        a = self.args
-        logits = response_logits(self.e.actor, mb.seq, mb.attention_mask, mb.prompt_len)
-        logp = logprobs_from_logits(logits, mb.seq[:, mb.prompt_len :], a.temperature)
-        agg = {"loss_agg": a.loss_agg, "norm_length": a.max_answer_seq_len}
-        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, a.cliprange, **agg)
-        entropy = masked_mean(entropy_from_logits(logits, a.temperature), mb.action_mask)
-        loss = pg_loss - a.entropy_coef * entropy
+        args = self.args
+        logits = response_logits(self.engines.actor, mb.seq, mb.attention_mask, mb.prompt_len)
+        logp = logprobs_from_logits(logits, mb.seq[:, mb.prompt_len :], args.temperature)
+        agg = {"loss_agg": args.loss_agg, "norm_length": args.max_answer_seq_len}
+        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, args.cliprange, **agg)
+        entropy = masked_mean(entropy_from_logits(logits, args.temperature), mb.action_mask)
+        loss = pg_loss - args.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}
-        if a.kl_in_loss:  # GRPO's KL term, in place of the KL penalty in the reward
-            kl = kl_loss(logp, mb.ref_logprobs, mb.action_mask, a.kl_loss_estimator, **agg)
-            loss = loss + a.kl_loss_coef * kl
+        if args.kl_in_loss:  # GRPO's KL term, in place of the KL penalty in the reward
+            kl = kl_loss(logp, mb.ref_logprobs, mb.action_mask, args.kl_loss_estimator, **agg)
+            loss = loss + args.kl_loss_coef * kl
             stats["kl_loss"] = kl.detach()
         if self.ptx_batches is not None:
             ptx = next(self.ptx_batches)
             dev = mb.seq.device
             ptx_ids, ptx_mask = ptx["input_ids"].to(dev), ptx["attention_mask"].to(dev)
-            ptx_out = self.e.actor(
+            ptx_out = self.engines.actor(
                 input_ids=ptx_ids,
                 attention_mask=ptx_mask,
                 position_ids=position_ids_from_mask(ptx_mask),
                 use_cache=False,
             )
             ptx_loss = causal_lm_loss(ptx_out.logits, ptx["labels"].to(dev))
-            loss = loss + a.unsup_coef * ptx_loss
+            loss = loss + args.unsup_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss.detach()
         if not self._finite(loss, "actor"):
             return {}
-        self.e.actor.backward(loss)
-        self.e.actor.step()
+        self.engines.actor.backward(loss)
+        self.engines.actor.step()
         return stats
 
     def critic_step(self, mb: Rollout) -> dict[str, torch.Tensor]:
-        values = response_positions(self.e.critic(mb.seq, mb.attention_mask).values, mb.prompt_len)
+        values = response_positions(self.engines.critic(mb.seq, mb.attention_mask).values, mb.prompt_len)
         loss, stats = value_loss(values, mb.values, mb.returns, mb.action_mask, self.args.cliprange_value)
         if not self._finite(loss, "critic"):
             return {}
-        self.e.critic.backward(loss)
-        self.e.critic.step()
+        self.engines.critic.backward(loss)
+        self.engines.critic.step()
         return {"value_loss": loss.detach(), "value_clipfrac": stats["clipfrac"]}
 
     def train(self, rollout: Rollout, iteration: int = 0) -> dict[str, float]:
         """PPO epochs over `rollout` (iteration: the 1-based PPO iteration, for messages). Returns the
         mean of each statistic over the micro-batches that produced it, and the optimizer steps taken."""
-        a = self.args
+        args = self.args
         self.iteration = iteration
-        micro = a.per_device_training_batch_size
+        micro = args.per_device_training_batch_size
         plan = minibatch_schedule(
-            len(rollout), micro * a.gradient_accumulation_steps, micro, a.ppo_epochs, self.generator
+            len(rollout), micro * args.gradient_accumulation_steps, micro, args.ppo_epochs, self.generator
         )
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
@@ -127,14 +127,14 @@ class PPOTrainer:
             for idx in minibatch:  # gradient accumulation: the engines step only at the boundary
                 mb = rollout.select(idx)
                 stats = self.actor_step(mb)  # the actor first, then the critic (the order of their checks)
-                if self.e.critic is not None:
+                if self.engines.critic is not None:
                     stats.update(self.critic_step(mb))
                 for k, v in stats.items():
                     sums[k] += float(v)
                     counts[k] += 1
-            for name, engine in (("actor", self.e.actor), ("critic", self.e.critic)):
+            for name, engine in (("actor", self.engines.actor), ("critic", self.engines.critic)):
                 if engine is not None:
                     check_finite_grad_norm(engine, stage=f"ppo {name}", step=iteration)
-            if self.e.ema is not None:
-                ema_update(self.e.ema, self.e.actor, a.ema_beta, self.zero3_actor)
+            if self.engines.ema is not None:
+                ema_update(self.engines.ema, self.engines.actor, args.ema_beta, self.zero3_actor)
         return {k: v / counts[k] for k, v in sums.items()} | {"optimizer_steps": len(plan)}

@@ -154,7 +154,7 @@ def test_gather_runs_no_per_step_fetches_and_restores_partitions_and_hooks(zero3
         mp.setattr(experience_module, "gathered_copy_fits", lambda engine: fits)
         zero3.maker.args.gather_actor_for_generation = flag
         before, hooks = partitioned(), _hook_ids(actor.module)
-        zero3.maker.generate(zero3.prompts, zero3.mask)
+        zero3.maker.sample(zero3.prompts, zero3.mask)
     assert _hook_ids(actor.module) == hooks
     if gathers:
         assert not fetches

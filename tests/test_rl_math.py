@@ -36,6 +36,7 @@ from common.rl_math import (
     response_logprobs,
     response_positions,
     rloo_scores,
+    sequence_kl,
     shape_rewards,
     value_loss,
 )
@@ -201,6 +202,16 @@ def test_kl_estimators_hand_values():
     torch.testing.assert_close(kl_penalty(logp, ref, "k1", clamp=0.25), torch.tensor([0.25, -0.25]))
     with pytest.raises(ValueError, match="unknown kind"):
         kl_penalty(logp, ref, "k4")
+
+
+def test_sequence_kl_sums_the_estimator_over_the_answer_tokens_only():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, 9.0], [-1.0, -1.0, -1.0]])  # row 0: x = 0.5, -1.0, then a masked slot
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(sequence_kl(logp, ref, mask), torch.tensor([-0.5, 0.0]))
+    # k3: 0.1065307 + 0.7182818; clamp 0.6 caps the second token's estimate
+    torch.testing.assert_close(sequence_kl(logp, ref, mask, "k3"), torch.tensor([0.8248125, 0.0]))
+    torch.testing.assert_close(sequence_kl(logp, ref, mask, "k3", clamp=0.6), torch.tensor([0.7065307, 0.0]))
 
 
 def test_k3_nonnegative_and_close_to_k2_for_small_x():
