@@ -492,6 +492,15 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
+def kl_controller(
+    adaptive: bool, init_kl_coef: float, target: float, horizon: float
+) -> FixedKLController | AdaptiveKLController:
+    """Ziegler's adaptive controller (`adaptive`) or a fixed coefficient `init_kl_coef`."""
+    if adaptive:
+        return AdaptiveKLController(init_kl_coef, target, horizon)
+    return FixedKLController(init_kl_coef)
+
+
 def _check_kl_state(kind: str, state: dict[str, float | str]) -> None:
     if state.get("kind") != kind or "value" not in state:
         raise ValueError(

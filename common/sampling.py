@@ -14,11 +14,11 @@ What it guarantees (docs/ppo-fidelity.md items 4, 5):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from deepspeed import DeepSpeedEngine
 from torch import nn
 from transformers import GenerationConfig
 
@@ -88,6 +88,13 @@ def generation_config(settings: SamplingSettings, tokenizer: Any, suppress: list
     )
 
 
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine, or `model` itself. (DeepSpeed is not imported here:
+    chat.py and prompt_eval.py run without it, and a model cannot be an engine unless it was imported.)"""
+    deepspeed = sys.modules.get("deepspeed")
+    return model.module if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine) else model
+
+
 @torch.no_grad()
 def sample_answers(
     model: nn.Module,
@@ -105,7 +112,9 @@ def sample_answers(
     for architectures it has no kernels for, the model's own). synced_gpus: every rank steps until the
     longest answer of any rank is done (ZeRO-3 without a gathered copy). generate_kwargs (a streamer, stop
     strings) go to `generate` as they are. The model is left in the mode it was in."""
-    hf_model = model.module if isinstance(model, DeepSpeedEngine) else model
+    hf_model = _hf_model(model)
+    if generate_kwargs.get("stop_strings"):
+        generate_kwargs["tokenizer"] = tokenizer  # generate matches stop strings on decoded text
     was_training = model.training
     model.eval()
     config = generation_config(settings, tokenizer, padded_vocab_rows(hf_model, tokenizer))

@@ -64,6 +64,12 @@ def import_score_function(name: str, flag: str) -> Callable[..., Sequence[Any]]:
     return fn
 
 
+def load_score_function(name: str | None, flag: str) -> ScoreFunction | None:
+    """`ScoreFunction` of a 'module:function' flag value (None when the flag was not given), imported and
+    checked before any compute (`import_score_function`)."""
+    return None if name is None else ScoreFunction(name, import_score_function(name, flag), flag=flag)
+
+
 def _import_failure(flag: str, name: str, module_name: str, e: Exception) -> str:
     """The module was found, but importing it raised: say where in it."""
     frames = traceback.extract_tb(e.__traceback__)

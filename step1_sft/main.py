@@ -12,24 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
 from common import dist
 from common.args import add_single_model_args, data_config, parse_stage_args
-from common.checkpoint import (
-    append_train_log,
-    check_finite_grad_norm,
-    check_finite_loss,
-    check_output_dir,
-    claim_output_dir,
-    data_position,
-    epoch_batches,
-    resume_if_asked,
-    save_checkpoint,
-)
+from common.checkpoint import check_output_dir, claim_output_dir, data_position, resume_if_asked
 from common.data import SFTCollator, build_stage_data
 from common.errors import exit_cleanly_on_user_errors
 from common.files import final_outputs, write_text_atomic
@@ -40,7 +29,8 @@ from common.model import (
     save_hf_model,
     saved_logits_max_diff,
 )
-from common.monitor import Monitor, progress
+from common.monitor import Monitor
+from common.supervised import train_supervised
 from common.training import (
     device,
     eval_loader,
@@ -131,43 +121,32 @@ def main(argv: list[str] | None = None) -> None:
         dist.print_rank0(f"[sft] epoch 0/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
         monitor.log({"eval/perplexity": ppl}, 0)
         curve.append(ppl)
-    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
-    for epoch in range(state.epoch, args.num_train_epochs):
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
-        tick, window_tokens, window_losses = time.perf_counter(), 0, []
-        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"sft epoch {epoch + 1}"):
-            batch = to_device(batch, dev)
-            loss, _ = forward_loss(engine, batch)
-            step = engine.global_steps + 1
-            if not check_finite_loss(loss, stage="sft", step=step, skip=args.skip_nonfinite_steps):
-                state.skipped_steps += 1
-                continue
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            window_tokens += int(batch["attention_mask"].sum())
-            window_losses.append(loss.detach())
-            if not boundary:
-                continue
-            check_finite_grad_norm(engine, stage="sft", step=step)
-            mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
-            tokens_per_s = window_tokens * dist.get_world_size() / (time.perf_counter() - tick)
-            if args.print_loss:
-                dist.print_rank0(f"[sft] epoch {epoch + 1} step {step} loss {mean_loss:.4f}")
-            monitor.log(
-                {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/tokens_per_s": tokens_per_s},
-                step,
-            )
-            append_train_log(args.output_dir, {"step": step, "loss": mean_loss})
-            if args.save_interval and step % args.save_interval == 0:
-                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
-                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
-            tick, window_tokens, window_losses = time.perf_counter(), 0, []
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        loss, _ = forward_loss(engine, batch)
+        return loss, {}, int(batch["attention_mask"].sum())
+
+    def evaluate_after(epoch: int) -> None:
         ppl = evaluate_perplexity(engine, eval_dl, dev)
         curve.append(ppl)
         dist.print_rank0(f"[sft] epoch {epoch + 1}/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
         monitor.log({"eval/perplexity": ppl}, engine.global_steps)
+
+    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
+    train_supervised(
+        engine,
+        train_dl,
+        args,
+        state,
+        resumed_from,
+        engines,
+        monitor,
+        stage="sft",
+        unit="tokens",
+        step_fn=step,
+        dev=dev,
+        after_epoch=evaluate_after,
+    )
 
     metrics = {
         "perplexity_per_epoch": curve,

@@ -160,7 +160,6 @@ def generate(
         torch.ones_like(ids),
         settings,
         stop_strings=[STOP_TEXT] if fmt is None else None,
-        tokenizer=tokenizer,
         streamer=streamer,
     )
     new = answers.answers[0][answers.action_mask[0].bool()].tolist()

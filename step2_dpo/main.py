@@ -20,7 +20,6 @@ Beside it: the flags (args.py), the pair math (pairs.py), the answer sampler (an
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,10 @@ from torch.utils.data import Subset
 from common import dist
 from common.args import data_config
 from common.checkpoint import (
-    append_train_log,
-    check_finite_grad_norm,
-    check_finite_loss,
     check_output_dir,
     claim_output_dir,
     data_position,
-    epoch_batches,
     resume_if_asked,
-    save_checkpoint,
 )
 from common.data import PairCollator, PromptCollator, build_stage_data
 from common.ds_config import eval_config, torch_dtype
@@ -52,7 +46,8 @@ from common.heldout import (
     write_heldout_answers,
 )
 from common.model import disable_dropout, load_causal_lm, load_tokenizer, save_hf_model
-from common.monitor import Monitor, progress
+from common.monitor import Monitor
+from common.supervised import train_supervised
 from common.training import (
     device,
     eval_loader,
@@ -62,7 +57,6 @@ from common.training import (
     stage_causal_lm,
     stage_ds_config,
     stage_engine,
-    to_device,
     train_loader,
 )
 from common.validate import validate_dpo
@@ -170,43 +164,30 @@ def main(argv: list[str] | None = None) -> None:
     if not curve:  # a resumed run has them from the checkpoint
         _, before_answers = run_eval(args.eval_iters, "eval (stage-1 policy)")
         state.extra["before_answers"] = before_answers
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        loss, stats = dpo_loss(policy, reference, batch, args)
+        return loss, {k: stats[k].mean() for k in PAIR_STATS[1:]}, stats["loss"].shape[0]
+
+    def evaluate_every_interval(step: int) -> None:
+        if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+            run_eval(args.eval_iters, "eval")
+
     policy.train()
-    for epoch in range(state.epoch, args.num_train_epochs):
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
-        tick, window_pairs, window = time.perf_counter(), 0, []
-        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"dpo epoch {epoch + 1}"):
-            batch = to_device(batch, dev)
-            loss, stats = dpo_loss(policy, reference, batch, args)
-            step = policy.global_steps + 1
-            if not check_finite_loss(loss, stage="dpo", step=step, skip=args.skip_nonfinite_steps):
-                state.skipped_steps += 1
-                continue
-            policy.backward(loss)
-            boundary = policy.is_gradient_accumulation_boundary()
-            policy.step()
-            window_pairs += stats["loss"].shape[0]
-            window.append(torch.stack([loss.detach(), *(stats[k].mean() for k in PAIR_STATS[1:])]))
-            if not boundary:
-                continue
-            check_finite_grad_norm(policy, stage="dpo", step=step)
-            means = dist.all_reduce_mean(torch.stack(window).mean(0)).tolist()
-            record = {"step": step, **dict(zip(PAIR_STATS, means, strict=True))}
-            if args.print_loss:
-                dist.print_rank0(
-                    f"[dpo] epoch {epoch + 1} step {step} loss {record['loss']:.4f} "
-                    f"accuracy {record['accuracy']:.3f} margin {record['margin']:+.3f}"
-                )
-            pairs_per_s = window_pairs * dist.get_world_size() / (time.perf_counter() - tick)
-            scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
-            monitor.log({**scalars, "train/lr": policy.get_lr()[0], "train/pairs_per_s": pairs_per_s}, step)
-            append_train_log(args.output_dir, record)
-            if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                run_eval(args.eval_iters, "eval")
-            if args.save_interval and step % args.save_interval == 0:
-                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
-                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
-            tick, window_pairs, window = time.perf_counter(), 0, []
+    train_supervised(
+        policy,
+        train_dl,
+        args,
+        state,
+        resumed_from,
+        engines,
+        monitor,
+        stage="dpo",
+        unit="pairs",
+        step_fn=step,
+        dev=dev,
+        after_step=evaluate_every_interval,
+    )
     final, after_answers = run_eval(0, "final eval (whole eval set)")
 
     before = curve[0]

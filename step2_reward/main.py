@@ -19,7 +19,6 @@ defaults (1 epoch, cosine schedule over the run) do exactly that.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,19 @@ import torch
 from common import dist
 from common.args import data_config
 from common.checkpoint import (
-    append_train_log,
-    check_finite_grad_norm,
-    check_finite_loss,
     check_output_dir,
     claim_output_dir,
     data_position,
-    epoch_batches,
     resume_if_asked,
-    save_checkpoint,
 )
 from common.data import PairCollator, build_stage_data
 from common.ds_config import torch_dtype
 from common.errors import exit_cleanly_on_user_errors
 from common.files import final_outputs, write_text_atomic
 from common.model import load_tokenizer
-from common.monitor import Monitor, progress
+from common.monitor import Monitor
 from common.reward_model import load_reward_model_for_training, save_reward_model
+from common.supervised import train_supervised
 from common.training import (
     device,
     eval_loader,
@@ -115,51 +110,31 @@ def main(argv: list[str] | None = None) -> None:
 
     if not curve:  # a resumed run has it from the checkpoint
         run_eval(args.eval_iters, "eval")
+
+    def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        chosen, rejected = forward_pairs(engine, batch)
+        accuracy = (chosen > rejected).float().mean()
+        return pairwise_loss(chosen, rejected, args.margin).mean(), {"accuracy": accuracy}, chosen.shape[0]
+
+    def evaluate_every_interval(step: int) -> None:
+        if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+            run_eval(args.eval_iters, "eval")
+
     engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
-    for epoch in range(state.epoch, args.num_train_epochs):
-        skip = state.batches_in_epoch if epoch == state.epoch else 0
-        batches = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
-        tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
-        for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"reward epoch {epoch + 1}"):
-            batch = to_device(batch, dev)
-            chosen, rejected = forward_pairs(engine, batch)
-            loss = pairwise_loss(chosen, rejected, args.margin).mean()
-            step = engine.global_steps + 1
-            if not check_finite_loss(loss, stage="reward", step=step, skip=args.skip_nonfinite_steps):
-                state.skipped_steps += 1
-                continue
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            window_pairs += chosen.shape[0]
-            window_losses.append(loss.detach())
-            window_correct.append((chosen > rejected).float().mean().detach())
-            if not boundary:
-                continue
-            check_finite_grad_norm(engine, stage="reward", step=step)
-            mean_loss = dist.all_reduce_mean(torch.stack(window_losses).mean()).item()
-            accuracy = dist.all_reduce_mean(torch.stack(window_correct).mean()).item()
-            pairs_per_s = window_pairs * dist.get_world_size() / (time.perf_counter() - tick)
-            if args.print_loss:
-                dist.print_rank0(
-                    f"[reward] epoch {epoch + 1} step {step} loss {mean_loss:.4f} accuracy {accuracy:.3f}"
-                )
-            monitor.log(
-                {
-                    "train/loss": mean_loss,
-                    "train/accuracy": accuracy,
-                    "train/lr": engine.get_lr()[0],
-                    "train/pairs_per_s": pairs_per_s,
-                },
-                step,
-            )
-            append_train_log(args.output_dir, {"step": step, "loss": mean_loss, "accuracy": accuracy})
-            if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-                run_eval(args.eval_iters, "eval")
-            if args.save_interval and step % args.save_interval == 0:
-                state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
-                save_checkpoint(args.output_dir, engines, state, args.save_total_limit)
-            tick, window_pairs, window_losses, window_correct = time.perf_counter(), 0, [], []
+    train_supervised(
+        engine,
+        train_dl,
+        args,
+        state,
+        resumed_from,
+        engines,
+        monitor,
+        stage="reward",
+        unit="pairs",
+        step_fn=step,
+        dev=dev,
+        after_step=evaluate_every_interval,
+    )
     final = run_eval(0, "final eval (whole eval set)")
 
     normalization, sample = normalize_reward_model(engine, tokenizer, args, data.train, dev)

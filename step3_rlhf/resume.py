@@ -36,9 +36,15 @@ def trained_engines(engines: Engines) -> dict[str, Any]:
     return {"actor": engines.actor} | ({"critic": engines.critic} if engines.critic is not None else {})
 
 
+# Version of the `extra` layout below. 1 (no "schema" key): metrics without "before_answers" (checkpoints
+# written before the held-out answers were kept); 2: with them.
+SCHEMA = 2
+
+
 def ppo_extra_state(kl_ctl, trainer: PPOTrainer, metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-serialisable state of the KL controller, the trainer and the metrics so far."""
     return {
+        "schema": SCHEMA,
         "kl_controller": kl_ctl.state_dict(),
         "minibatch_generator": trainer.generator.get_state().tolist(),
         "ptx_batches": trainer.ptx_batches.consumed if trainer.ptx_batches is not None else 0,
@@ -50,10 +56,19 @@ def ppo_extra_state(kl_ctl, trainer: PPOTrainer, metrics: dict[str, Any]) -> dic
 def restore_ppo_extra_state(extra: dict[str, Any], kl_ctl, trainer: PPOTrainer) -> dict[str, Any]:
     """Put the KL controller and trainer back where `ppo_extra_state` found them; return the metrics.
     (The PPO-ptx stream is positioned by its constructor: see main.)"""
+    schema = extra.get("schema", 1)
+    if schema > SCHEMA:
+        raise SystemExit(
+            f"this checkpoint's PPO state has layout {schema}; this version reads up to {SCHEMA}: resume it "
+            "with the version that wrote it"
+        )
     kl_ctl.load_state_dict(extra["kl_controller"])
     trainer.generator.set_state(torch.tensor(extra["minibatch_generator"], dtype=torch.uint8))
     trainer.skipped.update(extra["skipped"])
-    return extra["metrics"]
+    metrics = extra["metrics"]
+    if schema == 1:
+        metrics.setdefault("before_answers", None)  # the final heldout_answers.jsonl is then not written
+    return metrics
 
 
 def ema_writer(ema: torch.nn.Module | None, zero3: bool):

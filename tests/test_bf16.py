@@ -48,6 +48,8 @@ from step3_rlhf.ppo_trainer import PPOTrainer
 from tests.launch import REPO, run_stage
 from tests.test_step3_fidelity import GEN_BATCHES, Stage, _stage, _train_forward, models  # noqa: F401
 
+pytestmark = pytest.mark.slow  # bf16 runs of every stage
+
 # ------------------------------------------------------------------------- 1. float32 math on bf16 inputs
 
 

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.launch import run_stage
 
+pytestmark = pytest.mark.slow  # stage-3 runs
+
 SHAPE = [
     *("--max_prompt_seq_len", "64", "--max_answer_seq_len", "48", "--per_device_training_batch_size", "8"),
     *("--actor_learning_rate", "1.5e-4", "--lr_scheduler_type", "constant", "--missing_eos_penalty", "-3"),

@@ -46,6 +46,7 @@ def test_split_is_independent_of_global_rng_state():
     assert train_eval_indices(50, seed=7) == tr_ev
 
 
+@pytest.mark.slow
 def test_split_is_identical_in_another_process():
     # A fresh interpreter stands in for another rank: same seed -> same slice.
     code = "from common.data.splits import stage_indices; print(stage_indices(30, '2,4,4', 2, seed=5))"

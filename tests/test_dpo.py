@@ -19,6 +19,8 @@ from common.model import load_tokenizer
 from step2_dpo.pairs import PAIR_STATS, Reference, dpo_loss, response_logps
 from tests.launch import REPO, run_failing_stage, run_stage
 
+pytestmark = pytest.mark.slow  # DPO runs
+
 DPO = "step2_dpo/main.py"
 ARGS = SimpleNamespace(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_loss_coef=0.0)
 

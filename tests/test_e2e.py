@@ -131,6 +131,7 @@ def run_main(out: Path, *flags: str, fake: FakeStages | None = None) -> tuple[in
     return e2e_rlhf.main(["--tiny", "--output-dir", str(out), *flags], runner=fake), fake
 
 
+@pytest.mark.slow
 def test_fresh_run_runs_every_step_then_a_rerun_skips_them(tmp_path, capsys):
     status, fake = run_main(tmp_path)
     assert status == 0 and fake.steps == [1, 2, 3]
@@ -165,6 +166,7 @@ def test_force_reruns_the_selected_step_only_and_flags_later_outputs(tmp_path, c
     assert f"note: {tmp_path / 'ppo'} was made from the previous outputs" in out
 
 
+@pytest.mark.slow
 def test_a_step_that_runs_makes_the_later_selected_steps_run(tmp_path, capsys):
     run_main(tmp_path)
     (tmp_path / "sft" / "sft_metrics.json").unlink()
@@ -303,6 +305,7 @@ def test_a_collapse_of_the_answers_is_flagged_whatever_the_means_say():
         )
 
 
+@pytest.mark.slow
 def test_dpo_pipeline_reuses_a_finished_stage_1_and_reports_beside_ppo(tmp_path, capsys):
     run_main(tmp_path)  # SFT -> RM -> PPO
     capsys.readouterr()
@@ -335,6 +338,7 @@ def test_dpo_pipeline_has_steps_1_and_2_only(tmp_path):
     assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["1", "dpo"]
 
 
+@pytest.mark.slow
 def test_critic_free_pipeline_reuses_stages_1_and_2_and_reports_beside_ppo(tmp_path, capsys):
     run_main(tmp_path)  # SFT -> RM -> PPO
     capsys.readouterr()

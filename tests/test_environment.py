@@ -16,6 +16,8 @@ from torch import nn
 from step3_rlhf import engines as engines_module
 from step3_rlhf.engines import hybrid_engine_unavailable
 
+pytestmark = pytest.mark.slow  # pip and a fresh environment
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -36,6 +36,8 @@ from common.files import (
 from tests.launch import REPO, run_failing_stage, run_stage
 from tests.test_checkpoint import FakeEngine, parse
 
+pytestmark = pytest.mark.slow  # stages run as processes and killed
+
 SFT = "step1_sft/main.py"
 SFT_ARGS = [
     *("--data_split", "1,1,98", "--max_seq_len", "96", "--per_device_train_batch_size", "4"),

@@ -31,6 +31,8 @@ from step3_rlhf.engines import Engines, build_engines, gathered_for_generation
 from step3_rlhf.experience import ExperienceMaker
 from tests.launch import run_stage
 
+pytestmark = pytest.mark.slow  # ZeRO-3 engines on two ranks
+
 BATCH, PROMPT, ANSWER = 4, 24, 16
 
 

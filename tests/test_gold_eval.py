@@ -19,7 +19,7 @@ import e2e_rlhf
 from common import plot
 from common.args import BUNDLED_DATA
 from common.heldout import GoldReward, format_eval, gold_scores, gold_stats, load_gold_reward
-from step3_rlhf.main import resolve_eval_interval
+from step3_rlhf.plan import resolve_eval_interval
 from tests.launch import run_failing_stage, run_stage
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -193,6 +193,7 @@ def test_overoptimisation_series_are_the_evals_against_their_kl():
     assert plot.overoptimisation_series(old) == {}
 
 
+@pytest.mark.slow
 def test_plot_adds_the_overoptimisation_panel_with_proxy_and_gold(tmp_path):
     png = plot.plot_ppo_curves(METRICS, tmp_path / "curves.png")
     image = matplotlib.image.imread(png)[..., :3]
@@ -332,6 +333,7 @@ def user_gold_on_path(ppo_models, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
 
 
+@pytest.mark.slow
 def test_user_gold_is_recorded_at_every_evaluation(ppo_models, user_gold_on_path, tmp_path):
     out = tmp_path / "ppo"
     args = [*ppo_models, "--output_dir", str(out), "--gold_reward", "user_gold:words", "--enable_tensorboard"]
@@ -380,6 +382,7 @@ def test_user_gold_is_recorded_at_every_evaluation(ppo_models, user_gold_on_path
         assert mean == pytest.approx(metrics[when]["gold_mean"])
 
 
+@pytest.mark.slow
 def test_a_gold_giving_nan_stops_the_run_naming_it_and_the_sample(ppo_models, user_gold_on_path, tmp_path):
     out = tmp_path / "ppo"
     args = [*ppo_models, "--output_dir", str(out), "--gold_reward", "user_gold:nan_on_fourth"]
@@ -389,6 +392,7 @@ def test_a_gold_giving_nan_stops_the_run_naming_it_and_the_sample(ppo_models, us
     assert not (out / "ppo_metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_gold_that_cannot_be_imported_stops_the_run_before_any_compute(ppo_models, tmp_path):
     out = tmp_path / "ppo"
     args = [*ppo_models, "--output_dir", str(out), "--gold_reward", "nowhere:f"]

@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.gold_eval import split_at_eos
 from common.gold import summarize, synthetic_gold
 from tests.launch import run_e2e
+
+pytestmark = pytest.mark.slow  # the demo's pipeline
 
 
 def gold_of(answers_file: Path, column: str) -> dict[str, float]:

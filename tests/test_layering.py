@@ -47,6 +47,7 @@ def test_common_modules_exist():  # the glob above found the layer (not an empty
     assert len(list(ROOT.glob("common/**/*.py"))) > 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["common.args", "common.validate", "common.data"])
 def test_a_common_module_imported_first_loads_no_stage(module):
     code = (

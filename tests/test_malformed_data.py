@@ -224,6 +224,7 @@ def test_malformed_file_is_a_clear_error_or_a_counted_skip(kind, tmp_path, capsy
     assert f"[data] {path}: skipped 1 bad rows; first reasons:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stage_run_prints_the_data_error_without_a_traceback(tiny_dir, tmp_path):
     """`python step1_sft/main.py` on a file with a bad row: exit status 1, the message on stderr, no traceback,
     nothing tokenised, trained or saved."""
@@ -268,6 +269,7 @@ def _stage2_argv(tiny_dir: Path, data: Path, tmp: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_stage2_stops_on_a_file_whose_rows_mostly_lack_rejected(tiny_dir, tmp_path):
     """`python step2_reward/main.py` on a file where 2 rows of 3 have no `rejected`: the message names the
     file, how many of how many rows, and the flag; no traceback, nothing tokenised, trained or saved."""
@@ -285,6 +287,7 @@ def test_stage2_stops_on_a_file_whose_rows_mostly_lack_rejected(tiny_dir, tmp_pa
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_stage2_trains_on_a_file_losing_a_minority_of_rows_and_logs_the_count(tiny_dir, tmp_path):
     """A third of the rows lack `rejected`: stage 2 trains on the pairs and prints how many rows it left out
     of its train slice and eval split, and why."""

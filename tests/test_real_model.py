@@ -42,6 +42,8 @@ from step3_rlhf.experience import ExperienceMaker
 from tests.launch import run_stage
 from tests.test_step3_fidelity import Stage, _pack, _rows, _train_forward
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 model
+
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, EOS, PAD = 49152, 2, 0  # <|im_end|> ends a turn; <|endoftext|> (unused by the template) pads
 IM_START = "<|im_start|>"

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from common.checkpoint import INJECT_NAN_ENV, complete_checkpoints, read_train_log
 from tests.launch import REPO, _free_port, assert_no_shm_left, run_stage
 
+pytestmark = pytest.mark.slow  # stage runs killed and resumed
+
 SFT = "step1_sft/main.py"
 REWARD = "step2_reward/main.py"
 PPO = "step3_rlhf/main.py"

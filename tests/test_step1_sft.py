@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.launch import run_stage
 
+pytestmark = pytest.mark.slow  # stage runs on two ranks
+
 COMMON = [
     "--per_device_train_batch_size",
     "8",

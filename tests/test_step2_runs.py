@@ -31,6 +31,8 @@ from common.reward_model import HEAD_FILE, RewardModel
 from step2_reward import rw_eval
 from tests.launch import REPO, run_stage
 
+pytestmark = pytest.mark.slow  # stage runs
+
 SCRIPT = "step2_reward/main.py"
 COMMON = [
     "--max_seq_len", "96",

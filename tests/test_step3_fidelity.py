@@ -338,9 +338,10 @@ def test_rollout_logprobs_match_the_distribution_tokens_were_sampled_from(stage,
     assert len(recorded.generate_calls) == len(recorded.parts) == GEN_BATCHES
     for call, part in zip(recorded.generate_calls, recorded.parts, strict=True):
         kw, scores = call["kwargs"], call["scores"]  # scores (B, R, V)
-        assert kw["do_sample"] is True and kw["temperature"] == stage.args.temperature == 0.7
-        assert kw["top_k"] == 0 and kw["top_p"] == 1.0
-        assert kw["max_new_tokens"] == MAX_ANSWER
+        config = kw["generation_config"]  # common.sampling passes every setting in it
+        assert config.do_sample is True and config.temperature == stage.args.temperature == 0.7
+        assert config.top_k == 0 and config.top_p == 1.0 and config.repetition_penalty == 1.0
+        assert config.max_new_tokens == MAX_ANSWER
         assert "position_ids" not in kw, "generate derives positions itself (docs/ppo-fidelity.md item 4)"
         assert scores.shape[1] == part.action_mask.shape[1]
         sampled = part.seq[:, part.prompt_len :]
@@ -355,6 +356,7 @@ def test_rollout_logprobs_match_the_distribution_tokens_were_sampled_from(stage,
 # -------------------------------------------------------------------------------- 3. padding invariance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
 def test_logprobs_values_and_scores_do_not_depend_on_padding(models, recorded, arch, request):
     """Each rollout row scored alone with no padding at all, versus inside a batch with 0, 1, 3, 7 more
@@ -471,7 +473,7 @@ def test_rollout_is_masked_after_eos_and_scored_at_the_eos(models, stage, record
 
 
 def test_pad_differs_from_eos_and_the_eos_fraction_is_reported(models, stage, recorded):
-    from step3_rlhf.main import rollout_stats
+    from step3_rlhf.report import rollout_stats
 
     tok = models.tok
     assert tok.pad_token_id != tok.eos_token_id
@@ -899,7 +901,7 @@ def test_a_reward_ensemble_scores_with_the_aggregate_of_its_members(models):
     assert not torch.allclose(each[0], each[1]), "the two members should disagree"
     assert st.args.missing_eos_penalty is None  # so every row's score is the ensemble's
     torch.testing.assert_close(r.scores, each.min(0).values)
-    from step3_rlhf.main import algorithm_settings
+    from step3_rlhf.report import algorithm_settings
 
     assert algorithm_settings(st.args)["reward_ensemble"]["members"] == [str(models.rm_dir), str(second_dir)]
 

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 from common.reward_model import RewardModel
 from tests.launch import run_stage
 
+pytestmark = pytest.mark.slow  # stage runs on two ranks
+
 PPO_SHAPE = [
     "--max_prompt_seq_len",
     "64",

@@ -269,6 +269,7 @@ def _bag_of_features(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow
 def test_preference_is_visible_in_response_tokens_except_the_topic(rows):
     """A linear reward on the response's words and word pairs ranks held-out pairs well above chance, but
     not an off-topic tip in polite framing against a good answer: that needs the prompt (a reward model
@@ -303,6 +304,7 @@ def test_preference_is_visible_in_response_tokens_except_the_topic(rows):
     assert sum(off_topic_correct) / len(off_topic_correct) <= 0.6
 
 
+@pytest.mark.slow
 def test_answers_are_short_in_tiny_tokens(rows, tiny_tokenizer):
     """Well-formed answers fit a 48-token generation budget; every pair fits the 128 tokens of stages 1-2."""
     train = rows["train"]

@@ -135,6 +135,7 @@ def test_answer_stops_at_eos_and_commands_clear_and_quit(tiny_dir, tokenizer):
     assert "[history cleared]" in err.getvalue()
 
 
+@pytest.mark.slow
 def test_chat_answers_a_piped_two_turn_conversation(tiny_dir):
     proc = subprocess.run(
         [sys.executable, "chat.py", "--path", str(tiny_dir), "--max_new_tokens", "8", "--temperature", "0.7"],
@@ -191,6 +192,7 @@ def test_side_by_side_columns():
     ]
 
 
+@pytest.mark.slow
 def test_prompt_eval_prints_both_models_answers(tiny_dir, tmp_path):
     other = write_tiny(tmp_path / "other", arch="opt", seed=1)
     prompts = tmp_path / "prompts.txt"

@@ -459,6 +459,7 @@ def test_model_code_shipped_with_a_model_needs_trust_remote_code(file, tiny_dir,
 # ------------------------------------------------------------------------------- as a user runs a stage
 
 
+@pytest.mark.slow
 def test_stage3_run_stops_before_any_data_or_model_work(tiny_dir, pickle_model, tmp_path):
     """`python step3_rlhf/main.py` with a pickle critic: the message, no traceback, no data cache."""
     argv = ["--actor_model_name_or_path", str(tiny_dir), "--critic_model_name_or_path", str(pickle_model)]
@@ -469,6 +470,7 @@ def test_stage3_run_stops_before_any_data_or_model_work(tiny_dir, pickle_model, 
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_stage2_run_stops_before_any_data_or_model_work(tiny_dir, tmp_path):
     """`python step2_reward/main.py` with a LoRA name that matches nothing: the message, no traceback."""
     argv = ["--model_name_or_path", str(tiny_dir), "--lora_dim", "4", "--lora_module_name", "nope."]
