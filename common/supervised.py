@@ -40,7 +40,9 @@ StepFn = Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor],
 
 
 def _print_line(stage: str, epoch: int, step: int, means: dict[str, float]) -> str:
-    shown = " ".join(f"{k} {v:+.3f}" if k.endswith(("margin", "reward")) else f"{k} {v:.4f}" for k, v in means.items())
+    shown = " ".join(
+        f"{k} {v:+.3f}" if k.endswith(("margin", "reward")) else f"{k} {v:.4f}" for k, v in means.items()
+    )
     return f"[{stage}] epoch {epoch + 1} step {step} {shown}"
 
 
@@ -66,7 +68,9 @@ def train_supervised(
     logging and before its checkpoint, after_epoch(epoch) after every epoch."""
     for epoch in range(state.epoch, args.num_train_epochs):
         skip = state.batches_in_epoch if epoch == state.epoch else 0
-        batches: Iterable = epoch_batches(train_dl, epoch, skip, resumed_from if epoch == state.epoch else None)
+        batches: Iterable = epoch_batches(
+            train_dl, epoch, skip, resumed_from if epoch == state.epoch else None
+        )
         tick, items, window, names = time.perf_counter(), 0, [], ["loss"]
         for i, batch in progress(batches, total=len(train_dl) - skip, desc=f"{stage} epoch {epoch + 1}"):
             loss, stats, n = step_fn(to_device(batch, dev))

@@ -17,7 +17,7 @@ from common.training import eval_loader, train_loader
 
 @dataclass
 class PPOData:
-    prompts: DataLoader  # training prompts, per_device_generation_batch_size per batch, last short batch dropped
+    prompts: DataLoader  # training prompts, --per_device_generation_batch_size each, short last batch dropped
     heldout: DataLoader  # held-out prompts, each answered once per evaluation
     ptx: DataLoader | None  # PPO-ptx blocks of unsupervised text, or None
     streams: dict[str, tuple[int, str]]  # what each stream's position depends on: (rows, content hash)

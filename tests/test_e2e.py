@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 import e2e_rlhf
-from e2e_rlhf import STAGES, StageRun
+from pipeline import report as pipeline_report
+from pipeline import run as pipeline_run
+from pipeline import stages as pipeline_stages
+from pipeline.run import StageRun
+from pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SCRIPT = REPO / "launch" / "tiny" / "single_gpu.sh"
@@ -89,9 +93,9 @@ FAKE_METRICS["dpo"] = {
 }
 
 
-def stage_of(run: StageRun) -> e2e_rlhf.Stage:
+def stage_of(run: StageRun) -> pipeline_stages.Stage:
     """The stage a launch-script call runs: its STEP argument (1, 2, 3, dpo or a critic-free estimator)."""
-    return next(s for s in e2e_rlhf.ALL_STAGES if s.launch_arg == run.command[2])
+    return next(s for s in pipeline_stages.ALL_STAGES if s.launch_arg == run.command[2])
 
 
 class FakeStages:
@@ -138,7 +142,7 @@ def test_fresh_run_runs_every_step_then_a_rerun_skips_them(tmp_path, capsys):
     assert not any(existed for _, _, existed in fake.calls)
     for step, command, _ in fake.calls:
         assert command[:4] == ["bash", str(TINY_SCRIPT), str(step), str(tmp_path)]
-        record = json.loads((STAGES[step].dir(tmp_path) / e2e_rlhf.RUN_RECORD).read_text())
+        record = json.loads((STAGES[step].dir(tmp_path) / pipeline_stages.RUN_RECORD).read_text())
         assert record["command"] == command and record["seconds"] >= 0
     assert (tmp_path / "ppo" / "ppo_curves.png").is_file()
     first = capsys.readouterr().out
@@ -155,12 +159,12 @@ def test_fresh_run_runs_every_step_then_a_rerun_skips_them(tmp_path, capsys):
 
 def test_force_reruns_the_selected_step_only_and_flags_later_outputs(tmp_path, capsys):
     run_main(tmp_path)
-    record_2 = (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).read_text()
+    record_2 = (tmp_path / "rm" / pipeline_stages.RUN_RECORD).read_text()
     capsys.readouterr()
     status, fake = run_main(tmp_path, "--force", "--step", "1")
     assert status == 0 and fake.steps == [1]
     assert fake.calls[0][2] is False  # the old metrics file was removed before the rerun
-    assert (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).read_text() == record_2
+    assert (tmp_path / "rm" / pipeline_stages.RUN_RECORD).read_text() == record_2
     out = capsys.readouterr().out
     assert f"note: {tmp_path / 'rm'} was made from the previous outputs" in out
     assert f"note: {tmp_path / 'ppo'} was made from the previous outputs" in out
@@ -202,7 +206,7 @@ def test_a_failed_step_stops_the_pipeline_and_says_where_to_look(tmp_path, capsy
     assert f"full log: {tmp_path / 'rm' / 'training.log'}" in err
     assert "RuntimeError: CUDA out of memory" in err
     assert not (tmp_path / "rm" / "rm_metrics.json").exists()
-    assert not (tmp_path / "rm" / e2e_rlhf.RUN_RECORD).exists()
+    assert not (tmp_path / "rm" / pipeline_stages.RUN_RECORD).exists()
     status, fake = run_main(tmp_path)  # the next run resumes at step 2
     assert status == 0 and fake.steps == [2, 3]
 
@@ -233,38 +237,38 @@ def test_commands_carry_zero_stages_extra_flags_and_dry_run(tmp_path, capsys):
 
 
 def test_model_names_and_reward_models():
-    spec = e2e_rlhf.resolve_actor("facebook/opt-1.3b")
+    spec = pipeline_stages.resolve_actor("facebook/opt-1.3b")
     for alias in ("1.3b", "opt-1.3b", "FACEBOOK/OPT-1.3B", "opt/1.3b"):
-        assert e2e_rlhf.resolve_actor(alias) == spec
-    assert e2e_rlhf.resolve_actor("Llama-2-13b-hf").launch_dir == "llama2/13b"
-    assert e2e_rlhf.resolve_actor("qwen/qwen2.5-7b").reward_model == "Qwen/Qwen2.5-0.5B"
+        assert pipeline_stages.resolve_actor(alias) == spec
+    assert pipeline_stages.resolve_actor("Llama-2-13b-hf").launch_dir == "llama2/13b"
+    assert pipeline_stages.resolve_actor("qwen/qwen2.5-7b").reward_model == "Qwen/Qwen2.5-0.5B"
     with pytest.raises(SystemExit, match="no launch scripts for it"):
-        e2e_rlhf.resolve_actor("gpt2")
+        pipeline_stages.resolve_actor("gpt2")
 
-    assert e2e_rlhf.resolve_reward(None, spec) == "facebook/opt-350m"
-    assert e2e_rlhf.resolve_reward("350m", spec) == "facebook/opt-350m"
-    assert e2e_rlhf.resolve_reward("opt-1.3b", spec) == "facebook/opt-1.3b"
-    assert e2e_rlhf.resolve_reward("/models/my-rm", spec) == "/models/my-rm"
+    assert pipeline_stages.resolve_reward(None, spec) == "facebook/opt-350m"
+    assert pipeline_stages.resolve_reward("350m", spec) == "facebook/opt-350m"
+    assert pipeline_stages.resolve_reward("opt-1.3b", spec) == "facebook/opt-1.3b"
+    assert pipeline_stages.resolve_reward("/models/my-rm", spec) == "/models/my-rm"
     with pytest.raises(SystemExit, match="stage 3 needs the reward model to use the actor's tokenizer"):
-        e2e_rlhf.resolve_reward("Qwen/Qwen2.5-0.5B", spec)
+        pipeline_stages.resolve_reward("Qwen/Qwen2.5-0.5B", spec)
     with pytest.raises(SystemExit, match="tiny default trains its reward model from the SFT model"):
-        e2e_rlhf.resolve_reward("opt-350m", e2e_rlhf.resolve_actor("tiny"))
+        pipeline_stages.resolve_reward("opt-350m", pipeline_stages.resolve_actor("tiny"))
 
-    assert "REWARD_MODEL" not in e2e_rlhf.stage_env(spec, "facebook/opt-350m")
-    env = e2e_rlhf.stage_env(spec, "/models/my-rm")
+    assert "REWARD_MODEL" not in pipeline_run.stage_env(spec, "facebook/opt-350m")
+    env = pipeline_run.stage_env(spec, "/models/my-rm")
     assert env["REWARD_MODEL"] == "/models/my-rm"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     with pytest.raises(SystemExit, match="no launch script launch/tiny/multi_node.sh"):
-        e2e_rlhf.launch_script(e2e_rlhf.resolve_actor("tiny"), "multi_node")
+        pipeline_stages.launch_script(pipeline_stages.resolve_actor("tiny"), "multi_node")
 
 
 def test_summary_rows(tmp_path):
     for step, stage in STAGES.items():
         stage.dir(tmp_path).mkdir()
         stage.metrics_path(tmp_path).write_text(json.dumps(FAKE_METRICS[step]))
-    (tmp_path / "sft" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 61.4}))
-    (tmp_path / "ppo" / e2e_rlhf.RUN_RECORD).write_text(json.dumps({"seconds": 125.0}))
-    rows = dict(e2e_rlhf.summary_rows(tmp_path, ran={"ppo"}))
+    (tmp_path / "sft" / pipeline_stages.RUN_RECORD).write_text(json.dumps({"seconds": 61.4}))
+    (tmp_path / "ppo" / pipeline_stages.RUN_RECORD).write_text(json.dumps({"seconds": 125.0}))
+    rows = dict(pipeline_report.summary_rows(tmp_path, ran={"ppo"}))
     assert rows == {
         "stage 1: held-out perplexity before -> after": "120.50 -> 18.00",
         "stage 2: held-out pairwise accuracy": "0.800 (300 pairs)",
@@ -289,7 +293,7 @@ def test_summary_rows(tmp_path):
     for key in ("gold_gain", "gold_reward"):  # metrics of a run without a gold (or from before it existed)
         del worse[key]
     STAGES[3].metrics_path(tmp_path).write_text(json.dumps(worse))
-    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    rows = dict(pipeline_report.summary_rows(tmp_path))
     assert rows["stage 3: PPO policy scores higher"] == "NO (-0.250 normalised units)"
     assert not any("gold" in label or "distinct" in label for label in rows)
 
@@ -297,11 +301,11 @@ def test_summary_rows(tmp_path):
 def test_a_collapse_of_the_answers_is_flagged_whatever_the_means_say():
     """distinct-2 falling below half (SmolLM2's CPU run: 0.415 -> 0.074, gold and proxy both up) gets its own
     row; half or more (the tiny demo: 0.307 -> 0.280) does not."""
-    rows = dict(e2e_rlhf.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": 0.074}))
+    rows = dict(pipeline_report.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": 0.074}))
     assert rows["stage 3: answer diversity"] == "COLLAPSED: distinct-2 fell 82%; read the held-out answers"
     for after in (0.280, 0.2075):
         assert "stage 3: answer diversity" not in dict(
-            e2e_rlhf.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": after})
+            pipeline_report.measure_rows("stage 3", {"distinct_2": 0.415}, {"distinct_2": after})
         )
 
 
@@ -315,7 +319,7 @@ def test_dpo_pipeline_reuses_a_finished_stage_1_and_reports_beside_ppo(tmp_path,
     out = capsys.readouterr().out
     assert f"step 1: supervised fine-tuning: skipped, finished: {STAGES[1].metrics_path(tmp_path)}" in out
     assert "== step 2: DPO (" in out
-    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    rows = dict(pipeline_report.summary_rows(tmp_path))
     assert rows["DPO: held-out gold score before -> after"] == "+0.500 -> +0.625 (common.gold:synthetic_gold)"
     assert rows["DPO: held-out best share"] == "0.25 -> 0.50"
     assert rows["DPO: final KL to the stage-1 policy (per sequence)"] == "3.250"
@@ -348,7 +352,7 @@ def test_critic_free_pipeline_reuses_stages_1_and_2_and_reports_beside_ppo(tmp_p
     out = capsys.readouterr().out
     assert f"step 2: reward model: skipped, finished: {STAGES[2].metrics_path(tmp_path)}" in out
     assert "== step 3: GRPO (" in out
-    rows = dict(e2e_rlhf.summary_rows(tmp_path))
+    rows = dict(pipeline_report.summary_rows(tmp_path))
     gold = rows["stage 3: held-out gold score before -> after"]
     assert rows["GRPO: held-out gold score before -> after"] == gold  # both pipelines in one table
     assert rows["GRPO: proxy vs gold"].startswith("REWARD HACKING")

@@ -165,9 +165,10 @@ def test_publish_replaces_files_and_directories_and_drops_stale_shards(tmp_path)
 
 
 def test_e2e_reruns_a_stage_with_overwrite():
-    import e2e_rlhf
+    from pipeline import stages as pipeline_stages
 
-    assert e2e_rlhf.RUN_MARKER == ckpt.RUN_MARKER  # how e2e knows a stage directory holds a run of ours
+    # how e2e knows a stage directory holds a run of ours
+    assert pipeline_stages.RUN_MARKER == ckpt.RUN_MARKER
 
 
 # ------------------------------------------------------------------------------------------ damaged files

@@ -15,10 +15,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import e2e_rlhf
 from common import plot
 from common.args import BUNDLED_DATA
 from common.heldout import GoldReward, format_eval, gold_scores, gold_stats, load_gold_reward
+from pipeline import report as pipeline_report
 from step3_rlhf.plan import resolve_eval_interval
 from tests.launch import run_failing_stage, run_stage
 
@@ -237,7 +237,7 @@ def test_monitor_charts_put_proxy_and_gold_on_one_tensorboard_chart(tmp_path):
     ],
 )
 def test_proxy_gold_verdict_in_words(proxy, gold, verdict):
-    assert e2e_rlhf.proxy_gold_verdict(proxy, gold) == verdict
+    assert pipeline_report.proxy_gold_verdict(proxy, gold) == verdict
 
 
 GOOD_BEFORE = {"gold_share_best": 0.17, "gold_share_malformed": 0.05, "distinct_2": 0.415}
@@ -262,7 +262,7 @@ GOOD_BEFORE = {"gold_share_best": 0.17, "gold_share_malformed": 0.05, "distinct_
     ],
 )
 def test_a_gold_gain_the_answers_contradict_is_no_real_gain(after, failure):
-    verdict = e2e_rlhf.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after)
+    verdict = pipeline_report.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after)
     assert verdict.startswith("NOT a real gain: the gold mean rose, but ") and failure in verdict, verdict
     assert verdict.endswith("(proxy +0.800, gold +0.250)")
 
@@ -283,7 +283,9 @@ def test_a_gold_gain_the_answers_contradict_is_no_real_gain(after, failure):
     ],
 )
 def test_a_gold_gain_within_the_tolerances_is_a_real_gain(after):
-    assert e2e_rlhf.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after).startswith("both rose: a real gain")
+    assert pipeline_report.proxy_gold_verdict(0.8, 0.25, GOOD_BEFORE, after).startswith(
+        "both rose: a real gain"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- stage-3 runs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import e2e_rlhf
+from pipeline import stages as pipeline_stages
 from step1_sft.main import parse_args as parse_step1
 from step2_dpo.args import parse_args as parse_dpo
 from step2_reward.main import parse_args as parse_step2
@@ -106,14 +106,14 @@ def test_every_model_and_deployment_has_a_script():
     assert want <= have, sorted(want - have)
     assert "tiny/single_gpu.sh" in have
     # the orchestrator knows every script directory, and every model it knows has its scripts
-    assert {spec.launch_dir for spec in e2e_rlhf.MODELS} == {
+    assert {spec.launch_dir for spec in pipeline_stages.MODELS} == {
         str(p.parent.relative_to(LAUNCH)) for p in SCRIPTS
     }
-    for spec in e2e_rlhf.MODELS:
+    for spec in pipeline_stages.MODELS:
         deployments = HAND_SET.get(spec.family, CLUSTER_DEPLOYMENTS)
         for dep in deployments:
-            assert e2e_rlhf.launch_script(spec, dep).is_file()
-    assert set(e2e_rlhf.DEPLOYMENTS) == set(CLUSTER_DEPLOYMENTS) | {"cpu"}
+            assert pipeline_stages.launch_script(spec, dep).is_file()
+    assert set(pipeline_stages.DEPLOYMENTS) == set(CLUSTER_DEPLOYMENTS) | {"cpu"}
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, "dpo"])
@@ -151,7 +151,7 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
             stage3.max_answer_seq_len,
         )
     if family(script) == "smollm2":  # the bundled task (its gold), in the model's chat format
-        assert args.data_path == [e2e_rlhf.REPO.joinpath("data", "synthetic").as_posix()]
+        assert args.data_path == [pipeline_stages.REPO.joinpath("data", "synthetic").as_posix()]
         assert args.apply_chat_template and args.data_split == "4,4,2"
         if step in (1, 2):  # the base model is materialised offline; the reward model starts from the SFT one
             base = out / "base" if step == 1 else out / "sft"
@@ -173,7 +173,7 @@ def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Pat
     them) and as many answers per generation batch as PPO's row (or 4 where its batch is smaller)."""
     out = str(tmp_path / "run")
     ppo = PARSERS[3](split_stage_command(dry_run_commands(script, "3", out)[-1], 3)[1])
-    for estimator in e2e_rlhf.CRITIC_FREE:
+    for estimator in pipeline_stages.CRITIC_FREE:
         args = PARSERS[3](split_stage_command(dry_run_commands(script, estimator, out)[-1], 3)[1])
         assert args.advantage_estimator == estimator
         assert args.output_dir == str(Path(out) / estimator)

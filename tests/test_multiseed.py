@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import e2e_rlhf
+from pipeline import run as pipeline_run
 from pipeline.multiseed import (
     MEASURES,
     Method,
@@ -126,7 +127,7 @@ class SeededStages:
     def __init__(self):
         self.calls: list[tuple[str, str | None, str, str]] = []
 
-    def __call__(self, run: e2e_rlhf.StageRun) -> int:
+    def __call__(self, run: pipeline_run.StageRun) -> int:
         stage, out = stage_of(run), Path(run.command[3])
         seed = run.env["SEED"]
         self.calls.append((seed, run.env.get("OMP_NUM_THREADS"), str(out), stage.name))

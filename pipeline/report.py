@@ -1,0 +1,249 @@
+"""The summary table printed after a pipeline: each stage's figures, the proxy-vs-gold verdict that reads
+the answers, the reward-hacking measures, wall times, and where the outputs are."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.stages import ALL_STAGES, DPO_STAGES, RL_STAGES, RUN_RECORD, STAGE_LOG, STAGES
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON ({e})") from None
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{int(round(seconds))} s ({m}:{s:02d})"
+
+
+def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows from the stages' metrics files and run records under `out` (every pipeline's that
+    ran there); `ran` names the stage directories ("sft", "rm", "ppo", "grpo", "dpo", ...) that ran in this
+    invocation (the others' wall time is from an earlier run)."""
+    sft = _load(STAGES[1].metrics_path(out))
+    rm = _load(STAGES[2].metrics_path(out))
+    dpo = _load(DPO_STAGES[2].metrics_path(out))
+    rows: list[tuple[str, str]] = []
+    if sft:
+        ppl = sft["perplexity_per_epoch"]
+        rows.append(("stage 1: held-out perplexity before -> after", f"{ppl[0]:.2f} -> {ppl[-1]:.2f}"))
+    if rm:
+        final = rm["final"]
+        rows.append(
+            ("stage 2: held-out pairwise accuracy", f"{final['accuracy']:.3f} ({final['pairs']} pairs)")
+        )
+    for stage in RL_STAGES:
+        if metrics := _load(stage.metrics_path(out)):
+            rows += rl_rows("stage 3" if stage.name == "ppo" else stage.title, stage.title, metrics)
+    if dpo:
+        rows += dpo_rows(dpo)
+    total = 0.0
+    for stage in ALL_STAGES:
+        record = _load(stage.dir(out) / RUN_RECORD)
+        if record:
+            total += record["seconds"]
+            when = "" if ran is None or stage.name in ran else "  (earlier run)"
+            label = f"wall time: step {stage.step} ({stage.title})"
+            if stage.name == "dpo":
+                label = "wall time: DPO"
+            rows.append((label, duration(record["seconds"]) + when))
+    if total:
+        rows.append(("wall time: all stages", duration(total)))
+    return rows
+
+
+def rl_rows(prefix: str, title: str, m: dict) -> list[tuple[str, str]]:
+    """Stage 3's rows (PPO, or a critic-free estimator titled `title`): the held-out score of its reward (the
+    reward model's, or --reward_fn's) before -> after, the final KL, then `gold_rows`."""
+    before, after = m["before"]["score"], m["after"]["score"]
+    reward = "RM score" if m.get("algorithm", {}).get("reward_fn") is None else "reward"
+    rows = [
+        (f"{prefix}: held-out {reward}, stage-1 policy", f"{before:+.3f}"),
+        (f"{prefix}: held-out {reward}, {title} policy", f"{after:+.3f}"),
+        (
+            f"{prefix}: {title} policy scores higher",
+            f"{'yes' if after > before else 'NO'} ({m['score_gain']:+.3f} normalised units)",
+        ),
+        (f"{prefix}: final KL to the reference (per sequence)", f"{m['final_kl']:.3f}"),
+    ]
+    return rows + gold_rows(m, prefix)
+
+
+# (ppo_metrics.json eval key, row label) of the reward-hacking measures, shown before -> after
+MEASURE_ROWS = (
+    ("eos_fraction", "share of answers ending in EOS"),
+    ("response_length", "mean answer length (tokens)"),
+    ("repeated_3gram_rate", "repeated 3-gram rate"),
+    ("distinct_2", "distinct-2"),
+    ("leaked_turn_markers", "share with leaked turn markers"),
+)
+
+
+# distinct-2 after / before below this: the answers collapsed onto a few texts, whatever the means say
+COLLAPSE_RATIO = 0.5
+
+
+# A rise of the malformed share by more than this (a share of the held-out answers) is a failure, whatever the
+# means say: 0.02 is about 3 of the 128 held-out prompts of the tiny default, the noise of one evaluation.
+MALFORMED_RISE_TOLERANCE = 0.02
+
+
+def answer_failures(before: dict, after: dict) -> list[str]:
+    """What the held-out answers themselves say against a gain, whatever the mean gold: the best share fell,
+    the malformed share rose by more than MALFORMED_RISE_TOLERANCE, or the answers collapsed (distinct-2 below
+    COLLAPSE_RATIO of before). Empty when none, or when the figures are not recorded."""
+    failures = []
+    if "gold_share_best" in before and after.get("gold_share_best", 1.0) < before["gold_share_best"]:
+        failures.append(
+            f"the best share fell ({before['gold_share_best']:.2f} -> {after['gold_share_best']:.2f})"
+        )
+    if (
+        "gold_share_malformed" in before
+        and after.get("gold_share_malformed", 0.0)
+        > before["gold_share_malformed"] + MALFORMED_RISE_TOLERANCE + 1e-9
+    ):
+        failures.append(
+            f"the malformed share rose ({before['gold_share_malformed']:.2f} -> {after['gold_share_malformed']:.2f})"
+        )
+    if before.get("distinct_2") and after.get("distinct_2", 1.0) < COLLAPSE_RATIO * before["distinct_2"]:
+        failures.append(
+            f"the answers collapsed (distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f})"
+        )
+    return failures
+
+
+def proxy_gold_verdict(
+    proxy_gain: float, gold_gain: float, before: dict | None = None, after: dict | None = None
+) -> str:
+    """In words, what the held-out proxy (reward-model) and gold scores did from before to after training;
+    with the evaluations `before` and `after`, a gold gain whose answers say otherwise (`answer_failures`) is
+    no gain."""
+    gains = f"proxy {proxy_gain:+.3f}, gold {gold_gain:+.3f}"
+    failures = answer_failures(before or {}, after or {})
+    if proxy_gain > 0 and gold_gain <= 0:
+        return f"REWARD HACKING: the proxy rose but the gold did not ({gains})"
+    if gold_gain > 0 and failures:
+        return f"NOT a real gain: the gold mean rose, but {'; '.join(failures)} ({gains})"
+    if proxy_gain > 0:
+        return f"both rose: a real gain ({gains})"
+    if gold_gain > 0:
+        return f"the gold rose though the proxy did not ({gains})"
+    return f"neither rose ({gains})"
+
+
+def label_share_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+    """The best and malformed shares of the gold's labels, before -> after (where the gold gave them)."""
+    rows = []
+    for label in ("best", "malformed"):
+        key = f"gold_share_{label}"
+        if key in before and key in after:
+            rows.append((f"{prefix}: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
+    return rows
+
+
+def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+    """The reward-hacking measures of the held-out answers, before -> after, and a warning when their
+    diversity (distinct-2) fell below COLLAPSE_RATIO of what it was."""
+    rows = [
+        (f"{prefix}: {label}", f"{before[key]:.3f} -> {after[key]:.3f}")
+        for key, label in MEASURE_ROWS
+        if key in before and key in after
+    ]
+    if (
+        before.get("distinct_2")
+        and "distinct_2" in after
+        and after["distinct_2"] < COLLAPSE_RATIO * before["distinct_2"]
+    ):
+        drop = 1 - after["distinct_2"] / before["distinct_2"]
+        rows.append(
+            (
+                f"{prefix}: answer diversity",
+                f"COLLAPSED: distinct-2 fell {drop:.0%}; read the held-out answers",
+            )
+        )
+    return rows
+
+
+def gold_rows(ppo: dict, prefix: str = "stage 3") -> list[tuple[str, str]]:
+    """Stage 3's gold rows (gold score, best and malformed shares, the verdict; when a gold was known) and
+    reward-hacking measures, before -> after; none for metrics written before they existed."""
+    before, after = ppo["before"], ppo["after"]
+    rows: list[tuple[str, str]] = []
+    if "gold_gain" in ppo:
+        gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({ppo['gold_reward']})"
+        rows.append((f"{prefix}: held-out gold score before -> after", gold))
+        rows += label_share_rows(prefix, before, after)
+        rows.append(
+            (
+                f"{prefix}: proxy vs gold",
+                proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"], before, after),
+            )
+        )
+    return rows + measure_rows(prefix, before, after)
+
+
+def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
+    """DPO's rows: held-out pair accuracy and margin, the KL of its answers to the stage-1 policy, and (when a
+    gold was known) the gold score and the best and malformed shares before -> after, with the same
+    reward-hacking measures as PPO's."""
+    before, after = dpo["before"], dpo["after"]
+    rows = [
+        (
+            "DPO: held-out pair accuracy before -> after",
+            f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
+        ),
+        ("DPO: held-out implicit-reward margin", f"{before['margin']:+.3f} -> {after['margin']:+.3f}"),
+    ]
+    if "kl" in after:
+        rows.append(("DPO: final KL to the stage-1 policy (per sequence)", f"{after['kl']:.3f}"))
+    if "gold_mean" in before and "gold_mean" in after:
+        gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({dpo['gold_reward']})"
+        rows.append(("DPO: held-out gold score before -> after", gold))
+        rows += label_share_rows("DPO", before, after)
+    return rows + measure_rows("DPO", before, after)
+
+
+def format_table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    rule = "=" * (width + 36)
+    return "\n".join([rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule])
+
+
+def report(out: Path, ran: set[str]) -> None:
+    """Plot the curves of every finished stage 3 (PPO, critic-free) and print the summary table and where
+    things are."""
+    from common.plot import PNG_NAME, plot_ppo_curves
+
+    pngs = {}
+    for stage in RL_STAGES:
+        metrics = stage.metrics_path(out)
+        if metrics.is_file():
+            try:
+                pngs[stage] = plot_ppo_curves(metrics, metrics.with_name(PNG_NAME))
+            except ValueError as e:
+                print(f"note: no {stage.title} plot: {e}")
+    rows = summary_rows(out, ran)
+    if rows:
+        print("\n" + format_table(rows))
+    print(f"outputs:       {out}")
+    print(f"stage logs:    {out}/<stage>/{STAGE_LOG}")
+    if (out / "tensorboard").is_dir():
+        print(f"TensorBoard:   tensorboard --logdir {out / 'tensorboard'}")
+    for stage in RL_STAGES:
+        answers, actor = stage.dir(out) / "heldout_answers.jsonl", stage.dir(out) / "actor"
+        if stage in pngs:
+            print(_label(f"{stage.title} curves:") + str(pngs[stage]))
+        if answers.is_file():
+            print(_label(f"{stage.title} answers:") + f"{answers} (held-out prompts, before / after)")
+        if actor.is_dir():
+            print(_label("chat with it:") + f"python chat.py --path {actor}")
+
+
+def _label(text: str) -> str:
+    return text.ljust(15) if len(text) < 15 else text + " "
