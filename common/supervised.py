@@ -66,6 +66,7 @@ def train_supervised(
     a checkpoint holds ({"model": engine}, DPO's reference too when it trains one); `unit` names the items
     step_fn counts (TensorBoard's train/<unit>_per_s); after_step(step) runs after every optimizer step's
     logging and before its checkpoint, after_epoch(epoch) after every epoch."""
+    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
     for epoch in range(state.epoch, args.num_train_epochs):
         skip = state.batches_in_epoch if epoch == state.epoch else 0
         batches: Iterable = epoch_batches(

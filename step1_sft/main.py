@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         dist.print_rank0(f"[sft] epoch {epoch + 1}/{args.num_train_epochs}: held-out perplexity {ppl:.3f}")
         monitor.log({"eval/perplexity": ppl}, engine.global_steps)
 
-    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
     train_supervised(
         engine,
         train_dl,

@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
             run_eval(args.eval_iters, "eval")
 
-    policy.train()
     train_supervised(
         policy,
         train_dl,

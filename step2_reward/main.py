@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
             run_eval(args.eval_iters, "eval")
 
-    engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
     train_supervised(
         engine,
         train_dl,
