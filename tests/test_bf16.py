@@ -43,6 +43,7 @@ from common.rl_math import (
     shape_rewards,
     value_loss,
 )
+from common.sampling import Samples
 from step3_rlhf.experience import Rollout
 from step3_rlhf.ppo_trainer import PPOTrainer
 from tests.launch import REPO, run_stage
@@ -214,18 +215,17 @@ def rollouts(models, fp32_stage, bf16_stage) -> dict[str, Rollout]:  # noqa: F81
     return out
 
 
-def _samples_of(r: Rollout, batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
-    """What ExperienceMaker.sample returned for each generation batch of `r`, recovered from the rollout:
-    (seq, attention_mask, action_mask, ends_with_eos) at each batch's own prompt width."""
+def _samples_of(r: Rollout, batches: list[dict[str, torch.Tensor]]) -> list[Samples]:
+    """What ExperienceMaker.sample returned for each generation batch of `r`, recovered from the rollout at
+    each batch's own prompt width."""
     out, start = [], 0
     for b in batches:
         n, p = b["input_ids"].shape
         rows = slice(start, start + n)
         extra = r.prompt_len - p  # concat_rollouts left-padded the narrower prompts by this much
         seq = r.seq[rows, extra:].clone()
-        out.append(
-            (seq, r.attention_mask[rows, extra:].clone(), r.action_mask[rows].clone(), r.ends_with_eos[rows])
-        )
+        attention_mask = r.attention_mask[rows, extra:].clone()
+        out.append(Samples(seq, attention_mask, r.action_mask[rows].clone(), r.ends_with_eos[rows], p))
         assert torch.equal(seq[:, :p], b["input_ids"]), "precondition: the rollout keeps the prompt rows"
         start += n
     return out
