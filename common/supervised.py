@@ -7,7 +7,7 @@ does the bookkeeping every stage needs, in the same order for all of them:
         loss -> non-finite? skip it (--skip_nonfinite_steps) or stop -> backward -> step
         at the end of each gradient-accumulation window (one optimizer step):
             the window's mean loss and statistics over all ranks -> print, TensorBoard, train_log.jsonl
-            -> the stage's callback (evaluation every --eval_interval) -> checkpoint every --save_interval
+            -> evaluation every --eval_interval (the stage's) -> checkpoint every --save_interval
         at the end of each epoch: the stage's callback (SFT's perplexity)
 
 Stage 3 has its own loop (rollouts, PPO epochs over them): step3_rlhf/main.py.
@@ -33,7 +33,7 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.monitor import Monitor, progress
-from common.training import to_device
+from common.training import optimizer_steps, to_device
 
 # batch -> (loss, {name: scalar tensor} to log beside it, how many items (tokens, pairs) the batch held)
 StepFn = Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
@@ -59,13 +59,15 @@ def train_supervised(
     unit: str,
     step_fn: StepFn,
     dev: torch.device,
-    after_step: Callable[[int], None] | None = None,
+    evaluate: Callable[[], None] | None = None,
     after_epoch: Callable[[int], None] | None = None,
 ) -> None:
     """Train `engine` for the epochs left in `state` (see the module docstring). `checkpointed`: the engines
     a checkpoint holds ({"model": engine}, DPO's reference too when it trains one); `unit` names the items
-    step_fn counts (TensorBoard's train/<unit>_per_s); after_step(step) runs after every optimizer step's
-    logging and before its checkpoint, after_epoch(epoch) after every epoch."""
+    step_fn counts (TensorBoard's train/<unit>_per_s); evaluate() runs every --eval_interval optimizer steps
+    (after the step's logging, before its checkpoint; not at the last step, which the stage evaluates
+    itself), after_epoch(epoch) after every epoch."""
+    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
     engine.train()  # from_pretrained returns eval mode; a resumed run skips the eval that switched it
     for epoch in range(state.epoch, args.num_train_epochs):
         skip = state.batches_in_epoch if epoch == state.epoch else 0
@@ -95,8 +97,9 @@ def train_supervised(
             scalars = {f"train/{k}": v for k, v in means.items()}
             monitor.log({**scalars, "train/lr": engine.get_lr()[0], f"train/{unit}_per_s": per_s}, step)
             append_train_log(args.output_dir, {"step": step, **means})
-            if after_step is not None:
-                after_step(step)
+            interval = getattr(args, "eval_interval", 0)
+            if evaluate is not None and interval and step % interval == 0 and step < total_steps:
+                evaluate()
             if args.save_interval and step % args.save_interval == 0:
                 state.step, state.epoch, state.batches_in_epoch = step, epoch, i + 1
                 save_checkpoint(args.output_dir, checkpointed, state, args.save_total_limit)

@@ -52,7 +52,6 @@ from common.training import (
     device,
     eval_loader,
     frozen_engine,
-    optimizer_steps,
     set_seed,
     stage_causal_lm,
     stage_ds_config,
@@ -126,7 +125,6 @@ def main(argv: list[str] | None = None) -> None:
 
     ds_config = stage_ds_config(args)
     policy, reference = build_policy_and_reference(args, tokenizer, ds_config, len(train_dl))
-    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
     sample = answer_sampler(policy, reference, tokenizer, args, zero3=args.zero_stage == 3)
 
     claim_output_dir(args.output_dir, "dpo", args)
@@ -169,10 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         loss, stats = dpo_loss(policy, reference, batch, args)
         return loss, {k: stats[k].mean() for k in PAIR_STATS[1:]}, stats["loss"].shape[0]
 
-    def evaluate_every_interval(step: int) -> None:
-        if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-            run_eval(args.eval_iters, "eval")
-
     train_supervised(
         policy,
         train_dl,
@@ -185,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         unit="pairs",
         step_fn=step,
         dev=dev,
-        after_step=evaluate_every_interval,
+        evaluate=lambda: run_eval(args.eval_iters, "eval"),
     )
     final, after_answers = run_eval(0, "final eval (whole eval set)")
 

@@ -44,7 +44,6 @@ from common.training import (
     device,
     eval_loader,
     lora_and_checkpointing_flags,
-    optimizer_steps,
     set_seed,
     stage_ds_config,
     stage_engine,
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = with_lora_and_checkpointing(model, **lora_and_checkpointing_flags(args))
     engine = stage_engine(model, args, ds_config, len(train_dl))
-    total_steps = optimizer_steps(len(train_dl), args.gradient_accumulation_steps, args.num_train_epochs)
 
     claim_output_dir(args.output_dir, "reward", args)
     engines = {"model": engine}
@@ -116,10 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = (chosen > rejected).float().mean()
         return pairwise_loss(chosen, rejected, args.margin).mean(), {"accuracy": accuracy}, chosen.shape[0]
 
-    def evaluate_every_interval(step: int) -> None:
-        if args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-            run_eval(args.eval_iters, "eval")
-
     train_supervised(
         engine,
         train_dl,
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         unit="pairs",
         step_fn=step,
         dev=dev,
-        after_step=evaluate_every_interval,
+        evaluate=lambda: run_eval(args.eval_iters, "eval"),
     )
     final = run_eval(0, "final eval (whole eval set)")
 
