@@ -25,7 +25,7 @@ from typing import TextIO
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from common.chat_format import ChatFormat
+from common.data.chat_format import ChatFormat
 from common.errors import exit_cleanly_on_user_errors
 from step1_sft.prompt_eval import (
     ASSISTANT,

@@ -20,7 +20,7 @@ inputs, the arms interleaved (A B A B ..., --repeats rounds, medians) so that ot
           and model, no batching)
           / our experience maker (one batched forward per model);
   logits  actor and reference log-prob forwards computing the vocabulary logits at every position / at
-          the response positions only (`common.model.response_logits`); on a GPU also their peak memory;
+          the response positions only (`common.models.forward.response_logits`); on a GPU also their peak memory;
   zero    seconds per iteration with the actor under ZeRO-3 / ZeRO-2;
   gather  ZeRO-3 actor: generation and iteration with per-decode-step all-gathers
           (--no-gather_actor_for_generation) / with the actor gathered once per generation (the default
@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.training import peak_memory_mb  # noqa: E402
+from common.training.engines import peak_memory_mb  # noqa: E402
 
 # Architectures of the public checkpoints, typed in (random weights; no download).
 CONFIGS = {
@@ -83,7 +83,7 @@ CONFIGS = {
     ),
 }
 # SmolLM2-135M(-Instruct)'s architecture (Llama: grouped-query attention, tied embeddings; the model of
-# launch/smollm2/ and tests/test_real_model.py), with random weights like the others.
+# launch/smollm2/ and tests/runs/test_real_model.py), with random weights like the others.
 LLAMA_CONFIGS = {
     "smollm2-135m": dict(
         hidden_size=576,
@@ -113,7 +113,7 @@ def write_model(name: str, root: Path) -> Path:
     """A model directory for `name` with the tiny tokenizer (ids < its vocab are all we sample)."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from common.tiny import write_tiny
+    from tools.tiny import write_tiny
 
     tiny = write_tiny(root / "tiny", arch="opt", seed=0) if not (root / "tiny").exists() else root / "tiny"
     if name == "tiny":
@@ -136,8 +136,9 @@ def write_model(name: str, root: Path) -> Path:
 
 
 def make_reward_model(actor_like: Path, root: Path) -> Path:
-    from common.model import load_tokenizer
-    from common.reward_model import load_reward_model_for_training, save_reward_model
+    from common.models.loading import load_tokenizer
+    from common.models.reward_model import load_reward_model_for_training
+    from common.models.saving import save_reward_model
 
     out = root / f"rm-{actor_like.name}"
     if not out.exists():
@@ -181,7 +182,7 @@ class Setup:
 def build(a: argparse.Namespace, actor_dir: Path, rm_dir: Path, actor_zero_stage: int) -> Setup:
     """Engines, experience maker and trainer as step3_rlhf/main.py builds them, plus `a.batch` prompts of
     `a.prompt_len` random non-special tokens (the same prompts for every setup of a run)."""
-    from common.model import load_tokenizer
+    from common.models.loading import load_tokenizer
     from common.rl_math import FixedKLController
     from step3_rlhf.args import parse_args
     from step3_rlhf.engines import build_engines
@@ -288,7 +289,7 @@ def naive_experience(
     engines, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int, temperature: float
 ) -> None:
     """The seed's loop: one sample at a time, each model a separate full forward, no batching."""
-    from common.model import position_ids_from_mask
+    from common.models.forward import position_ids_from_mask
     from common.rl_math import response_logprobs
 
     for i in range(seq.shape[0]):
@@ -337,7 +338,7 @@ def compare_naive(s: Setup, repeats: int) -> dict[str, float]:
 def compare_logits(s: Setup, repeats: int) -> dict[str, float]:
     """Actor + reference log-prob forwards of one sampled batch: logits at every position, then sliced (as
     before 2026-11-21 and in the seeds) / logits at the response positions only (what stage 3 does)."""
-    from common.model import position_ids_from_mask, response_logits
+    from common.models.forward import position_ids_from_mask, response_logits
     from common.rl_math import logprobs_from_logits, response_positions
 
     answers = s.maker.sample(s.batch["input_ids"], s.batch["attention_mask"])

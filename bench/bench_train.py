@@ -3,7 +3,7 @@
     python bench/bench_train.py --stage 1 --model tiny --steps 10
     python bench/bench_train.py --stage 2 --model opt-125m --seq_len 256 --batch 8
 
-One process, the stages' own engine builders (common/training.py) and losses, models from the configs in
+One process, the stages' own engine builders (common/training/engines.py) and losses, models from the configs in
 bench/bench_ppo.py with random weights. Prints samples/s, tokens/s and peak memory (RSS on CPU, peak allocated
 on a GPU) and appends a JSON line to bench/results.jsonl.
 """
@@ -39,9 +39,10 @@ def main() -> None:
     a = p.parse_args()
 
     from common import dist
-    from common.model import causal_lm_loss, load_causal_lm, load_tokenizer, position_ids_from_mask
-    from common.reward_model import load_reward_model_for_training
-    from common.training import stage_ds_config, stage_engine
+    from common.models.forward import causal_lm_loss, position_ids_from_mask
+    from common.models.loading import load_causal_lm, load_tokenizer
+    from common.models.reward_model import load_reward_model_for_training
+    from common.training.engines import stage_ds_config, stage_engine
     from step2_reward.main import pairwise_loss
 
     dist.init_distributed()

@@ -11,7 +11,7 @@ once per method through the tiny launch script, each from the same sft/ and rm/:
                      bash launch/tiny/single_gpu.sh <estimator> OUT 4 prompts x 4 answers per iteration
     REINFORCE++      bash launch/tiny/single_gpu.sh reinforce_pp OUT   16 prompts x 1 answer
     GRPO, gold as reward function
-                     ... grpo OUT -- --reward_fn common.gold:synthetic_gold --reward_model_coef 0
+                     ... grpo OUT -- --reward_fn common.evaluation.gold:synthetic_gold --reward_model_coef 0
                                     --reward_ensemble_models   (none of the ensemble)
 The critic-free methods take the script's STEP3_ARGS (and CRITIC_FREE_ARGS, empty in the tiny script: they
 share PPO's actor lr 7.5e-5); add flags to them all with --critic-free-args='...'. Multi-seed figures:
@@ -42,11 +42,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_ppo import environment  # noqa: E402
 from bench.dpo_vs_ppo import figures  # noqa: E402
+from common.evaluation.metrics import PolicyMetrics  # noqa: E402
 
 # no reward model: the gold alone (and none of the launch script's ensemble members)
 GOLD_FN = [
     "--reward_fn",
-    "common.gold:synthetic_gold",
+    "common.evaluation.gold:synthetic_gold",
     "--reward_model_coef",
     "0",
     "--reward_ensemble_models",
@@ -76,19 +77,19 @@ def run_method(out: Path, name: str, step: str, extra: list[str]) -> float:
 
 
 def method_row(out: Path, name: str, title: str, seconds: float) -> dict:
-    m = json.loads((out / name / "ppo_metrics.json").read_text())
+    m = PolicyMetrics.read(out / name / "ppo_metrics.json")
     return {
         "method": title,
-        **figures(m["after"]),
-        "proxy_gain": m["score_gain"],
-        "samples": m["samples_generated"],
+        **figures(m.after),
+        "proxy_gain": m.score_gain,
+        "samples": m.extra["samples_generated"],
         "seconds": seconds,
         # the iterations alone (sampling, scoring, advantages, updates): no start-up, data or evaluation
-        "iteration_seconds": sum(h["experience_seconds"] + h["training_seconds"] for h in m["history"]),
-        "peak_memory_mb": m["peak_memory_mb"],
-        "algorithm": m["algorithm"],
-        "evals": [{"step": e["step"], "gold_mean": e["gold_mean"], "kl": e["kl"]} for e in m["evals"]],
-        "before": figures(m["before"]),
+        "iteration_seconds": sum(h["experience_seconds"] + h["training_seconds"] for h in m.history or []),
+        "peak_memory_mb": m.extra["peak_memory_mb"],
+        "algorithm": m.algorithm,
+        "evals": [{"step": e.step, "gold_mean": e.gold_mean, "kl": e.kl} for e in m.evals],
+        "before": figures(m.before),
     }
 
 

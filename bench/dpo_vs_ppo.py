@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_ppo import environment  # noqa: E402
+from common.evaluation.metrics import AnswerEval, PolicyMetrics  # noqa: E402
 
 
 def run_e2e(out: Path, *flags: str) -> None:
@@ -35,29 +36,24 @@ def seconds(out: Path, stage_dir: str) -> float:
     return json.loads((out / stage_dir / "stage_run.json").read_text())["seconds"]
 
 
-def figures(e: dict) -> dict:
+def figures(e: AnswerEval) -> dict:
     """The gold figures of one held-out evaluation (ppo_metrics.json / dpo_metrics.json "before", "after")."""
-    return {
-        "gold_mean": e["gold_mean"],
-        "best": e["gold_share_best"],
-        "malformed": e["gold_share_malformed"],
-        "kl": e["kl"],
-    }
+    return {"gold_mean": e.gold_mean, "best": e.share("best"), "malformed": e.share("malformed"), "kl": e.kl}
 
 
 def method_rows(out: Path) -> list[dict]:
     """One dict per method (and one for the stage-1 policy both start from) from the stages' metrics."""
-    ppo = json.loads((out / "ppo" / "ppo_metrics.json").read_text())
-    dpo = json.loads((out / "dpo" / "dpo_metrics.json").read_text())
+    ppo = PolicyMetrics.read(out / "ppo" / "ppo_metrics.json")
+    dpo = PolicyMetrics.read(out / "dpo" / "dpo_metrics.json")
 
     return [
-        {"method": "stage-1 policy (SFT)", **figures(ppo["before"]), "seconds": seconds(out, "sft")},
+        {"method": "stage-1 policy (SFT)", **figures(ppo.before), "seconds": seconds(out, "sft")},
         {
             "method": "PPO (reward model + PPO)",
-            **figures(ppo["after"]),
+            **figures(ppo.after),
             "seconds": seconds(out, "rm") + seconds(out, "ppo"),
         },
-        {"method": "DPO", **figures(dpo["after"]), "seconds": seconds(out, "dpo")},
+        {"method": "DPO", **figures(dpo.after), "seconds": seconds(out, "dpo")},
     ]
 
 
@@ -85,9 +81,9 @@ def main() -> None:
     run_e2e(out, *([f"--step3-args={args.extra_ppo_args}"] if args.extra_ppo_args else []))
     run_e2e(out, "--algo", "dpo", *([f"--dpo-args={args.extra_dpo_args}"] if args.extra_dpo_args else []))
     rows = method_rows(out)
-    before = json.loads((out / "ppo" / "ppo_metrics.json").read_text())["before"]
-    dpo_before = json.loads((out / "dpo" / "dpo_metrics.json").read_text())["before"]
-    if abs(before["gold_mean"] - dpo_before["gold_mean"]) > 1e-9:
+    before = PolicyMetrics.read(out / "ppo" / "ppo_metrics.json").before
+    dpo_before = PolicyMetrics.read(out / "dpo" / "dpo_metrics.json").before
+    if abs(before.gold_mean - dpo_before.gold_mean) > 1e-9:
         print("note: the two runs' stage-1 evaluations differ: their sampling is not the same")
     print("\n" + table(rows))
     env = environment()

@@ -1,4 +1,4 @@
-"""Grade policies of the bundled task with the gold reward (common/gold.py) on held-out prompts.
+"""Grade policies of the bundled task with the gold reward (common/evaluation/gold.py) on held-out prompts.
 
     python bench/gold_eval.py --model out/sft [--model out/ppo/actor ...] [--num_prompts 128]
     python bench/gold_eval.py --answers out/ppo/heldout_answers.jsonl
@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.gold import LABELS, GoldScore, summarize, synthetic_gold  # noqa: E402
+from common.evaluation.gold import LABELS, GoldScore, summarize, synthetic_gold  # noqa: E402
 
 TEST_FILE = REPO / "data" / "synthetic" / "test.jsonl"
 EOS_TEXT = "<|endoftext|>"
@@ -40,11 +40,11 @@ def test_prompts(path: Path = TEST_FILE, n: int = 128) -> list[str]:
 def sample_policy(
     model_dir: str, prompts: list[str], temperature: float, max_new_tokens: int, seed: int, batch: int = 64
 ) -> tuple[list[str], list[bool]]:
-    """One sampled answer per prompt (`common.sampling.sample_answers`, stage 3's settings): (answers decoded
+    """One sampled answer per prompt (`common.models.sampling.sample_answers`, stage 3's settings): (answers decoded
     without special tokens and cut at the first EOS, finished flags: EOS within max_new_tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.sampling import SamplingSettings, decode_answer, sample_answers
+    from common.models.sampling import SamplingSettings, decode_answer, sample_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"

@@ -163,7 +163,7 @@ def add_pair_eval_args(g: argparse._ArgumentGroup) -> None:
 
 
 def add_gold_reward_arg(g: argparse._ArgumentGroup) -> None:
-    """--gold_reward: the ground truth that grades sampled held-out answers (stage 3, DPO; common/heldout.py)."""
+    """--gold_reward: the ground truth that grades sampled held-out answers (stage 3, DPO; common/evaluation/heldout.py)."""
     g.add_argument(
         "--gold_reward",
         type=str,
@@ -172,7 +172,7 @@ def add_gold_reward_arg(g: argparse._ArgumentGroup) -> None:
         help="Gold scorer of held-out answers, to tell real gains from reward hacking: a function "
         "f(prompts, responses, finished) -> one float, or one object with .score and optional .label, per "
         "answer (responses decoded without special tokens, cut at EOS; finished: ended with EOS). auto: the "
-        "bundled task's common.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
+        "bundled task's common.evaluation.gold:synthetic_gold when --data_path is the bundled dataset, else none.",
     )
 
 

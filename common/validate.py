@@ -12,9 +12,9 @@ Every failure is a SystemExit whose message names the flag, the path and what is
   since unpickling can run arbitrary code); a config.json or tokenizer_config.json with `auto_map` (model code
   shipped with the weights) needs --trust_remote_code. A name that is not an existing local path and looks
   like a hub id ("name" or "org/name") goes through transformers' normal hub loading; failing there names the
-  flag. Hub models get `use_safetensors=True` from the loaders (common.model, common.reward_model).
+  flag. Hub models get `use_safetensors=True` from the loaders (common.models, common.models.reward_model).
 - tokenizer: it has an EOS token, and its base vocabulary has no id >= the model's vocab_size. Added
-  tokens (like the pad token `common.model.load_tokenizer` adds when there is none) are not counted: the
+  tokens (like the pad token `common.models.loading.load_tokenizer` adds when there is none) are not counted: the
   loaders resize the embeddings to len(tokenizer) for them.
 - tokenizers that must agree: stage 3's critic and reward model read the actor's token ids; stage 2's
   normalisation policy generates token ids the reward model reads.
@@ -246,7 +246,7 @@ def check_lora_modules(
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from common.model import lora_target_modules
+    from common.models.lora import lora_target_modules
 
     auto = AutoModel if trunk else AutoModelForCausalLM
     with torch.device("meta"):
@@ -382,7 +382,7 @@ def check_same_tokenizer(
 ) -> None:
     """Every model in `models` ({flag: path}) has the tokenizer of `ref_path`, as `load_tokenizer` gives it
     (same vocabulary, same EOS and pad ids): they all read the same token ids."""
-    from common.model import load_tokenizer
+    from common.models.loading import load_tokenizer
 
     reference = load_tokenizer(ref_path, trust_remote_code)
     for flag, path in models.items():

@@ -7,12 +7,12 @@ Schema (Dahoas/rm-static): every JSON line has `prompt` ("\\n\\nHuman: ...\\n\\n
 (= `chosen`, as in rm-static), `chosen` and `rejected`. Responses start with a space, like rm-static.
 
 Design: the data must let a tiny random-init model show learning in all three stages within minutes, and
-let the reward model learn what the gold reward (`common/gold.py`) prefers among the texts policies produce.
+let the reward model learn what the gold reward (`common/evaluation/gold.py`) prefers among the texts policies produce.
 
 - Prompts: 40 everyday topics x 10 question templates, with an optional greeting prefix; 10% are
   multi-turn (an earlier small-talk exchange, or an earlier question on another topic answered well).
   One template per topic is held out for the test split, so test prompts are never seen in training.
-- Three quality levels of well-formed answers (the grammar, `common/synthetic_task.py`):
+- Three quality levels of well-formed answers (the grammar, `common/evaluation/synthetic_task.py`):
     best (2)     = polite opener + a tip specific to the prompt's topic + friendly closer
                    (" Happy to help! Let the dough rise until it doubles ... Good luck!")
     mediocre (1) = either curt (the on-topic tip alone, no opener/closer) or vague
@@ -41,8 +41,8 @@ let the reward model learn what the gold reward (`common/gold.py`) prefers among
 - Well-formed responses are 8-30 words (malformed ones up to ~55), so generation with the tiny tokenizer
   needs at most ~48 tokens.
 
-`response_level(prompt, response)` (common/synthetic_task.py, re-exported here) is the exact oracle for the
-grammar (2/1/0, or -1 for any other text); `common/gold.py` grades any text with partial credit.
+`response_level(prompt, response)` (common/evaluation/synthetic_task.py, re-exported here) is the exact oracle for the
+grammar (2/1/0, or -1 for any other text); `common/evaluation/gold.py` grades any text with partial credit.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from pathlib import Path
 
 # data/ is run as a script (python data/make_synthetic.py); the grammar lives in the importable common/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.gold import synthetic_gold  # noqa: E402
-from common.synthetic_task import (  # noqa: E402, F401  (re-exported: tests use ms.TOPICS, ms.response_level...)
+from common.evaluation.gold import synthetic_gold  # noqa: E402
+from common.evaluation.synthetic_task import (  # noqa: E402, F401  (re-exported: tests use ms.TOPICS, ms.response_level...)
     BAD,
     BEST,
     CLOSERS,

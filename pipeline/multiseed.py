@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from common.evaluation.metrics import AnswerEval, PolicyMetrics
+
 SEED_DIR_PREFIX = "seed-"
 SUMMARY_JSON = "multiseed_summary.json"
 SUMMARY_MD = "multiseed_summary.md"
@@ -65,32 +67,35 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"{SEED_DIR_PREFIX}{seed}"
 
 
-def seed_result(metrics: dict[str, Any]) -> dict[str, float] | None:
-    """The measures of one run from its metrics file (stage 3's ppo_metrics.json or DPO's dpo_metrics.json);
-    None when it graded no gold."""
-    before, after = metrics["before"], metrics["after"]
-    if "gold_mean" not in before or "gold_mean" not in after:
+def seed_result(metrics: PolicyMetrics) -> dict[str, float] | None:
+    """The measures of one run from its metrics (stage 3's ppo_metrics.json or DPO's dpo_metrics.json); None
+    when it graded no gold."""
+    before, after = metrics.before, metrics.after
+    if before.gold_mean is None or after.gold_mean is None:
         return None
+
+    def share(evaluation: AnswerEval, label: str) -> float:
+        value = evaluation.share(label)
+        return float("nan") if value is None else value
+
     result = {
-        "gold_before": before["gold_mean"],
-        "gold_gain": after["gold_mean"] - before["gold_mean"],
-        "best_before": before.get("gold_share_best", float("nan")),
-        "best_gain": after.get("gold_share_best", float("nan")) - before.get("gold_share_best", float("nan")),
-        "malformed_before": before.get("gold_share_malformed", float("nan")),
-        "malformed_after": after.get("gold_share_malformed", float("nan")),
-        "final_kl": float(metrics["final_kl"])
-        if metrics.get("final_kl") is not None
-        else after.get("kl", 0.0),
-        "distinct_2_ratio": after["distinct_2"] / before["distinct_2"] if before.get("distinct_2") else 1.0,
+        "gold_before": before.gold_mean,
+        "gold_gain": after.gold_mean - before.gold_mean,
+        "best_before": share(before, "best"),
+        "best_gain": share(after, "best") - share(before, "best"),
+        "malformed_before": share(before, "malformed"),
+        "malformed_after": share(after, "malformed"),
+        "final_kl": float(metrics.final_kl) if metrics.final_kl is not None else (after.kl or 0.0),
+        "distinct_2_ratio": after.distinct_2 / before.distinct_2 if before.distinct_2 else 1.0,
     }
     result["malformed_change"] = result["malformed_after"] - result["malformed_before"]
     return result
 
 
-def gold_vs_kl(metrics: dict[str, Any]) -> tuple[list[float], list[float]]:
+def gold_vs_kl(metrics: PolicyMetrics) -> tuple[list[float], list[float]]:
     """The held-out evaluations of one run as (KL, gold mean) points, in step order."""
-    points = [e for e in metrics.get("evals", []) if "gold_mean" in e and "kl" in e]
-    return [float(e["kl"]) for e in points], [float(e["gold_mean"]) for e in points]
+    points = [e for e in metrics.evals if e.gold_mean is not None and e.kl is not None]
+    return [float(e.kl) for e in points], [float(e.gold_mean) for e in points]
 
 
 def bootstrap_interval(values: Sequence[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -126,7 +131,7 @@ def collect(out: Path, seeds: Sequence[int], methods: Sequence[Method]) -> dict[
         for seed in seeds:
             path = seed_dir(out, seed) / method.name / method.metrics
             if path.is_file():
-                metrics = json.loads(path.read_text())
+                metrics = PolicyMetrics.read(path)
                 if (result := seed_result(metrics)) is not None:
                     runs[seed] = (result, gold_vs_kl(metrics))
         if not runs:

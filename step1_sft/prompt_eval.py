@@ -27,11 +27,11 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from common.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
-from common.ds_config import torch_dtype
+from common.data.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
 from common.errors import exit_cleanly_on_user_errors
-from common.model import load_tokenizer
-from common.sampling import SamplingSettings, sample_answers
+from common.models.loading import load_tokenizer
+from common.models.sampling import SamplingSettings, sample_answers
+from common.training.ds_config import torch_dtype
 from common.validate import check_model_path
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -88,7 +88,7 @@ def load_for_generation(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ChatFormat | None]:
     """A causal LM (safetensors only, no remote code) in eval mode on the GPU when there is one, its
     tokenizer (with a pad token distinct from EOS, as every stage uses) and the chat format to prompt it
-    with (`common.chat_format.chat_format_for`: None for the plain rm-static text)."""
+    with (`common.data.chat_format.chat_format_for`: None for the plain rm-static text)."""
     check_model_path(
         "--path", path
     )  # a missing, pickled, truncated or damaged model: a sentence, not a traceback

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from common import dist
-from common.heldout import SampledAnswers
-from common.model import response_logits
+from common.evaluation.heldout import SampledAnswers
+from common.models.forward import response_logits
+from common.models.sampling import SamplingSettings, sample_answers
 from common.rl_math import logprobs_from_logits, sequence_kl
-from common.sampling import SamplingSettings, sample_answers
 from step2_dpo.pairs import Reference
 
 
@@ -22,7 +22,7 @@ def answer_sampler(
     policy: nn.Module, reference: Reference, tokenizer, args, zero3: bool
 ) -> Callable[[torch.Tensor, torch.Tensor, list[dict] | None, list[str] | None], SampledAnswers]:
     """`sample(prompts (B, P) left-padded, prompt_mask (B, P), extra columns, prompt texts (both unused)) ->
-    SampledAnswers` for `common.heldout.evaluate_answers`."""
+    SampledAnswers` for `common.evaluation.heldout.evaluate_answers`."""
     settings = SamplingSettings(max_new_tokens=args.max_answer_seq_len, temperature=args.temperature)
     t = args.temperature
 

@@ -13,13 +13,12 @@ again, save a Hugging Face model like stage 1's, plus dpo_metrics.json and heldo
 Each evaluation has two parts: the pair metrics of the peers on held-out pairs (loss, reward accuracy, chosen
 and rejected implicit rewards beta * log(pi / pi_ref), their margin, the chosen and rejected log-probs), and
 answers sampled to held-out prompts exactly as stage 3 samples them, with their KL to the reference, the
-gold's figures when a gold is known, and the reward-hacking measures (common/heldout.py).
+gold's figures when a gold is known, and the reward-hacking measures (common/evaluation/heldout.py).
 Beside it: the flags (args.py), the pair math (pairs.py), the answer sampler (answers.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,22 @@ from torch.utils.data import Subset
 
 from common import dist
 from common.args import data_config
-from common.checkpoint import (
-    check_output_dir,
-    claim_output_dir,
-    data_position,
-    resume_if_asked,
-)
 from common.data import PairCollator, PromptCollator, build_stage_data
-from common.ds_config import eval_config, torch_dtype
 from common.errors import exit_cleanly_on_user_errors
-from common.files import final_outputs, write_text_atomic
-from common.heldout import (
+from common.evaluation.heldout import (
     ANSWERS_FILE,
     evaluate_answers,
     format_eval,
     load_gold_reward,
     write_heldout_answers,
 )
-from common.model import disable_dropout, load_causal_lm, load_tokenizer, save_hf_model
-from common.monitor import Monitor
-from common.supervised import train_supervised
-from common.training import (
+from common.evaluation.metrics import AnswerEval, PolicyMetrics, write_metrics
+from common.files import final_outputs
+from common.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+from common.models.saving import save_hf_model
+from common.training.checkpoint import data_position, resume_if_asked
+from common.training.ds_config import eval_config, torch_dtype
+from common.training.engines import (
     device,
     eval_loader,
     frozen_engine,
@@ -58,6 +52,9 @@ from common.training import (
     stage_engine,
     train_loader,
 )
+from common.training.monitor import Monitor
+from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.supervised import train_supervised
 from common.validate import validate_dpo
 from step2_dpo.answers import answer_sampler
 from step2_dpo.args import parse_args
@@ -184,23 +181,25 @@ def main(argv: list[str] | None = None) -> None:
     final, after_answers = run_eval(0, "final eval (whole eval set)")
 
     before = curve[0]
-    metrics = {
-        "evals": curve,
-        "before": before,
-        "after": final,
-        "final_kl": final.get("kl"),
-        "gold_reward": gold.name if gold is not None else None,
-        "loss_type": args.loss_type,
-        "beta": args.beta,
-        "optimizer_steps": policy.global_steps,
-        "skipped_nonfinite_steps": state.skipped_steps,
-    }
+    metrics = PolicyMetrics(
+        before=AnswerEval.from_dict(before),
+        after=AnswerEval.from_dict(final),
+        evals=[AnswerEval.from_dict(e) for e in curve],
+        final_kl=final.get("kl"),
+        gold_reward=gold.name if gold is not None else None,
+        extra={
+            "loss_type": args.loss_type,
+            "beta": args.beta,
+            "optimizer_steps": policy.global_steps,
+            "skipped_nonfinite_steps": state.skipped_steps,
+        },
+    )
     with final_outputs(args.output_dir, METRICS_FILE) as staged:
         save_hf_model(policy, staged, tokenizer, args.zero_stage)
         if dist.is_rank0() and prompts_dl is not None:
             write_heldout_answers(staged / ANSWERS_FILE, before_answers, after_answers)
     if dist.is_rank0():
-        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
+        write_metrics(metrics, Path(args.output_dir) / METRICS_FILE)
     if "gold_mean" in final:
         dist.print_rank0(
             f"[dpo] held-out gold {before['gold_mean']:+.3f} -> {final['gold_mean']:+.3f} at KL "

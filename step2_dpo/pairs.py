@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from common import dist
-from common.model import position_ids_from_mask
+from common.models.forward import position_ids_from_mask
 from common.rl_math import logprobs_from_logits, masked_mean, masked_sum, pair_response_mask, preference_loss
-from common.training import to_device
+from common.training.engines import to_device
 
 # Per-pair statistics, in the order the evaluation sums them.
 PAIR_STATS = (

@@ -18,7 +18,6 @@ defaults (1 epoch, cosine schedule over the run) do exactly that.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,16 @@ import torch
 
 from common import dist
 from common.args import data_config
-from common.checkpoint import (
-    check_output_dir,
-    claim_output_dir,
-    data_position,
-    resume_if_asked,
-)
 from common.data import PairCollator, build_stage_data
-from common.ds_config import torch_dtype
 from common.errors import exit_cleanly_on_user_errors
-from common.files import final_outputs, write_text_atomic
-from common.model import load_tokenizer
-from common.monitor import Monitor
-from common.reward_model import load_reward_model_for_training, save_reward_model
-from common.supervised import train_supervised
-from common.training import (
+from common.evaluation.metrics import PairEval, RewardModelMetrics, write_metrics
+from common.files import final_outputs
+from common.models.loading import load_tokenizer
+from common.models.reward_model import load_reward_model_for_training
+from common.models.saving import save_reward_model
+from common.training.checkpoint import data_position, resume_if_asked
+from common.training.ds_config import torch_dtype
+from common.training.engines import (
     device,
     eval_loader,
     lora_and_checkpointing_flags,
@@ -51,6 +45,9 @@ from common.training import (
     train_loader,
     with_lora_and_checkpointing,
 )
+from common.training.monitor import Monitor
+from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.supervised import train_supervised
 from step2_reward.args import parse_args
 from step2_reward.normalize import normalize_reward_model, write_sample
 from step2_reward.pairwise import evaluate, forward_pairs, log_eval, pairwise_loss, saved_scores_max_diff
@@ -131,23 +128,23 @@ def main(argv: list[str] | None = None) -> None:
     final = run_eval(0, "final eval (whole eval set)")
 
     normalization, sample = normalize_reward_model(engine, tokenizer, args, data.train, dev)
-    metrics = {
-        "eval_curve": curve,
-        "final": final,
-        "normalization": normalization,
-        "optimizer_steps": engine.global_steps,
-        "skipped_nonfinite_steps": state.skipped_steps,
-    }
+    metrics = RewardModelMetrics(
+        final=PairEval.from_dict(final),
+        eval_curve=curve,
+        normalization=normalization,
+        optimizer_steps=engine.global_steps,
+        skipped_nonfinite_steps=state.skipped_steps,
+    )
     with final_outputs(args.output_dir, METRICS_FILE) as staged:
         save_reward_model(engine, staged, tokenizer, args.zero_stage)
         write_sample(sample, staged)
         if args.verify_save:
             batch, _ = next(iter(eval_dl))
             diff = saved_scores_max_diff(engine, staged, to_device(batch, dev))
-            metrics["saved_scores_max_abs_diff"] = diff
+            metrics.saved_scores_max_abs_diff = diff
             dist.print_rank0(f"[reward] saved model vs engine: max |score diff| {diff}")
     if dist.is_rank0():
-        write_text_atomic(Path(args.output_dir) / METRICS_FILE, json.dumps(metrics, indent=2))
+        write_metrics(metrics, Path(args.output_dir) / METRICS_FILE)
     points = ", ".join(f"step {c['step']}: {c['accuracy']:.3f}" for c in curve)
     dist.print_rank0(f"[reward] accuracy curve: {points}")
     dist.print_rank0(

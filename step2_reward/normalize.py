@@ -40,11 +40,11 @@ from common import dist
 from common.args import data_config
 from common.data import DataError, PromptCollator, build_stage_data, pad_sequences
 from common.data.tokenize import tokenizer_fingerprint
-from common.ds_config import torch_dtype
-from common.model import load_tokenizer
-from common.reward_model import RewardModel, fit_normalization
-from common.sampling import SamplingSettings, sample_answers
-from common.training import eval_loader, to_device
+from common.models.loading import load_tokenizer
+from common.models.reward_model import RewardModel, fit_normalization
+from common.models.sampling import SamplingSettings, sample_answers
+from common.training.ds_config import torch_dtype
+from common.training.engines import eval_loader, to_device
 
 SAMPLE_CHOICES = ("auto", "policy", "chosen", "none")
 SAMPLE_FILE = "normalization_sample.jsonl"

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.monitor import Monitor
-from common.reward_model import RewardModel
-from common.training import to_device
+from common.models.reward_model import RewardModel
+from common.training.engines import to_device
+from common.training.monitor import Monitor
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch
 from common.data import pad_sequences
 from common.data.tokenize import encode_texts, fit_to_length
 from common.errors import exit_cleanly_on_user_errors
-from common.model import load_tokenizer
-from common.reward_model import RewardModel
+from common.models.loading import load_tokenizer
+from common.models.reward_model import RewardModel
 from common.validate import check_model_path
 
 

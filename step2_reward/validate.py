@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from common.data.tokenize import tokenizer_fingerprint
-from common.model import load_tokenizer
+from common.models.loading import load_tokenizer
 from common.validate import (
     check_length,
     check_lora_modules,

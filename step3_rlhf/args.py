@@ -107,7 +107,7 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MODULE:FUNCTION",
         help="A reward function fn(prompts, responses, finished, **extra_columns) -> one score per answer "
-        "(common/score_fn.py), e.g. common.gold:synthetic_gold; summed with the reward model's score "
+        "(common/evaluation/score_fn.py), e.g. common.evaluation.gold:synthetic_gold; summed with the reward model's score "
         "(weights --reward_fn_coef, --reward_model_coef) or alone when there is no reward model.",
     )
     g.add_argument("--reward_fn_coef", type=float, default=1.0, help="Weight of --reward_fn's score.")
@@ -152,7 +152,7 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         choices=sorted(ADVANTAGE_ESTIMATORS),
         default="gae",
         help="gae: PPO with a critic; grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline: critic-free "
-        "(no critic engine is built), the group ones need --num_samples_per_prompt >= 2 (common/rl_math.py).",
+        "(no critic engine is built), the group ones need --num_samples_per_prompt >= 2 (common/rl_math/).",
     )
     g.add_argument("--gamma", type=float, default=1.0)
     g.add_argument("--lam", type=float, default=0.95)

@@ -32,11 +32,11 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from common import dist
-from common.ds_config import eval_config, torch_dtype, train_config
-from common.model import disable_dropout, load_causal_lm
-from common.reward_model import load_reward_model_for_training
+from common.models.loading import disable_dropout, load_causal_lm
+from common.models.reward_model import load_reward_model_for_training
 from common.rl_math import ensemble_scores, get_advantage_estimator
-from common.training import (
+from common.training.ds_config import eval_config, torch_dtype, train_config
+from common.training.engines import (
     frozen_engine,
     init_engine,
     lora_and_checkpointing_flags,

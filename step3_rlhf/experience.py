@@ -13,7 +13,7 @@ that a prompt's group of n answers is sampled in one batch on one rank:
      (`common.rl_math.estimate_advantages`): for PPO per-token rewards = -beta * KL + clipped score at the
      last token (item 14), GAE advantages and returns (item 16), whitened advantages (item 17); for the
      critic-free estimators a group baseline of the scores, then returns-to-go.
-The math lives in common/rl_math.py; this module only moves tensors between models and those functions.
+The math lives in common/rl_math/; this module only moves tensors between models and those functions.
 Item numbers refer to docs/ppo-fidelity.md.
 """
 
@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.model import response_logits
+from common.evaluation.score_fn import ScoreFunction, call_score_function
+from common.models.forward import response_logits
+from common.models.sampling import Samples, SamplingSettings, decode_answer, sample_answers
 from common.rl_math import (
     estimate_advantages,
     kl_penalty,
     logprobs_from_logits,
     response_positions,
 )
-from common.sampling import Samples, SamplingSettings, decode_answer, sample_answers
-from common.score_fn import ScoreFunction, call_score_function
 from step3_rlhf.engines import (
     Engines,
     gathered_copy_fits,
@@ -190,7 +190,7 @@ class ExperienceMaker:
     # -------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, prompts: torch.Tensor, prompt_mask: torch.Tensor) -> Samples:
-        """(B, P) left-padded prompts -> the actor's answers (`common.sampling.sample_answers`: with the hybrid
+        """(B, P) left-padded prompts -> the actor's answers (`common.models.sampling.sample_answers`: with the hybrid
         engine and a model it has kernels for, DeepSpeed's inference path; otherwise the model's own
         generate())."""
         gather = self.gather_actor()

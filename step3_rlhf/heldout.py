@@ -8,7 +8,7 @@ evaluation records
                         over-optimisation curve)
     gold_mean, gold_share_<label>, eos_fraction, response_length, repeated_3gram_rate, distinct_2,
     leaked_turn_markers
-                        the gold's figures and the reward-hacking measures (common/heldout.py)
+                        the gold's figures and the reward-hacking measures (common/evaluation/heldout.py)
 When the proxy rises while the gold falls, PPO is fooling the reward model. The before and after answers
 themselves go to `heldout_answers.jsonl`, one row per prompt, with their proxy and gold scores.
 """
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.heldout import MEASURES, GoldReward, SampledAnswers, evaluate_answers
+from common.evaluation.heldout import MEASURES, GoldReward, SampledAnswers, evaluate_answers
 from common.rl_math import sequence_kl
 from step3_rlhf.experience import ExperienceMaker
 
-# TensorBoard Custom Scalars charts of the evaluations (common.monitor.Monitor.charts): title -> scalars
+# TensorBoard Custom Scalars charts of the evaluations (common.training.monitor.Monitor.charts): title -> scalars
 HELDOUT_CHARTS = {
     "proxy and gold": ["eval/score", "eval/gold_mean"],
     "measures": [f"eval/{k}" for k in MEASURES],
@@ -39,7 +39,7 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The statistics of the module docstring over sampled answers to the held-out prompts (the same on
     every rank), and (on rank 0; empty elsewhere) every prompt with its answer, proxy score and gold score,
-    in the eval set's order (`common.heldout.evaluate_answers`)."""
+    in the eval set's order (`common.evaluation.heldout.evaluate_answers`)."""
     args = maker.args
 
     def sample(

@@ -20,32 +20,31 @@ what it holds); --resume continues from it, and the continued run equals an unin
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from common import dist
-from common.checkpoint import (
+from common.errors import exit_cleanly_on_user_errors
+from common.evaluation.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_heldout_answers
+from common.evaluation.metrics import AnswerEval, PolicyMetrics, write_metrics
+from common.evaluation.score_fn import load_score_function
+from common.files import final_outputs
+from common.models.loading import load_tokenizer
+from common.models.saving import save_hf_model, save_reward_model
+from common.rl_math import kl_controller
+from common.training.checkpoint import (
     BatchStream,
     append_train_log,
-    check_output_dir,
-    claim_output_dir,
     data_position,
     restore_rng,
     resume_if_asked,
     save_checkpoint,
 )
-from common.errors import exit_cleanly_on_user_errors
-from common.files import final_outputs, write_text_atomic
-from common.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_heldout_answers
-from common.model import load_tokenizer, save_hf_model
-from common.monitor import Monitor, progress
-from common.reward_model import save_reward_model
-from common.rl_math import kl_controller
-from common.score_fn import load_score_function
-from common.training import device, peak_memory_mb, set_seed, to_device
+from common.training.engines import device, peak_memory_mb, set_seed, to_device
+from common.training.monitor import Monitor, progress
+from common.training.output_dir import check_output_dir, claim_output_dir
 from common.validate import validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
@@ -206,22 +205,24 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_rank0() and run["before_answers"] is not None:
             write_heldout_answers(staged / ANSWERS_FILE, run["before_answers"], after_answers)
     if dist.is_rank0():
-        metrics = {
-            "before": before,
-            "after": after,
-            "score_gain": after["score"] - before["score"],
-            "final_kl": history[-1]["kl"],
-            "gold_reward": gold.name if gold else None,
-            "algorithm": algorithm_settings(args),
-            **({"gold_gain": after["gold_mean"] - before["gold_mean"]} if gold_known else {}),
-            "eval_interval": schedule.eval_interval,
-            "skipped_nonfinite_microbatches": trainer.skipped,
-            "samples_generated": len(history) * schedule.rollout_size * dist.get_world_size(),
-            "peak_memory_mb": peak_memory_mb(),  # rank 0's: accelerator on a GPU, RSS on CPU
-            "evals": evals,
-            "history": history,
-        }
-        write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2))
+        metrics = PolicyMetrics(
+            before=AnswerEval.from_dict(before),
+            after=AnswerEval.from_dict(after),
+            evals=[AnswerEval.from_dict(e) for e in evals],
+            final_kl=history[-1]["kl"],
+            gold_reward=gold.name if gold else None,
+            score_gain=after["score"] - before["score"],
+            gold_gain=after["gold_mean"] - before["gold_mean"] if gold_known else None,
+            algorithm=algorithm_settings(args),
+            history=history,
+            extra={
+                "eval_interval": schedule.eval_interval,
+                "skipped_nonfinite_microbatches": trainer.skipped,
+                "samples_generated": len(history) * schedule.rollout_size * dist.get_world_size(),
+                "peak_memory_mb": peak_memory_mb(),  # rank 0's: accelerator on a GPU, RSS on CPU
+            },
+        )
+        write_metrics(metrics, out / METRICS_FILE)
     saved = [
         "actor",
         *(["critic"] if engines.critic is not None else []),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from common import dist
 from common.args import data_config
 from common.data import PromptCollator, build_stage_data, load_unsupervised
-from common.training import eval_loader, train_loader
+from common.training.engines import eval_loader, train_loader
 
 
 @dataclass

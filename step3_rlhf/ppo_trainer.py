@@ -4,7 +4,7 @@ step of the actor and one of the critic (docs/ppo-fidelity.md item 19; no critic
 The policy loss reduces its tokens by --loss_agg; --kl_in_loss adds the KL to the reference as a loss term.
 Optional PPO-ptx LM loss and EMA (item 20).
 
-A non-finite actor or critic loss stops the run before its backward (common.checkpoint.check_finite_loss),
+A non-finite actor or critic loss stops the run before its backward (common.training.checkpoint.check_finite_loss),
 or with --skip_nonfinite_steps skips that engine's micro-batch and counts it (which shifts that engine's
 accumulation boundary by one micro-batch, as in stages 1-2). A non-finite gradient norm always stops.
 """
@@ -17,8 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from common.checkpoint import check_finite_grad_norm, check_finite_loss
-from common.model import causal_lm_loss, position_ids_from_mask, response_logits
+from common.models.forward import causal_lm_loss, position_ids_from_mask, response_logits
 from common.rl_math import (
     entropy_from_logits,
     kl_loss,
@@ -28,6 +27,7 @@ from common.rl_math import (
     response_positions,
     value_loss,
 )
+from common.training.checkpoint import check_finite_grad_norm, check_finite_loss
 from step3_rlhf.engines import Engines, ema_update
 from step3_rlhf.experience import Rollout
 

@@ -1,4 +1,4 @@
-"""What a stage-3 checkpoint holds beyond `common.checkpoint`'s engines, RNG and counters.
+"""What a stage-3 checkpoint holds beyond `common.training.checkpoint`'s engines, RNG and counters.
 
     actor/, critic/        DeepSpeed checkpoints of the trained engines (weights, Adam, scheduler; no critic/
                            for the critic-free estimators)
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import dist
-from common.model import gathered_state_dict
+from common.models.saving import gathered_state_dict
 from step3_rlhf.engines import Engines
 from step3_rlhf.ppo_trainer import PPOTrainer
 

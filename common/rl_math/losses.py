@@ -1,0 +1,196 @@
+"""Losses: aggregation over tokens and sequences, the clipped policy loss, the KL loss, the clipped value
+loss, and the preference losses of DPO and IPO.
+(docs/ppo-fidelity.md item 18).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from common.rl_math.kl import kl_penalty
+from common.rl_math.masked import _check_same_shape, _upcast, _zero_masked, masked_mean, masked_sum
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(
+    losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", norm_length: int | None = None
+) -> torch.Tensor:
+    """Reduce per-token losses (B, T) over the valid tokens of a (B, T) mask to a 0-dim loss.
+
+    token_mean                the mean over all valid tokens (each token weighs alike; the references')
+    seq_mean_token_mean       the mean over sequences of each sequence's token mean (each sequence weighs
+                              alike, so a token of a short answer weighs more: GRPO's paper)
+    seq_mean_token_sum_norm   sum over tokens / (B * norm_length), norm_length a constant such as the
+                              answer budget (Dr. GRPO: no length normalisation at all)
+    """
+    _check_same_shape("aggregate_loss", losses=losses, mask=mask)
+    if mode == "token_mean":
+        return masked_mean(losses, mask)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(losses, mask, dim=1).mean()
+    if mode == "seq_mean_token_sum_norm":
+        if norm_length is None or norm_length < 1:
+            raise ValueError(f"aggregate_loss: {mode} needs a norm_length >= 1, got {norm_length}")
+        return masked_sum(losses, mask) / (losses.shape[0] * norm_length)
+    raise ValueError(f"aggregate_loss: unknown mode {mode!r}, expected one of {list(LOSS_AGGREGATIONS)}")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    loss_agg: str = "token_mean",
+    norm_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+
+    logp (B, T) from the current policy (carries the gradient), old_logp (B, T) from the rollout,
+    advantages (B, T) (already whitened if wanted), mask (B, T). eps is 0.2 in the references.
+    Returns (loss, stats): loss is a 0-dim tensor, the per-token losses of this micro-batch reduced by
+    `aggregate_loss(loss_agg, norm_length)` (the references' token mean by default); stats are detached
+    0-dim token means: clipfrac (fraction of valid tokens where the clipped term is strictly larger, i.e.
+    active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean.
+    """
+    _check_same_shape("policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    if not clip_eps > 0:
+        raise ValueError(f"policy_loss: clip_eps must be > 0, got {clip_eps}")
+    # Zero the log-ratio before exp so that garbage in masked slots cannot give exp() = inf (and NaN grads).
+    log_ratio = _zero_masked(_upcast(logp) - _upcast(old_logp), mask)
+    adv = _zero_masked(_upcast(advantages), mask).detach()
+    ratio = torch.exp(log_ratio)
+    losses = -adv * ratio
+    losses_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = aggregate_loss(torch.maximum(losses, losses_clipped), mask, loss_agg, norm_length)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    loss_agg: str = "token_mean",
+    norm_length: int | None = None,
+) -> torch.Tensor:
+    """KL(pi || ref) as a loss term (GRPO: k3 = exp(ref - logp) - (ref - logp) - 1, beta 0.04 in the paper)
+    instead of a reward penalty: the per-token estimate `kl_penalty(kind)` of the CURRENT policy's log-probs
+    logp (B, T, carries the gradient) against the reference's ref_logp (B, T), reduced like the policy loss.
+    Returns a 0-dim tensor (the caller multiplies by its coefficient)."""
+    _check_same_shape("kl_loss", logp=logp, ref_logp=ref_logp, mask=mask)
+    # Zero the log-ratio first: exp() of garbage at masked slots would poison the gradient with inf * 0.
+    log_ratio = _zero_masked(_upcast(logp) - _upcast(ref_logp).detach(), mask)
+    per_token = kl_penalty(log_ratio, torch.zeros_like(log_ratio), kind=kind)
+    return aggregate_loss(per_token, mask, loss_agg, norm_length)
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * masked_mean(max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)).
+
+    values (B, T) from the current critic (carries the gradient), old_values (B, T) from the rollout,
+    returns (B, T) from `gae`, mask (B, T). c is 0.2 in the references.
+    Returns (loss, stats): loss is a 0-dim tensor (mean over this micro-batch's valid tokens); stats holds
+    the detached clipfrac, the fraction of valid tokens where the clipped term is strictly larger.
+    """
+    _check_same_shape("value_loss", values=values, old_values=old_values, returns=returns, mask=mask)
+    if not clip_range > 0:
+        raise ValueError(f"value_loss: clip_range must be > 0, got {clip_range}")
+    v = _zero_masked(_upcast(values), mask)
+    v_old = _zero_masked(_upcast(old_values), mask).detach()
+    ret = _zero_masked(_upcast(returns), mask).detach()
+    v_clipped = torch.clamp(v, v_old - clip_range, v_old + clip_range)
+    losses = (v - ret) ** 2
+    losses_clipped = (v_clipped - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask)}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preference losses: DPO and its variants (stage 2, DPO)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _dpo_sigmoid(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023), conservative with label_smoothing e (the label flipped with probability e):
+    -(1 - e) * log sigmoid(beta * h) - e * log sigmoid(-beta * h)."""
+    return -(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h) - (
+        label_smoothing * torch.nn.functional.logsigmoid(-beta * h)
+    )
+
+
+def _ipo(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): (h - 1 / (2 * beta))^2, h over whole-sequence log-ratios (the paper's form)."""
+    if label_smoothing:
+        raise ValueError("preference_loss: label_smoothing is a DPO (sigmoid) option; IPO has none")
+    return (h - 1 / (2 * beta)) ** 2
+
+
+PREFERENCE_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+    "sigmoid": _dpo_sigmoid,
+    "ipo": _ipo,
+}
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference loss of pairs from whole-response log-probabilities, each (B,): the sums of
+    log pi(token) over each response's tokens (EOS included) under the policy and under the frozen reference.
+
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), the margin of the implicit rewards
+    r = beta * (log pi - log pi_ref) divided by beta; `loss_type` picks the loss of h (PREFERENCE_LOSSES:
+    "sigmoid" = DPO, conservative DPO when label_smoothing > 0; "ipo" = IPO). beta is 0.1 in DPO's paper.
+    Returns (losses (B,), stats): stats are detached (B,) tensors: chosen_reward and rejected_reward
+    (beta * log-ratio), margin (their difference), accuracy (1 where chosen_reward > rejected_reward).
+    """
+    _check_same_shape(
+        "preference_loss",
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+    )
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(
+            f"preference_loss: unknown loss_type {loss_type!r}, expected one of {sorted(PREFERENCE_LOSSES)}"
+        )
+    if not beta > 0:
+        raise ValueError(f"preference_loss: beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"preference_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = _upcast(policy_chosen) - _upcast(ref_chosen).detach()
+    rejected_ratio = _upcast(policy_rejected) - _upcast(ref_rejected).detach()
+    losses = PREFERENCE_LOSSES[loss_type](chosen_ratio - rejected_ratio, beta, label_smoothing)
+    with torch.no_grad():
+        chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+        stats = {
+            "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward,
+            "margin": chosen_reward - rejected_reward,
+            "accuracy": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
+        }
+    return losses, stats
