@@ -18,17 +18,13 @@ import torch
 from common import dist
 from common.args import add_single_model_args, data_config, parse_stage_args
 from common.data import SFTCollator, build_stage_data
-from common.errors import exit_cleanly_on_user_errors
 from common.evaluation.metrics import SFTMetrics, write_metrics
 from common.files import final_outputs
 from common.models.forward import causal_lm_loss, position_ids_from_mask
-from common.models.loading import load_tokenizer
 from common.models.saving import save_hf_model, saved_logits_max_diff
 from common.training.checkpoint import data_position, resume_if_asked
 from common.training.engines import (
-    device,
     eval_loader,
-    set_seed,
     stage_causal_lm,
     stage_ds_config,
     stage_engine,
@@ -36,7 +32,8 @@ from common.training.engines import (
     train_loader,
 )
 from common.training.monitor import Monitor
-from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.output_dir import claim_output_dir
+from common.training.stage import start_stage
 from common.training.supervised import train_supervised
 from common.validate import validate_sft
 
@@ -86,15 +83,7 @@ BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_ste
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_cleanly_on_user_errors()
-    args = parse_args(argv)
-    dist.init_distributed()
-    validate_sft(args)  # model path and weights, tokenizer vs vocabulary, lengths, LoRA names
-    check_output_dir(args.output_dir, "sft", args)
-    set_seed(args.seed)
-    dev = device()
-
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, args.apply_chat_template)
+    args, dev, tokenizer = start_stage("sft", argv, parse_args, validate_sft)
     data = build_stage_data(data_config(args), tokenizer, stage=1)
     collate = SFTCollator(tokenizer.pad_token_id)
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)

@@ -28,7 +28,6 @@ from torch.utils.data import Subset
 from common import dist
 from common.args import data_config
 from common.data import PairCollator, PromptCollator, build_stage_data
-from common.errors import exit_cleanly_on_user_errors
 from common.evaluation.heldout import (
     ANSWERS_FILE,
     evaluate_answers,
@@ -38,22 +37,21 @@ from common.evaluation.heldout import (
 )
 from common.evaluation.metrics import AnswerEval, PolicyMetrics, write_metrics
 from common.files import final_outputs
-from common.models.loading import disable_dropout, load_causal_lm, load_tokenizer
+from common.models.loading import disable_dropout, load_causal_lm
 from common.models.saving import save_hf_model
 from common.training.checkpoint import data_position, resume_if_asked
 from common.training.ds_config import eval_config, torch_dtype
 from common.training.engines import (
-    device,
     eval_loader,
     frozen_engine,
-    set_seed,
     stage_causal_lm,
     stage_ds_config,
     stage_engine,
     train_loader,
 )
 from common.training.monitor import Monitor
-from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.output_dir import claim_output_dir
+from common.training.stage import start_stage
 from common.training.supervised import train_supervised
 from common.validate import validate_dpo
 from step2_dpo.answers import answer_sampler
@@ -98,16 +96,8 @@ BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_ste
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_cleanly_on_user_errors()
-    args = parse_args(argv)
-    dist.init_distributed()
-    validate_dpo(args)  # model paths and weights, one tokenizer, lengths, LoRA names
+    args, dev, tokenizer = start_stage("dpo", argv, parse_args, validate_dpo)
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
-    check_output_dir(args.output_dir, "dpo", args)
-    set_seed(args.seed)
-    dev = device()
-
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, args.apply_chat_template)
     pairs = build_stage_data(data_config(args), tokenizer, stage=2)
     collate = PairCollator(tokenizer.pad_token_id)
     train_dl = train_loader(pairs.train, collate, args.per_device_train_batch_size, args.seed)

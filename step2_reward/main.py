@@ -26,19 +26,15 @@ import torch
 from common import dist
 from common.args import data_config
 from common.data import PairCollator, build_stage_data
-from common.errors import exit_cleanly_on_user_errors
 from common.evaluation.metrics import PairEval, RewardModelMetrics, write_metrics
 from common.files import final_outputs
-from common.models.loading import load_tokenizer
 from common.models.reward_model import load_reward_model_for_training
 from common.models.saving import save_reward_model
 from common.training.checkpoint import data_position, resume_if_asked
 from common.training.ds_config import torch_dtype
 from common.training.engines import (
-    device,
     eval_loader,
     lora_and_checkpointing_flags,
-    set_seed,
     stage_ds_config,
     stage_engine,
     to_device,
@@ -46,7 +42,8 @@ from common.training.engines import (
     with_lora_and_checkpointing,
 )
 from common.training.monitor import Monitor
-from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.output_dir import claim_output_dir
+from common.training.stage import start_stage
 from common.training.supervised import train_supervised
 from step2_reward.args import parse_args
 from step2_reward.normalize import normalize_reward_model, write_sample
@@ -61,15 +58,7 @@ BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_ste
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_cleanly_on_user_errors()
-    args = parse_args(argv)
-    dist.init_distributed()
-    validate_reward(args)  # model paths and weights, tokenizers vs vocabularies, lengths, LoRA names
-    check_output_dir(args.output_dir, "reward", args)
-    set_seed(args.seed)
-    dev = device()
-
-    tokenizer = load_tokenizer(args.model_name_or_path, apply_chat_template=args.apply_chat_template)
+    args, dev, tokenizer = start_stage("reward", argv, parse_args, validate_reward)
     data = build_stage_data(data_config(args), tokenizer, stage=2)
     collate = PairCollator(tokenizer.pad_token_id)
     train_dl = train_loader(data.train, collate, args.per_device_train_batch_size, args.seed)

@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 
 from common import dist
-from common.errors import exit_cleanly_on_user_errors
 from common.evaluation.heldout import ANSWERS_FILE, format_eval, load_gold_reward, write_heldout_answers
 from common.evaluation.metrics import AnswerEval, PolicyMetrics, write_metrics
 from common.evaluation.score_fn import load_score_function
 from common.files import final_outputs
-from common.models.loading import load_tokenizer
 from common.models.saving import save_hf_model, save_reward_model
 from common.rl_math import kl_controller
 from common.training.checkpoint import (
@@ -42,9 +40,10 @@ from common.training.checkpoint import (
     resume_if_asked,
     save_checkpoint,
 )
-from common.training.engines import device, peak_memory_mb, set_seed, to_device
+from common.training.engines import peak_memory_mb, to_device
 from common.training.monitor import Monitor, progress
-from common.training.output_dir import check_output_dir, claim_output_dir
+from common.training.output_dir import claim_output_dir
+from common.training.stage import start_stage
 from common.validate import validate_ppo
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import build_engines
@@ -73,20 +72,11 @@ BATCH_FLAGS = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_cleanly_on_user_errors()
-    args = parse_args(argv)
+    args, dev, tokenizer = start_stage("ppo", argv, parse_args, validate_ppo, "actor_model_name_or_path")
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
     reward_fn = load_score_function(args.reward_fn, "--reward_fn")
-    dist.init_distributed()
-    check_output_dir(args.output_dir, "ppo", args)
-    set_seed(args.seed)
-    dev = device()
 
     # data and schedule
-    validate_ppo(args)  # model paths and weights, one tokenizer for all models, lengths, LoRA names
-    tokenizer = load_tokenizer(
-        args.actor_model_name_or_path, args.trust_remote_code, args.apply_chat_template
-    )
     data = build_ppo_data(args, tokenizer)
     schedule = plan(args, data.prompts)
 

@@ -13,8 +13,8 @@ REUSE_DEMO_ENV = "RLHF_TEST_DEMO_STAGES"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Two tiers: `slow` (a stage, tool or Python launched as a process, a multi-rank run, the real model, a
-    test over about 2 s: marked in its file) and `unit`, every other test (`bash scripts/test.sh -m unit`,
+    """Two tiers: `slow` (a stage, tool or Python launched as a process, the launch scripts' matrices of bash
+    dry runs, a multi-rank run, the real model, a test over about 2 s: marked in its file) and `unit`, every other test (`bash scripts/test.sh -m unit`,
     about a minute). A multi-rank run is slow whether or not its file says so."""
     for item in items:
         if item.get_closest_marker("distributed") is not None:

@@ -116,6 +116,9 @@ def test_every_model_and_deployment_has_a_script():
     assert set(pipeline_stages.DEPLOYMENTS) == set(CLUSTER_DEPLOYMENTS) | {"cpu"}
 
 
+# The matrices below run every launch script through bash (216 dry runs, ~30 s): the slow tier; the single
+# dry runs further down keep the launch machinery in the unit tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [1, 2, 3, "dpo"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp_path: Path):
@@ -166,6 +169,7 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
     assert not out.exists(), "a dry run must not create anything"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Path, tmp_path: Path):
     """STEP grpo / dr_grpo / rloo / reinforce_pp / reinforce_pp_baseline: stage 3 with that estimator into
@@ -188,6 +192,7 @@ def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Pat
         assert args.kl_in_loss == (estimator == "grpo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_zero_stage_overrides(script: Path, tmp_path: Path):
     out = str(tmp_path)
