@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from common.files import write_text_atomic
 
@@ -39,12 +39,47 @@ def _split(cls: type, data: dict[str, Any], where: str) -> tuple[dict[str, Any],
     return known, {k: v for k, v in data.items() if k not in names}
 
 
-def _without_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
+def _json(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value
+
+
+class _Record:
+    """What every schema below shares: fields of the JSON object by name, the other keys in `extra`, nested
+    records parsed by `NESTED`, and None written only for the fields in `KEEP_NONE` (absent otherwise)."""
+
+    NESTED: ClassVar[dict[str, Any]] = {}  # field -> the record type of its value (a list of them for a list)
+    KEEP_NONE: ClassVar[frozenset[str]] = frozenset()
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "metrics") -> Any:
+        known, extra = _split(cls, data, where)
+        for name, record in cls.NESTED.items():
+            if isinstance(known.get(name), list):
+                known[name] = [record.from_dict(v, f"{where}: {name}") for v in known[name]]
+            elif name in known:
+                known[name] = record.from_dict(known[name], f"{where}: {name}")
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Any:
+        return cls.from_dict(_read_json(path), str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name != "extra" and (value is not None or f.name in self.KEEP_NONE):
+                out[f.name] = _json(value)
+        return out | self.extra
 
 
 @dataclass
-class AnswerEval:
+class AnswerEval(_Record):
     """One held-out evaluation of a policy's sampled answers: stage 3's `before`, `after` and each of `evals`;
     DPO's, with its pair metrics. A measure the run did not take is None (and absent from the file)."""
 
@@ -57,24 +92,25 @@ class AnswerEval:
     distinct_2: float | None = None
     leaked_turn_markers: float | None = None  # share of answers with a turn marker of the chat format
     gold_mean: float | None = None  # the gold scorer's mean (the bundled task's ground truth)
-    gold_shares: dict[str, float] = field(default_factory=dict)  # label -> share of answers ("best", ...)
+    gold_shares: dict[str, float] = field(
+        default_factory=dict
+    )  # label -> share; JSON keys gold_share_<label>
     accuracy: float | None = None  # DPO: held-out pair accuracy of the implicit reward
     margin: float | None = None  # DPO: mean implicit-reward margin, chosen - rejected
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "evaluation") -> AnswerEval:
-        shares = {k[len(GOLD_SHARE_PREFIX) :]: v for k, v in data.items() if k.startswith(GOLD_SHARE_PREFIX)}
-        rest = {k: v for k, v in data.items() if not k.startswith(GOLD_SHARE_PREFIX)}
-        known, extra = _split(cls, rest, where)
-        known.pop("gold_shares", None)
-        return cls(**known, gold_shares=shares, extra=extra)
+        shares = {
+            k.removeprefix(GOLD_SHARE_PREFIX): v for k, v in data.items() if k.startswith(GOLD_SHARE_PREFIX)
+        }
+        rest = {k: v for k, v in data.items() if not k.startswith(GOLD_SHARE_PREFIX) and k != "gold_shares"}
+        return super().from_dict({**rest, "gold_shares": shares}, where)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gold_shares", "extra")}
-        out = _without_none(out)
-        out.update({f"{GOLD_SHARE_PREFIX}{label}": share for label, share in self.gold_shares.items()})
-        return {**out, **self.extra}
+        out = super().to_dict()
+        shares = out.pop("gold_shares")
+        return out | {f"{GOLD_SHARE_PREFIX}{label}": share for label, share in shares.items()}
 
     def share(self, label: str) -> float | None:
         """The share of answers the gold labelled `label`; None when the gold gave no such label."""
@@ -82,10 +118,13 @@ class AnswerEval:
 
 
 @dataclass
-class PolicyMetrics:
+class PolicyMetrics(_Record):
     """What a stage that trains a policy (stage 3, DPO) records: the held-out evaluations of the stage-1
     policy (`before`) and of the trained one (`after`), every evaluation in between, and for stage 3 the
     per-iteration training statistics (`history`, the TensorBoard scalars, free-form)."""
+
+    NESTED: ClassVar[dict[str, Any]] = {"before": AnswerEval, "after": AnswerEval, "evals": AnswerEval}
+    KEEP_NONE: ClassVar[frozenset[str]] = frozenset({"final_kl", "gold_reward"})
 
     before: AnswerEval
     after: AnswerEval
@@ -98,29 +137,9 @@ class PolicyMetrics:
     history: list[dict[str, Any]] | None = None  # stage 3 only
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "metrics") -> PolicyMetrics:
-        known, extra = _split(cls, data, where)
-        known["before"] = AnswerEval.from_dict(known["before"], f"{where}: before")
-        known["after"] = AnswerEval.from_dict(known["after"], f"{where}: after")
-        known["evals"] = [AnswerEval.from_dict(e, f"{where}: evals") for e in known.get("evals", [])]
-        return cls(**known, extra=extra)
-
-    @classmethod
-    def read(cls, path: str | Path) -> PolicyMetrics:
-        return cls.from_dict(_read_json(path), str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"before": self.before.to_dict(), "after": self.after.to_dict()}
-        for name in ("score_gain", "gold_gain", "final_kl", "gold_reward", "algorithm"):
-            if getattr(self, name) is not None or name in ("final_kl", "gold_reward"):
-                out[name] = getattr(self, name)
-        out = {**out, **self.extra, "evals": [e.to_dict() for e in self.evals]}
-        return out if self.history is None else {**out, "history": self.history}
-
 
 @dataclass
-class SFTMetrics:
+class SFTMetrics(_Record):
     """Stage 1: held-out perplexity before training and after each epoch."""
 
     perplexity_per_epoch: list[float]
@@ -129,39 +148,22 @@ class SFTMetrics:
     saved_logits_max_abs_diff: float | None = None  # --verify_save: the saved model against the engine
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def read(cls, path: str | Path) -> SFTMetrics:
-        known, extra = _split(cls, _read_json(path), str(path))
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        return (
-            _without_none({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-            | self.extra
-        )
-
 
 @dataclass
-class PairEval:
-    """The reward model on held-out preference pairs."""
+class PairEval(_Record):
+    """The reward model on held-out preference pairs (chosen_mean, rejected_mean, margin_mean, loss in extra)."""
 
     pairs: int
     accuracy: float  # share of pairs whose chosen answer scores higher
-    extra: dict[str, Any] = field(default_factory=dict)  # chosen_mean, rejected_mean, margin_mean, loss
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "pairs") -> PairEval:
-        known, extra = _split(cls, data, where)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pairs": self.pairs, "accuracy": self.accuracy, **self.extra}
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class RewardModelMetrics:
+class RewardModelMetrics(_Record):
     """Stage 2: the held-out pair metrics at the end (`final`) and at each evaluation (`eval_curve`), and
     the normalisation fitted to the stage-1 policy's answers."""
+
+    NESTED: ClassVar[dict[str, Any]] = {"final": PairEval}
 
     final: PairEval
     eval_curve: list[dict[str, Any]] = field(default_factory=list)
@@ -170,17 +172,6 @@ class RewardModelMetrics:
     skipped_nonfinite_steps: int = 0
     saved_scores_max_abs_diff: float | None = None  # --verify_save: the saved model against the engine
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, path: str | Path) -> RewardModelMetrics:
-        known, extra = _split(cls, _read_json(path), str(path))
-        known["final"] = PairEval.from_dict(known["final"], f"{path}: final")
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("final", "extra")}
-        out["saved_scores_max_abs_diff"] = self.saved_scores_max_abs_diff
-        return {"final": self.final.to_dict(), **_without_none(out), **self.extra}
 
 
 def write_metrics(metrics: SFTMetrics | RewardModelMetrics | PolicyMetrics, path: str | Path) -> None:
