@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -238,3 +238,23 @@ def final_outputs(output_dir: str | os.PathLike, finished_marker: str) -> Iterat
     if dist.is_rank0():
         publish_staged(out, finished_marker)
     dist.barrier()
+
+
+def jsonl_rows(path: str | os.PathLike, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Every non-empty line of a small JSON-lines file of a tool's (prompts, pairs), as an object whose
+    `fields` are non-empty strings; ValueError naming the file, the line and what is wrong for anything else.
+    (Training data goes through common/data, which reports every bad row of a file at once.)"""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got a {type(row).__name__}")
+            for key in fields:
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise ValueError(f"{path}:{line_no}: field {key!r} is missing, empty or not a string")
+            yield row

@@ -17,7 +17,6 @@ This module also holds the loading and generation helpers that chat.py uses.
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from common.data.chat_format import CHAT_TEMPLATE_MODES, ChatFormat, chat_format_for
 from common.errors import exit_cleanly_on_user_errors
+from common.files import jsonl_rows
 from common.models.loading import load_tokenizer
 from common.models.sampling import SamplingSettings, sample_answers
 from common.training.ds_config import torch_dtype
@@ -58,26 +58,13 @@ def read_prompts(path: str | Path) -> list[str]:
     "prompt" per line); ValueError naming the file and line for anything else."""
     path = Path(path)
     prompts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                if (
-                    not isinstance(row, dict)
-                    or not isinstance(row.get("prompt"), str)
-                    or not row["prompt"].strip()
-                ):
-                    raise ValueError(f"{path}:{line_no}: expected an object with a non-empty string 'prompt'")
-                prompts.append(row["prompt"])
-            elif path.suffix == ".txt":
-                prompts.append(line.rstrip("\n").replace("\\n", "\n"))
-            else:
-                raise ValueError(f"{path}: unsupported prompts file type {path.suffix!r}; use .txt or .jsonl")
+    if path.suffix == ".jsonl":
+        prompts = [row["prompt"] for row in jsonl_rows(path, ["prompt"])]
+    elif path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    else:
+        raise ValueError(f"{path}: unsupported prompts file type {path.suffix!r}; use .txt or .jsonl")
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return prompts

@@ -17,7 +17,6 @@ the gain and bias stored in the model by stage 2).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from common.data import pad_sequences
 from common.data.tokenize import encode_texts, fit_to_length
 from common.errors import exit_cleanly_on_user_errors
+from common.files import jsonl_rows
 from common.models.loading import load_tokenizer
 from common.models.reward_model import RewardModel
 from common.validate import check_model_path
@@ -59,21 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, response) of every non-empty line of a JSON-lines file; errors name the file and line."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected an object with 'prompt' and 'response'")
-            for key in ("prompt", "response"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{path}:{line_no}: field {key!r} is missing, empty or not a string")
-            pairs.append((row["prompt"], row["response"]))
+    pairs = [(row["prompt"], row["response"]) for row in jsonl_rows(path, ["prompt", "response"])]
     if not pairs:
         raise ValueError(f"{path}: no pairs found")
     return pairs

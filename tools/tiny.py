@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from common.files import jsonl_rows
 from common.training.output_dir import HF_MODEL_FILES, refuse_foreign_files
 
 EOS_TOKEN = "<|endoftext|>"
@@ -65,18 +66,8 @@ def read_bundled_texts(path: Path = BUNDLED_TRAIN) -> Iterator[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer training data not found: {path} (run data/make_synthetic.py)")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str) or not row[key]:
-                    raise ValueError(f"{path}:{line_no}: field {key!r} is missing, empty or not a string")
-                yield row[key]
+    for row in jsonl_rows(path, ["prompt", "chosen", "rejected"]):
+        yield from (row["prompt"], row["chosen"], row["rejected"])
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:

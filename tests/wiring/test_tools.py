@@ -173,7 +173,10 @@ def test_prompts_files_and_wrapping(tmp_path):
     with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
         prompt_eval.read_prompts(jsonl)
     jsonl.write_text(json.dumps({"prompt": "One"}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"p.jsonl:2: expected an object with a non-empty string 'prompt'"):
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'prompt' is missing, empty or not a string"):
+        prompt_eval.read_prompts(jsonl)
+    jsonl.write_text(json.dumps(["One"]) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected a JSON object, got a list"):
         prompt_eval.read_prompts(jsonl)
     (tmp_path / "p.csv").write_text("a\n")
     with pytest.raises(ValueError, match="unsupported prompts file type '.csv'"):
