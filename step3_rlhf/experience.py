@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,16 @@ from step3_rlhf.engines import (
     has_inference_kernels,
 )
 
+E = TypeVar("E", bound="Experience")
+
 
 @dataclass
-class Rollout:
-    """A batch of experience. B sequences of prompt (left-padded to P) + response (right-padded to R).
+class Experience:
+    """Sampled answers, scored: B sequences of prompt (left-padded to P) + response (right-padded to R) with
+    the policy's and reference's log-probs, the critic's values (zeros without a critic), the per-token KL and
+    the sequence scores, before any advantage is computed (`ExperienceMaker.make`).
 
-    seq, attention_mask: (B, P + R); action_mask and every per-token tensor: (B, R); scores: (B,).
+    seq, attention_mask: (B, P + R); action_mask and every per-token tensor: (B, R); scores, ends_with_eos: (B,).
     """
 
     seq: torch.Tensor
@@ -60,15 +65,13 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     kl: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
     scores: torch.Tensor
     ends_with_eos: torch.Tensor
     prompt_len: int
 
-    def select(self, index: torch.Tensor) -> Rollout:
-        """Rows `index`, trimmed to the longest valid response among them."""
+    def select(self: E, index: torch.Tensor) -> E:
+        """Rows `index` (of the same class: a Rollout stays a Rollout), trimmed to the longest valid response
+        among them."""
         width = int(self.action_mask[index].sum(1).max().item())
         out = {}
         for f in fields(self):
@@ -81,25 +84,35 @@ class Rollout:
                 out[f.name] = v[index, : self.prompt_len + width]
             else:
                 out[f.name] = v[index, :width]
-        return Rollout(**out)
+        return type(self)(**out)
 
     def __len__(self) -> int:
         return self.seq.shape[0]
+
+
+@dataclass
+class Rollout(Experience):
+    """Experience with its per-token rewards, advantages and returns, (B, R) each, computed over the whole
+    rollout of a rank (`ExperienceMaker.shape`): what the PPO update trains on."""
+
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return F.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Stack rollouts of different prompt widths P and response lengths R: prompts are left-padded to the
+def concat_experience(parts: list[Experience], pad_id: int) -> Experience:
+    """Stack experience of different prompt widths P and response lengths R: prompts are left-padded to the
     widest P (position ids come from the mask, so this changes no number), responses right-padded."""
     if len(parts) == 1:
         return parts[0]
     prompt_len = max(p.prompt_len for p in parts)
     width = max(p.action_mask.shape[1] for p in parts)
     out: dict = {"prompt_len": prompt_len}
-    for f in fields(Rollout):
+    for f in fields(Experience):
         if f.name == "prompt_len":
             continue
         vals = [getattr(p, f.name) for p in parts]
@@ -119,7 +132,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
             )
         else:
             out[f.name] = torch.cat([_pad_right(v, width, 0) for v in vals])
-    return Rollout(**out)
+    return Experience(**out)
 
 
 def _columns(extra: list[dict] | None) -> dict[str, list]:
@@ -324,9 +337,9 @@ class ExperienceMaker:
         prompt_mask: torch.Tensor,
         extra: list[dict] | None = None,
         prompt_text: list[str] | None = None,
-    ) -> Rollout:
-        """One generation batch -> a Rollout with log-probs, values, KL and scores (rewards, advantages and
-        returns are filled in by `shape`, over the whole rollout). extra / prompt_text: the prompts' extra
+    ) -> Experience:
+        """One generation batch sampled and scored: log-probs, values, KL and scores (`shape` adds the
+        rewards, advantages and returns, over the whole rollout). extra / prompt_text: the prompts' extra
         dataset columns and original texts, for a reward function."""
         args = self.args
         prompt_len = prompts.shape[1]
@@ -344,8 +357,7 @@ class ExperienceMaker:
         if args.missing_eos_penalty is not None:
             scores = torch.where(ends, scores, torch.full_like(scores, args.missing_eos_penalty))
         kl = kl_penalty(s["logprobs"], s["ref_logprobs"], kind=args.kl_estimator, clamp=args.kl_clamp)
-        zeros = torch.zeros_like(kl)
-        return Rollout(
+        return Experience(
             seq=seq,
             attention_mask=attention_mask,
             action_mask=answers.action_mask,
@@ -353,25 +365,22 @@ class ExperienceMaker:
             ref_logprobs=s["ref_logprobs"],
             values=s["values"],
             kl=kl,
-            rewards=zeros,
-            advantages=zeros,
-            returns=zeros,
             scores=scores,
             ends_with_eos=ends,
             prompt_len=prompt_len,
         )
 
-    def shape(self, r: Rollout) -> Rollout:
-        """Rewards, advantages and returns of --advantage_estimator over the whole rollout of this rank
+    def shape(self, e: Experience) -> Rollout:
+        """Rewards, advantages and returns of --advantage_estimator over the whole experience of this rank
         (whose groups are complete: see `make`). The KL penalty goes into the reward unless --kl_in_loss."""
         args = self.args
-        r.advantages, r.returns, r.rewards = estimate_advantages(
+        advantages, returns, rewards = estimate_advantages(
             args.advantage_estimator,
-            r.scores,
-            r.kl,
-            r.action_mask,
+            e.scores,
+            e.kl,
+            e.action_mask,
             kl_coef=0.0 if args.kl_in_loss else self.kl_ctl.value,
-            values=r.values,
+            values=e.values,
             gamma=args.gamma,
             lam=args.lam,
             group_size=args.num_samples_per_prompt,
@@ -380,7 +389,8 @@ class ExperienceMaker:
             whiten_rewards=args.whiten_rewards,
             whiten=args.whiten_advantages,
         )
-        return r
+        scored = {f.name: getattr(e, f.name) for f in fields(Experience)}
+        return Rollout(**scored, rewards=rewards, advantages=advantages, returns=returns)
 
     def make_rollout(self, prompt_batches: list[dict[str, torch.Tensor]]) -> Rollout:
         """Several generation batches -> one shaped Rollout."""
@@ -388,4 +398,4 @@ class ExperienceMaker:
             self.make(b["input_ids"], b["attention_mask"], b.get("extra"), b.get("prompt_text"))
             for b in prompt_batches
         ]
-        return self.shape(concat_rollouts(parts, self.tokenizer.pad_token_id))
+        return self.shape(concat_experience(parts, self.tokenizer.pad_token_id))

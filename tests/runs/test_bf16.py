@@ -223,7 +223,7 @@ def _samples_of(r: Rollout, batches: list[dict[str, torch.Tensor]]) -> list[Samp
     for b in batches:
         n, p = b["input_ids"].shape
         rows = slice(start, start + n)
-        extra = r.prompt_len - p  # concat_rollouts left-padded the narrower prompts by this much
+        extra = r.prompt_len - p  # concat_experience left-padded the narrower prompts by this much
         seq = r.seq[rows, extra:].clone()
         attention_mask = r.attention_mask[rows, extra:].clone()
         out.append(Samples(seq, attention_mask, r.action_mask[rows].clone(), r.ends_with_eos[rows], p))

@@ -40,7 +40,7 @@ from step3_rlhf import experience as experience_module
 from step3_rlhf import ppo_trainer as trainer_module
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import Engines, build_engines
-from step3_rlhf.experience import ExperienceMaker, Rollout, concat_rollouts
+from step3_rlhf.experience import Experience, ExperienceMaker, Rollout, concat_experience
 from step3_rlhf.ppo_trainer import PPOTrainer, minibatch_schedule
 from tools.tiny import build_tiny_model
 
@@ -151,7 +151,7 @@ def gpt2_stage(models) -> Stage:
 @dataclass
 class Recorded:
     rollout: Rollout
-    parts: list[Rollout]  # the generation batches, as concat_rollouts received them
+    parts: list[Experience]  # the generation batches, as concat_experience received them
     whiten_input: torch.Tensor  # what masked_whiten received: the advantages before whitening
     generate_calls: list[dict]  # per part: the kwargs ExperienceMaker passed to generate, and HF's scores
 
@@ -162,7 +162,7 @@ def recorded(models, stage) -> Recorded:
     results captured on the way: the functions it calls are wrapped, not replaced (generate is asked for
     its processed scores as well, which changes nothing it samples)."""
     seen: dict = {"generate": []}
-    real_concat, real_whiten = experience_module.concat_rollouts, rl_advantages.masked_whiten
+    real_concat, real_whiten = experience_module.concat_experience, rl_advantages.masked_whiten
     model = stage.engines.actor.module
     real_generate = model.generate
 
@@ -181,7 +181,7 @@ def recorded(models, stage) -> Recorded:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model, "generate", record_generate)
-        mp.setattr(experience_module, "concat_rollouts", record_concat)
+        mp.setattr(experience_module, "concat_experience", record_concat)
         mp.setattr(rl_advantages, "masked_whiten", record_whiten)  # where estimate_advantages finds it
         torch.manual_seed(0)
         rollout = stage.maker.make_rollout(models.batches[:GEN_BATCHES])
@@ -588,10 +588,10 @@ def test_train_takes_one_optimizer_step_per_minibatch(trained):
         assert key in trained.stats and torch.isfinite(torch.tensor(trained.stats[key])), key
 
 
-# ------------------------------------------------------------------------------------ 9. concat_rollouts
+# ---------------------------------------------------------------------------------- 9. concat_experience
 
 
-def test_concat_rollouts_with_different_widths_keeps_every_row(models, stage, recorded):
+def test_concat_experience_with_different_widths_keeps_every_row(models, stage, recorded):
     """Two parts with different prompt widths and response lengths: every row keeps its tokens and
     per-token values, and log-probs/values recomputed on the re-padded sequences equal the originals."""
     first = recorded.parts[0]
@@ -606,7 +606,7 @@ def test_concat_rollouts_with_different_widths_keeps_every_row(models, stage, re
     assert first.prompt_len != second.prompt_len
     assert first.action_mask.shape[1] != second.action_mask.shape[1]
 
-    cat = concat_rollouts([first, second], models.tok.pad_token_id)
+    cat = concat_experience([first, second], models.tok.pad_token_id)
     parts_rows = [(part, i) for part in (first, second) for i in range(len(part))]
     assert len(cat) == len(parts_rows)
     assert cat.prompt_len == max(first.prompt_len, second.prompt_len)
@@ -620,7 +620,7 @@ def test_concat_rollouts_with_different_widths_keeps_every_row(models, stage, re
         )
         n = int(part.action_mask[i].sum())
         assert int(cat.action_mask[k].sum()) == n
-        for f in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns"):
+        for f in ("logprobs", "ref_logprobs", "values", "kl"):
             assert torch.equal(getattr(cat, f)[k, :n], getattr(part, f)[i, :n]), f
         for f in ("scores", "ends_with_eos"):
             assert getattr(cat, f)[k] == getattr(part, f)[i], f
