@@ -37,8 +37,8 @@ from common.models.reward_model import load_reward_model_for_training
 from common.rl_math import ensemble_scores, get_advantage_estimator
 from common.training.ds_config import eval_config, torch_dtype, train_config
 from common.training.engines import (
+    engine_from_flags,
     frozen_engine,
-    init_engine,
     lora_and_checkpointing_flags,
     with_lora_and_checkpointing,
 )
@@ -155,18 +155,7 @@ def build_engines(args: argparse.Namespace, tokenizer, actor_steps: int, critic_
     actor_model = new_actor_model(args.actor_gradient_checkpointing)
     if (hybrid := _hybrid_engine_config(args, actor_model)) is not None:
         actor_cfg["hybrid_engine"] = hybrid
-    actor = init_engine(
-        actor_model,
-        ds_config=actor_cfg,
-        lr=args.actor_learning_rate,
-        weight_decay=args.actor_weight_decay,
-        betas=args.adam_betas,
-        offload=args.offload,
-        lora_lr=args.actor_lora_learning_rate if args.actor_lora_dim > 0 else None,
-        scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.num_warmup_steps,
-        total_steps=actor_steps,
-    )
+    actor = engine_from_flags(actor_model, args, actor_cfg, actor_steps, prefix="actor_")
 
     # reference: the initial actor, frozen
     ref_stage = 3 if args.actor_zero_stage == 3 else 0
@@ -239,19 +228,7 @@ def _build_critic(
     critic_model.fold_normalization_into_head()  # values start in the units of the normalised rewards
     disable_dropout(critic_model)
     critic_model = with_lora_and_checkpointing(critic_model, **lora_and_checkpointing_flags(args, "critic_"))
-    critic = init_engine(
-        critic_model,
-        ds_config=critic_cfg,
-        lr=args.critic_learning_rate,
-        weight_decay=args.critic_weight_decay,
-        betas=args.adam_betas,
-        offload=args.offload,
-        lora_lr=args.critic_lora_learning_rate if args.critic_lora_dim > 0 else None,
-        scheduler_type=args.lr_scheduler_type,
-        warmup_steps=args.num_warmup_steps,
-        total_steps=steps,
-    )
-    return critic
+    return engine_from_flags(critic_model, args, critic_cfg, steps, prefix="critic_")
 
 
 def _build_reward(

@@ -203,22 +203,32 @@ def stage_causal_lm(args, tokenizer, ds_config: dict, dropout: float | None) -> 
     return with_lora_and_checkpointing(model, **lora_and_checkpointing_flags(args))
 
 
-def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoch: int):
-    """The DeepSpeed engine of stage 1 or 2: optimizer and schedule from the shared flags."""
+def engine_from_flags(model: torch.nn.Module, args, ds_config: dict, total_steps: int, prefix: str = ""):
+    """The DeepSpeed engine of a trained model, its optimizer and schedule from its flags: a one-model
+    stage's (prefix "") or one of stage 3's models (prefix "actor_" or "critic_": --actor_learning_rate,
+    --critic_weight_decay, ...; the schedule's type and warm-up are shared)."""
+
+    def flag(name: str) -> Any:
+        return getattr(args, f"{prefix}{name}")
+
     return init_engine(
         model,
         ds_config=ds_config,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
+        lr=flag("learning_rate"),
+        weight_decay=flag("weight_decay"),
         betas=args.adam_betas,
         offload=args.offload,
-        lora_lr=args.lora_learning_rate if args.lora_dim > 0 else None,
+        lora_lr=flag("lora_learning_rate") if flag("lora_dim") > 0 else None,
         scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.num_warmup_steps,
-        total_steps=optimizer_steps(
-            batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs
-        ),
+        total_steps=total_steps,
     )
+
+
+def stage_engine(model: torch.nn.Module, args, ds_config: dict, batches_per_epoch: int):
+    """The DeepSpeed engine of stage 1 or 2 (or DPO's policy), from the shared flags."""
+    steps = optimizer_steps(batches_per_epoch, args.gradient_accumulation_steps, args.num_train_epochs)
+    return engine_from_flags(model, args, ds_config, steps)
 
 
 def peak_memory_mb() -> float:
