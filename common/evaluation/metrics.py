@@ -20,17 +20,22 @@ from typing import Any, ClassVar
 
 from common.files import write_text_atomic
 
-GOLD_SHARE_PREFIX = (
-    "gold_share_"  # JSON key of the share of answers the gold gave a label: gold_share_<label>
-)
+# JSON key of the share of answers the gold gave a label: gold_share_<label>
+GOLD_SHARE_PREFIX = "gold_share_"
 
 
 class MetricsFileError(ValueError):
     """A metrics file that is missing a key this schema needs, or is not JSON."""
 
 
+def _require_object(data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise MetricsFileError(f"{where}: a {type(data).__name__}, not a JSON object")
+
+
 def _split(cls: type, data: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the keys that are fields of `cls`, the others); MetricsFileError for a required field that is absent."""
+    _require_object(data, where)
     names = {f.name for f in fields(cls)} - {"extra"}
     known = {k: v for k, v in data.items() if k in names}
     required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
@@ -101,6 +106,7 @@ class AnswerEval(_Record):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "evaluation") -> AnswerEval:
+        _require_object(data, where)
         shares = {
             k.removeprefix(GOLD_SHARE_PREFIX): v for k, v in data.items() if k.startswith(GOLD_SHARE_PREFIX)
         }
@@ -184,6 +190,5 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise MetricsFileError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MetricsFileError(f"{path}: a {type(data).__name__}, not a JSON object")
+    _require_object(data, str(path))
     return data

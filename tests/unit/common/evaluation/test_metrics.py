@@ -104,6 +104,7 @@ def test_stage_1_and_2_metrics_round_trip(tmp_path):
     ("content", "message"),
     [
         ('{"before": {}}', "no 'after'"),
+        ('{"before": {}, "after": 0.5}', "after: a float, not a JSON object"),
         ("[1, 2]", "a list, not a JSON object"),
         ("{not json", "not valid JSON"),
     ],
