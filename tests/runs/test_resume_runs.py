@@ -140,9 +140,9 @@ def _plain_run(script: str, args: list[str], env_extra: dict[str, str]) -> subpr
     )
 
 
-def test_sft_nan_loss_stops_without_checkpoint(tiny_dir, tmp_path):
-    out = tmp_path / "sft_nan"
-    args = [
+def _plain_args(tiny_dir: Path, out: Path, tmp_path: Path) -> list[str]:
+    """A one-model stage on the tiny default into `out`, its data cache in `tmp_path`."""
+    return [
         "--model_name_or_path",
         str(tiny_dir),
         "--output_dir",
@@ -150,6 +150,11 @@ def test_sft_nan_loss_stops_without_checkpoint(tiny_dir, tmp_path):
         "--data_output_path",
         str(tmp_path),
     ]
+
+
+def test_sft_nan_loss_stops_without_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "sft_nan"
+    args = _plain_args(tiny_dir, out, tmp_path)
     proc = _plain_run(SFT, [*args, *COMMON, *SFT_ARGS, "--save_interval", "1"], {INJECT_NAN_ENV: "3"})
     assert proc.returncode != 0
     assert "[sft] step 3: non-finite loss" in proc.stdout + proc.stderr
@@ -160,14 +165,7 @@ def test_sft_nan_loss_stops_without_checkpoint(tiny_dir, tmp_path):
 
 def test_reward_nan_loss_skipped_and_counted(tiny_dir, tmp_path):
     out = tmp_path / "rm_nan"
-    args = [
-        "--model_name_or_path",
-        str(tiny_dir),
-        "--output_dir",
-        str(out),
-        "--data_output_path",
-        str(tmp_path),
-    ]
+    args = _plain_args(tiny_dir, out, tmp_path)
     proc = _plain_run(REWARD, [*args, *COMMON, *REWARD_ARGS, "--skip_nonfinite_steps"], {INJECT_NAN_ENV: "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "rm_metrics.json").read_text())
