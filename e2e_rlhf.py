@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_algo_list,
         default=["ppo"],
         help="ppo: SFT -> reward model -> PPO (steps 1 2 3); grpo, dr_grpo, rloo, reinforce_pp, "
-        "reinforce_pp_baseline: the same, with that critic-free estimator as step 3 (in <algo>/); dpo: SFT -> "
+        "reinforce_pp_baseline, dapo, gspo: the same, with that critic-free estimator as step 3 (in <algo>/); "
+        "dpo: SFT -> "
         "DPO on the same pairs (steps 1 2: step 2 is DPO, in dpo/). A comma-separated list runs each in turn. "
         "All write under one --output-dir, so they share finished stages.",
     )

@@ -7,7 +7,7 @@ Runs `e2e_rlhf.py --tiny --step 1 2 --output-dir OUT` (skipped when OUT already 
 once per method through the tiny launch script, each from the same sft/ and rm/:
 
     PPO (GAE)        bash launch/tiny/single_gpu.sh 3 OUT          16 prompts x 1 answer per iteration
-    GRPO, Dr. GRPO, RLOO, REINFORCE++ with baseline
+    GRPO, Dr. GRPO, RLOO, REINFORCE++ with baseline, DAPO, GSPO
                      bash launch/tiny/single_gpu.sh <estimator> OUT 4 prompts x 4 answers per iteration
     REINFORCE++      bash launch/tiny/single_gpu.sh reinforce_pp OUT   16 prompts x 1 answer
     GRPO, gold as reward function
@@ -60,6 +60,8 @@ METHODS = [
     ("rloo", "RLOO", "rloo", []),
     ("reinforce_pp", "REINFORCE++", "reinforce_pp", []),
     ("reinforce_pp_baseline", "REINFORCE++ with baseline", "reinforce_pp_baseline", []),
+    ("dapo", "DAPO (GRPO, clip-higher, token mean, overlong punishment)", "dapo", []),
+    ("gspo", "GSPO (GRPO, sequence-level ratio)", "gspo", []),
     ("grpo_gold", "GRPO, gold scorer as reward function", "grpo", GOLD_FN),
 ]
 

@@ -7,7 +7,7 @@
 #     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
 #   STEP               1 (SFT), 2 (reward model), 3 (PPO), dpo (DPO from the SFT model: the alternative to 2 + 3),
 #                      or a critic-free estimator in place of PPO's step 3 (same engines, no critic): grpo,
-#                      dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (in OUTPUT/<STEP>)
+#                      dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, dapo, gspo (in OUTPUT/<STEP>)
 #   OUTPUT             the pipeline's output root: models in OUTPUT/sft, OUTPUT/rm, OUTPUT/ppo, each stage's
 #                      (and OUTPUT/dpo), log in its directory (training.log), TensorBoard in OUTPUT/tensorboard/<stage>,
 #                      tokenised-data cache in OUTPUT/data_cache
@@ -29,7 +29,10 @@
 #   CRITIC_FREE_ARGS  array added to STEP3_ARGS for every critic-free estimator (e.g. its own learning rate)
 #   GROUP_ARGS      array added after it for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline):
 #                   --num_samples_per_prompt n and a generation batch n times smaller, so an iteration
-#                   generates as many answers as PPO's; grpo also gets --kl_in_loss (its paper's)
+#                   generates as many answers as PPO's; grpo also gets --kl_in_loss (its paper's). dapo and gspo
+#                   are grpo with their papers' policy losses: dapo clip-higher (0.2 / 0.28), a token-mean loss and
+#                   the soft overlong punishment over the last quarter of the answer budget; gspo the sequence-level
+#                   ratio clipped to [1 - 3e-4, 1 + 4e-4] and a per-answer mean. Both keep grpo's KL loss.
 #   PREPARE         optional array, a command run before step 1 unless PREPARE_CREATES exists
 #   REWARD_MEMBERS  reward models step 2 trains (default 1; the environment may set it): members 2..K go to
 #                   OUTPUT/rm-2 ... rm-K first (stage 2 again on the same data slice, --data_split_seed, with seed
@@ -74,7 +77,7 @@ STEP="${_positional[0]}"
 OUTPUT="${_positional[1]}"
 ZERO_OVERRIDE="${_positional[2]:-}"
 CRITIC_ZERO_OVERRIDE="${_positional[3]:-}"
-CRITIC_FREE="grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline"
+CRITIC_FREE="grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline dapo gspo"
 case " 1 2 3 dpo $CRITIC_FREE " in *" $STEP "*) ;;
     *) launch_usage "STEP must be 1, 2, 3, dpo or one of $CRITIC_FREE, got '$STEP'" ;; esac
 for _z in "$ZERO_OVERRIDE" "$CRITIC_ZERO_OVERRIDE"; do
@@ -83,6 +86,17 @@ done
 [ -z "$CRITIC_ZERO_OVERRIDE" ] || [ "$STEP" = 3 ] || launch_usage "CRITIC_ZERO_STAGE applies to step 3 only"
 case "$OUTPUT" in /*) ;; *) OUTPUT="$PWD/$OUTPUT" ;; esac
 OUTPUT="${OUTPUT%/}"
+
+# The value of FLAG's last occurrence in the arguments after DEFAULT (DEFAULT if it has none).
+_last_value() {
+    local flag="$1" value="$2"
+    shift 2
+    while [ $# -gt 0 ]; do
+        if [ "$1" = "$flag" ] && [ $# -gt 1 ]; then value="$2"; fi
+        shift
+    done
+    echo "$value"
+}
 
 # ---- defaults a script may override
 DATA=()
@@ -228,9 +242,21 @@ _stage_command() {
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/dpo" --output_dir "$STAGE_DIR") ;;
         *)  # a critic-free estimator: stage 3 without a critic, the reward model of stage 2 as reward
             STAGE_DIR="$OUTPUT/$STEP"
-            local estimator=(--advantage_estimator "$STEP" "${CRITIC_FREE_ARGS[@]}")
+            local name="$STEP"
+            case "$STEP" in dapo|gspo) name=grpo ;; esac  # GRPO's advantages with their policy losses
+            local estimator=(--advantage_estimator "$name" "${CRITIC_FREE_ARGS[@]}")
             if [ "$STEP" != reinforce_pp ]; then estimator+=("${GROUP_ARGS[@]}"); fi
-            if [ "$STEP" = grpo ]; then estimator+=(--kl_in_loss); fi
+            case "$STEP" in
+                grpo) estimator+=(--kl_in_loss) ;;
+                dapo)
+                    local budget
+                    budget="$(_last_value --max_answer_seq_len 256 "${STEP3_ARGS[@]}" "${EXTRA[@]}")"
+                    estimator+=(--kl_in_loss --clip_ratio_low 0.2 --clip_ratio_high 0.28 --loss_agg token_mean
+                        --overlong_buffer_len "$(( budget / 4 ))") ;;
+                gspo)
+                    estimator+=(--kl_in_loss --ratio_level sequence --clip_ratio_low 3e-4 --clip_ratio_high 4e-4
+                        --loss_agg seq_mean_token_mean) ;;
+            esac
             CMD=("${LAUNCHER[@]}" step3_rlhf/main.py --actor_model_name_or_path "$OUTPUT/sft"
                 --reward_model_name_or_path "$OUTPUT/rm" "${DATA[@]}" --data_output_path "$OUTPUT/data_cache"
                 --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}" "${STEP3_ARGS[@]}" "${estimator[@]}"

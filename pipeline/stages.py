@@ -44,13 +44,15 @@ STAGES = {
 }
 # --algo dpo: the same stage 1, then DPO on stage 2's pairs in place of the reward model and PPO.
 DPO_STAGES = {1: STAGES[1], 2: Stage(2, "dpo", "DPO", "dpo_metrics.json", launch_step="dpo")}
-# --algo grpo, rloo, ...: the same stages 1 and 2, then a critic-free estimator in place of PPO (in <algo>/).
+# --algo grpo, rloo, dapo, ...: the same stages 1 and 2, then a critic-free estimator in place of PPO (in <algo>/).
 CRITIC_FREE = {
     "grpo": "GRPO",
     "dr_grpo": "Dr. GRPO",
     "rloo": "RLOO",
     "reinforce_pp": "REINFORCE++",
     "reinforce_pp_baseline": "REINFORCE++ with baseline",
+    "dapo": "DAPO",  # GRPO's advantages with DAPO's policy loss (launch/lib.sh says which parts)
+    "gspo": "GSPO",  # GRPO's advantages with GSPO's sequence-level ratio
 }
 RL_STAGES = [STAGES[3]] + [
     Stage(3, name, title, "ppo_metrics.json", name) for name, title in CRITIC_FREE.items()

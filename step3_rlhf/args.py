@@ -23,6 +23,7 @@ from common.rl_math import (
     ADVANTAGE_ESTIMATORS,
     ENSEMBLE_AGGREGATIONS,
     LOSS_AGGREGATIONS,
+    POLICY_RATIO_LEVELS,
     get_advantage_estimator,
 )
 from common.validate import reward_model_path
@@ -115,6 +116,14 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
         "--clip_reward_value", type=float, default=5.0, help="Clip RM scores to +-this (DS-Chat: 5)."
     )
     g.add_argument(
+        "--overlong_buffer_len",
+        type=int,
+        default=0,
+        help="DAPO's soft overlong punishment: add --overlong_penalty_factor x (limit - len) / this to the score of "
+        "an answer longer than --max_answer_seq_len minus this, -factor at the limit (0: off).",
+    )
+    g.add_argument("--overlong_penalty_factor", type=float, default=1.0, help="See --overlong_buffer_len.")
+    g.add_argument(
         "--missing_eos_penalty",
         type=float,
         default=None,
@@ -171,6 +180,37 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     )
     # losses [18]
     g.add_argument("--cliprange", type=float, default=0.2, help="Policy ratio clip epsilon.")
+    g.add_argument(
+        "--clip_ratio_low",
+        type=float,
+        default=None,
+        help="The ratio's lower clip 1 - this (default: --cliprange).",
+    )
+    g.add_argument(
+        "--clip_ratio_high",
+        type=float,
+        default=None,
+        help="The ratio's upper clip 1 + this (default: the lower one); DAPO's clip-higher: 0.28 with 0.2.",
+    )
+    g.add_argument(
+        "--dual_clip",
+        type=float,
+        default=None,
+        help="Dual-clip PPO: cap a token's loss at -A x this where A < 0 (> 1; 3 in Ye et al. 2020). Off by default.",
+    )
+    g.add_argument(
+        "--ratio_level",
+        choices=POLICY_RATIO_LEVELS,
+        default="token",
+        help="token: PPO's per-token ratio; sequence: GSPO's length-normalised ratio of the whole answer, "
+        "clipped per answer (use it with tiny clip ranges, e.g. --clip_ratio_low 3e-4 --clip_ratio_high 4e-4).",
+    )
+    g.add_argument(
+        "--mask_truncated_answers",
+        action="store_true",
+        help="Leave answers that hit --max_answer_seq_len without EOS out of the policy loss (DAPO's "
+        "overlong filtering); they still count in the KL loss and the statistics.",
+    )
     g.add_argument("--cliprange_value", type=float, default=0.2, help="Value clip range around old values.")
     g.add_argument("--entropy_coef", type=float, default=0.0, help="Entropy bonus coefficient.")
     g.add_argument(
@@ -323,6 +363,26 @@ def check_ppo_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--reward_ensemble_std_coef must be >= 0, got {args.reward_ensemble_std_coef}")
     if args.kl_in_loss and args.adaptive_kl:
         raise SystemExit("--adaptive_kl adapts the KL penalty in the reward; with --kl_in_loss there is none")
+    if args.clip_ratio_low is None:
+        args.clip_ratio_low = args.cliprange
+    if args.clip_ratio_high is None:
+        args.clip_ratio_high = args.clip_ratio_low
+    for flag in ("cliprange", "clip_ratio_low", "clip_ratio_high"):
+        if not getattr(args, flag) > 0:
+            raise SystemExit(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.clip_ratio_low >= 1:
+        raise SystemExit(
+            f"--clip_ratio_low must be < 1 (the ratio's lower bound 1 - it), got {args.clip_ratio_low}"
+        )
+    if args.dual_clip is not None and not args.dual_clip > 1:
+        raise SystemExit(f"--dual_clip must be > 1, got {args.dual_clip}")
+    if not 0 <= args.overlong_buffer_len <= args.max_answer_seq_len:
+        raise SystemExit(
+            f"--overlong_buffer_len must be in [0, --max_answer_seq_len {args.max_answer_seq_len}], "
+            f"got {args.overlong_buffer_len}"
+        )
+    if args.overlong_penalty_factor < 0:
+        raise SystemExit(f"--overlong_penalty_factor must be >= 0, got {args.overlong_penalty_factor}")
     if args.whiten_advantages is None:
         args.whiten_advantages = estimator.whiten
     if args.loss_agg is None:

@@ -9,7 +9,7 @@ that a prompt's group of n answers is sampled in one batch on one rank:
      is one) over prompt + response with attention mask and explicit position ids (item 4): temperature-
      scaled log-probs of the response tokens (items 6-7), values at the same positions (item 13), the
      normalised reward-model score at the last valid token (item 9), plus the --reward_fn's score;
-  3. optional missing-EOS penalty (item 8), then the advantage estimator over the whole rollout
+  3. optional missing-EOS penalty (item 8) and overlong penalty (DAPO), then the advantage estimator over the whole rollout
      (`common.rl_math.estimate_advantages`): for PPO per-token rewards = -beta * KL + clipped score at the
      last token (item 14), GAE advantages and returns (item 16), whitened advantages (item 17); for the
      critic-free estimators a group baseline of the scores, then returns-to-go.
@@ -37,6 +37,7 @@ from common.rl_math import (
     estimate_advantages,
     kl_penalty,
     logprobs_from_logits,
+    overlong_penalty,
     response_positions,
 )
 from step3_rlhf.engines import (
@@ -356,6 +357,11 @@ class ExperienceMaker:
         scores = s["scores"].float()
         if args.missing_eos_penalty is not None:
             scores = torch.where(ends, scores, torch.full_like(scores, args.missing_eos_penalty))
+        if args.overlong_buffer_len:  # DAPO's soft overlong punishment, on top of the score
+            lengths = answers.action_mask.sum(dim=1)
+            scores = scores + overlong_penalty(
+                lengths, args.max_answer_seq_len, args.overlong_buffer_len, args.overlong_penalty_factor
+            ).to(scores.device)
         kl = kl_penalty(s["logprobs"], s["ref_logprobs"], kind=args.kl_estimator, clamp=args.kl_clamp)
         return Experience(
             seq=seq,

@@ -1,7 +1,9 @@
 """The PPO update: `--ppo_epochs` passes over a rollout, each a fresh permutation cut into minibatches,
 each minibatch into micro-batches of `--per_device_training_batch_size` accumulated into ONE optimizer
 step of the actor and one of the critic (docs/ppo-fidelity.md item 19; no critic for the critic-free estimators).
-The policy loss reduces its tokens by --loss_agg; --kl_in_loss adds the KL to the reference as a loss term.
+The policy loss reduces its tokens by --loss_agg, clips the ratio to [1 - --clip_ratio_low, 1 + --clip_ratio_high]
+(optionally dual-clipped, or per answer with --ratio_level sequence: GSPO) and with --mask_truncated_answers
+leaves out answers cut off without EOS (DAPO); --kl_in_loss adds the KL to the reference as a loss term.
 Optional PPO-ptx LM loss and EMA (item 20).
 
 A non-finite actor or critic loss stops the run before its backward (common.training.checkpoint.check_finite_loss),
@@ -76,7 +78,16 @@ class PPOTrainer:
         logits = response_logits(self.engines.actor, mb.seq, mb.attention_mask, mb.prompt_len)
         logp = logprobs_from_logits(logits, mb.seq[:, mb.prompt_len :], args.temperature)
         agg = {"loss_agg": args.loss_agg, "norm_length": args.max_answer_seq_len}
-        pg_loss, stats = policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask, args.cliprange, **agg)
+        pg_mask = mb.action_mask
+        if args.mask_truncated_answers:  # DAPO's overlong filtering: no policy gradient from a cut-off answer
+            pg_mask = mb.action_mask * mb.ends_with_eos[:, None].to(mb.action_mask.dtype)
+        if pg_mask.any():
+            pg_loss, stats = policy_loss(
+                logp, mb.logprobs, mb.advantages, pg_mask, args.clip_ratio_low, **agg,
+                clip_eps_high=args.clip_ratio_high, dual_clip=args.dual_clip, ratio_level=args.ratio_level,
+            )  # fmt: skip
+        else:  # every answer of this micro-batch was cut off: only the other terms train
+            pg_loss, stats = (logp * 0).sum(), {}
         entropy = masked_mean(entropy_from_logits(logits, args.temperature), mb.action_mask)
         loss = pg_loss - args.entropy_coef * entropy
         stats = {**stats, "policy_loss": pg_loss.detach(), "entropy": entropy.detach()}

@@ -46,7 +46,14 @@ def algorithm_settings(args) -> dict[str, object]:
         "kl": f"loss ({args.kl_loss_estimator}, coef {args.kl_loss_coef})" if args.kl_in_loss else "reward",
         "loss_agg": args.loss_agg,
         "whiten_advantages": args.whiten_advantages,
+        "clip_ratio": [args.clip_ratio_low, args.clip_ratio_high],
+        "ratio_level": args.ratio_level,
     }
+    for flag in ("dual_clip", "overlong_buffer_len", "mask_truncated_answers"):
+        if getattr(args, flag):
+            settings[flag] = getattr(args, flag)
+    if args.overlong_buffer_len:
+        settings["overlong_penalty_factor"] = args.overlong_penalty_factor
     if args.reward_ensemble_models:
         settings["reward_ensemble"] = {
             "members": [settings["reward_model"], *args.reward_ensemble_models],
@@ -70,7 +77,11 @@ def describe_algorithm(args) -> str:
     return (
         f"estimator {s['advantage_estimator']} ({'with' if s['critic'] else 'no'} critic), "
         f"{s['num_samples_per_prompt']} samples per prompt, reward {reward}, KL in the {s['kl']}, "
-        f"loss {s['loss_agg']}, whitened advantages {'yes' if s['whiten_advantages'] else 'no'}"
+        f"loss {s['loss_agg']}, whitened advantages {'yes' if s['whiten_advantages'] else 'no'}, "
+        f"{s['ratio_level']} ratio clipped to [{1 - s['clip_ratio'][0]:g}, {1 + s['clip_ratio'][1]:g}]"
+        + "".join(
+            f", {k} {s[k]}" for k in ("dual_clip", "overlong_buffer_len", "mask_truncated_answers") if k in s
+        )
     )
 
 

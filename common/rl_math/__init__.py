@@ -49,8 +49,10 @@ The package's modules, each importable on its own; everything public is re-expor
 - `masked`: masked sums, means, variances and whitening, and the input checks every function runs
 - `logprobs`: log-probs and entropy from logits, the response slice and masks
 - `kl`: the KL estimators, reward ensembles, per-token reward shaping, the KL controllers
-- `advantages`: GAE, returns-to-go, the group baselines and the estimator registry
-- `losses`: loss aggregation, the clipped policy and value losses, the KL loss, the preference losses
+- `advantages`: GAE, returns-to-go, the group baselines and the estimator registry, DAPO's group filter and
+  overlong penalty
+- `losses`: loss aggregation, the clipped policy loss (with clip-higher, dual-clip, GSPO's sequence-level ratio
+  and importance weights) and value loss, truncated importance weights, the KL loss, the preference losses
 """
 
 from common.rl_math.advantages import (
@@ -62,6 +64,8 @@ from common.rl_math.advantages import (
     gae,
     get_advantage_estimator,
     grpo_scores,
+    informative_groups,
+    overlong_penalty,
     rloo_scores,
 )
 from common.rl_math.kl import (
@@ -86,11 +90,13 @@ from common.rl_math.logprobs import (
 )
 from common.rl_math.losses import (
     LOSS_AGGREGATIONS,
+    POLICY_RATIO_LEVELS,
     PREFERENCE_LOSSES,
     aggregate_loss,
     kl_loss,
     policy_loss,
     preference_loss,
+    truncated_is_weights,
     value_loss,
 )
 from common.rl_math.masked import (
@@ -108,6 +114,7 @@ __all__ = [
     "FixedKLController",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "POLICY_RATIO_LEVELS",
     "PREFERENCE_LOSSES",
     "aggregate_loss",
     "discounted_returns",
@@ -118,6 +125,7 @@ __all__ = [
     "gae",
     "get_advantage_estimator",
     "grpo_scores",
+    "informative_groups",
     "kl_controller",
     "kl_loss",
     "kl_penalty",
@@ -127,6 +135,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "pair_response_mask",
     "policy_loss",
     "preference_loss",
@@ -136,5 +145,6 @@ __all__ = [
     "rloo_scores",
     "sequence_kl",
     "shape_rewards",
+    "truncated_is_weights",
     "value_loss",
 ]

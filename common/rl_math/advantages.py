@@ -96,6 +96,30 @@ def rloo_scores(scores: torch.Tensor, group_size: int, eps: float = 0.0) -> torc
     return (g - (g.sum(dim=1, keepdim=True) - g) / (n - 1)).view(-1)
 
 
+def informative_groups(scores: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter (Yu et al. 2025): (G,) bool, True for each group of `group_size`
+    consecutive scores whose max - min exceeds tol. A group whose answers all scored alike has a group
+    baseline equal to every score, so every advantage is 0 and it trains nothing but the KL term."""
+    g = _groups("informative_groups", scores, group_size)
+    return (g.max(dim=1).values - g.min(dim=1).values) > tol
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to each answer's score: (B,) answer lengths in
+    tokens -> (B,) penalties. 0 up to max_len - buffer_len, then falling linearly to -factor at max_len:
+    factor * ((max_len - buffer_len) - length) / buffer_len, and -factor beyond max_len."""
+    if lengths.dim() != 1:
+        raise ValueError(f"overlong_penalty: lengths must be (B,), got shape {tuple(lengths.shape)}")
+    if not 0 < buffer_len <= max_len:
+        raise ValueError(f"overlong_penalty: need 0 < buffer_len <= max_len, got {buffer_len}, {max_len}")
+    if not factor >= 0:
+        raise ValueError(f"overlong_penalty: factor must be >= 0, got {factor}")
+    over = lengths.to(torch.float32) - (max_len - buffer_len)
+    return -factor * (over / buffer_len).clamp(min=0.0, max=1.0)
+
+
 @dataclass(frozen=True)
 class AdvantageEstimator:
     """How one estimator turns scores, KL and values into advantages (see `estimate_advantages`).

@@ -1,4 +1,5 @@
-"""Losses: aggregation over tokens and sequences, the clipped policy loss, the KL loss, the clipped value
+"""Losses: aggregation over tokens and sequences, the clipped policy loss and its variants (DAPO's clip-higher,
+dual-clip PPO, GSPO's sequence-level ratio, truncated importance sampling), the KL loss, the clipped value
 loss, and the preference losses of DPO and IPO.
 (docs/ppo-fidelity.md item 18).
 """
@@ -38,6 +39,9 @@ def aggregate_loss(
     raise ValueError(f"aggregate_loss: unknown mode {mode!r}, expected one of {list(LOSS_AGGREGATIONS)}")
 
 
+POLICY_RATIO_LEVELS = ("token", "sequence")
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -46,33 +50,92 @@ def policy_loss(
     clip_eps: float,
     loss_agg: str = "token_mean",
     norm_length: int | None = None,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    """PPO clipped surrogate: aggregate(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))).
 
     logp (B, T) from the current policy (carries the gradient), old_logp (B, T) from the rollout,
     advantages (B, T) (already whitened if wanted), mask (B, T). eps is 0.2 in the references.
+    The variants, each off by default and composable with every estimator and aggregation:
+
+    clip_eps_high   the upper clip bound 1 + clip_eps_high (DAPO's "clip-higher", Yu et al. 2025: 0.28 with
+                    clip_eps 0.2), so low-probability tokens with a positive advantage can still rise.
+    dual_clip       c > 1: for A < 0 the per-token loss is also capped at -A * c (dual-clip PPO, Ye et al.
+                    2020), so a ratio far above 1 on a bad token cannot make the loss unbounded.
+    ratio_level     "token" (PPO) or "sequence" (GSPO, Zheng et al. 2025): every token of answer i uses
+                    s_i = exp(mean over its valid tokens of (logp - old_logp)), the length-normalised
+                    sequence ratio, clipped per sequence. Implemented in GSPO-token form, ratio_t =
+                    sg[s_i] * exp(logp_t - sg[logp_t]): its value is s_i, its gradient s_i * d logp_t, so
+                    with advantages constant over an answer (GRPO's) and seq_mean_token_mean this is GSPO.
+    is_weights      (B, T) per-token importance weights, detached (`truncated_is_weights`: truncated
+                    importance sampling, TIS, for rollouts sampled by another engine), multiplying each
+                    token's loss before aggregation.
+
     Returns (loss, stats): loss is a 0-dim tensor, the per-token losses of this micro-batch reduced by
     `aggregate_loss(loss_agg, norm_length)` (the references' token mean by default); stats are detached
     0-dim token means: clipfrac (fraction of valid tokens where the clipped term is strictly larger, i.e.
-    active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean.
+    active), approx_kl = 0.5 * mean((logp - old_logp)^2), ratio_mean (of the ratio used: s_i at sequence
+    level), and dual_clipfrac when dual_clip is set (fraction of valid tokens held at -A * c).
     """
     _check_same_shape("policy_loss", logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    if not clip_eps > 0:
-        raise ValueError(f"policy_loss: clip_eps must be > 0, got {clip_eps}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not clip_eps > 0 or not high > 0:
+        raise ValueError(f"policy_loss: clip ranges must be > 0, got low {clip_eps}, high {high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"policy_loss: dual_clip must be > 1, got {dual_clip}")
+    if ratio_level not in POLICY_RATIO_LEVELS:
+        raise ValueError(
+            f"policy_loss: ratio_level must be one of {POLICY_RATIO_LEVELS}, got {ratio_level!r}"
+        )
     # Zero the log-ratio before exp so that garbage in masked slots cannot give exp() = inf (and NaN grads).
-    log_ratio = _zero_masked(_upcast(logp) - _upcast(old_logp), mask)
+    token_log_ratio = _zero_masked(_upcast(logp) - _upcast(old_logp), mask)
     adv = _zero_masked(_upcast(advantages), mask).detach()
+    log_ratio = token_log_ratio
+    if ratio_level == "sequence":
+        # (B, 1) mean over each answer's valid tokens; an answer with none (all masked) gets 0
+        count = mask.bool().sum(dim=1, keepdim=True).clamp(min=1)
+        seq_log_ratio = (masked_sum(token_log_ratio, mask, dim=1, keepdim=True) / count).detach()
+        log_ratio = _zero_masked(seq_log_ratio + token_log_ratio - token_log_ratio.detach(), mask)
     ratio = torch.exp(log_ratio)
     losses = -adv * ratio
-    losses_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate_loss(torch.maximum(losses, losses_clipped), mask, loss_agg, norm_length)
+    losses_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    per_token = torch.maximum(losses, losses_clipped)
+    if dual_clip is not None:
+        capped = torch.minimum(per_token, -adv * dual_clip)
+        held = (adv < 0) & (capped < per_token)
+        per_token = torch.where(adv < 0, capped, per_token)
+    if is_weights is not None:
+        _check_same_shape("policy_loss", is_weights=is_weights, mask=mask)
+        per_token = per_token * _zero_masked(_upcast(is_weights), mask).detach()
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_length)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((losses_clipped > losses).to(loss.dtype), mask),
-            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "approx_kl": 0.5 * masked_mean(token_log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
+        if dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(held.to(loss.dtype), mask)
     return loss, stats
+
+
+def truncated_is_weights(
+    old_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights (TIS): min(exp(old_logp - behaviour_logp), cap), detached, (B, T),
+    0 at masked positions. old_logp (B, T) are the learner's log-probs of the rollout (the training engine's
+    forward), behaviour_logp (B, T) those of the engine that sampled it (an inference engine whose kernels,
+    precision or weights lag the learner's); the weight corrects the mismatch, truncated at cap (2 in the
+    TIS note of Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
+    Equal log-probs give weights of exactly 1."""
+    _check_same_shape("truncated_is_weights", old_logp=old_logp, behaviour_logp=behaviour_logp, mask=mask)
+    if not cap > 0:
+        raise ValueError(f"truncated_is_weights: cap must be > 0, got {cap}")
+    log_w = _zero_masked(_upcast(old_logp) - _upcast(behaviour_logp), mask).detach()
+    return _zero_masked(torch.exp(log_w).clamp(max=cap), mask)
 
 
 def kl_loss(

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.rglob("*.sh") if p.name not in ("lib.sh", "recipes.sh"))
 PARSERS = {1: parse_step1, 2: parse_step2, 3: parse_step3, "dpo": parse_dpo}
+GRPO_VARIANTS = {"dapo": "grpo", "gspo": "grpo"}  # launch STEPs that run GRPO with another policy loss
 MAIN = {
     1: "step1_sft/main.py",
     2: "step2_reward/main.py",
@@ -172,14 +173,14 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Path, tmp_path: Path):
-    """STEP grpo / dr_grpo / rloo / reinforce_pp / reinforce_pp_baseline: stage 3 with that estimator into
+    """STEP grpo / dr_grpo / rloo / reinforce_pp / reinforce_pp_baseline / dapo / gspo: stage 3 with that estimator into
     OUT/<STEP>, the reward model of OUT/rm and no critic, batches that pass stage 3's checks (the parser runs
     them) and as many answers per generation batch as PPO's row (or 4 where its batch is smaller)."""
     out = str(tmp_path / "run")
     ppo = PARSERS[3](split_stage_command(dry_run_commands(script, "3", out)[-1], 3)[1])
     for estimator in pipeline_stages.CRITIC_FREE:
         args = PARSERS[3](split_stage_command(dry_run_commands(script, estimator, out)[-1], 3)[1])
-        assert args.advantage_estimator == estimator
+        assert args.advantage_estimator == GRPO_VARIANTS.get(estimator, estimator)
         assert args.output_dir == str(Path(out) / estimator)
         assert args.tensorboard_path == str(Path(out) / "tensorboard" / estimator)
         assert (
@@ -189,7 +190,15 @@ def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Pat
         assert answers == max(
             ppo.per_device_generation_batch_size, 4 if args.num_samples_per_prompt > 1 else 1
         )
-        assert args.kl_in_loss == (estimator == "grpo")
+        assert args.kl_in_loss == (args.advantage_estimator == "grpo")
+        if estimator == "dapo":  # clip-higher, token mean, overlong punishment over the budget's last quarter
+            assert (args.clip_ratio_low, args.clip_ratio_high, args.loss_agg) == (0.2, 0.28, "token_mean")
+            assert args.overlong_buffer_len == args.max_answer_seq_len // 4 > 0
+        elif estimator == "gspo":
+            assert args.ratio_level == "sequence" and args.loss_agg == "seq_mean_token_mean"
+            assert (args.clip_ratio_low, args.clip_ratio_high) == (3e-4, 4e-4)
+        else:
+            assert args.ratio_level == "token" and args.clip_ratio_low == args.clip_ratio_high == 0.2
 
 
 @pytest.mark.slow
@@ -264,7 +273,7 @@ def test_environment_overrides_models_and_hostfile(tmp_path: Path):
     [
         (
             ["4", "out"],
-            "STEP must be 1, 2, 3, dpo or one of grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline",
+            "STEP must be 1, 2, 3, dpo or one of grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline dapo gspo",
         ),
         (["1"], "STEP and OUTPUT are required"),
         (["1", "out", "5"], "a ZeRO stage must be 0, 1, 2 or 3"),

@@ -38,6 +38,7 @@ from common.rl_math import FixedKLController, masked_mean, masked_sum, masked_va
 from common.rl_math import advantages as rl_advantages
 from step3_rlhf import experience as experience_module
 from step3_rlhf import ppo_trainer as trainer_module
+from step3_rlhf import report as report_module
 from step3_rlhf.args import parse_args
 from step3_rlhf.engines import Engines, build_engines
 from step3_rlhf.experience import Experience, ExperienceMaker, Rollout, concat_experience
@@ -915,3 +916,91 @@ def test_a_reward_ensemble_needs_a_reward_model(models):
              "--reward_fn", "common.evaluation.gold:synthetic_gold"]  # fmt: skip
     with pytest.raises(SystemExit, match="--reward_ensemble_models adds members to the reward model"):
         parse_args(argv)
+
+
+# ------------------------------------------------------- 12. policy-loss variants: DAPO, GSPO, dual-clip
+
+
+def test_variant_flags_reach_the_policy_loss_and_truncated_answers_leave_it(models, recorded, monkeypatch):
+    """--clip_ratio_high, --dual_clip, --ratio_level and --mask_truncated_answers arrive in policy_loss: the
+    clip bounds, the cap, the ratio level, and a mask without the answers that hit the limit without EOS."""
+    st = _stage(
+        models,
+        *("--clip_ratio_high", "0.28", "--dual_clip", "3", "--ratio_level", "sequence"),
+        "--mask_truncated_answers",
+    )
+    seen = []
+    real = trainer_module.policy_loss
+
+    def spy(logp, old_logp, advantages, mask, clip_eps, **options):
+        seen.append({"mask": mask.clone(), "clip_eps": clip_eps, **options})
+        return real(logp, old_logp, advantages, mask, clip_eps, **options)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    r = recorded.rollout
+    mb = r.select(torch.arange(len(r)))
+    stats = PPOTrainer(st.engines, st.args, None, zero3_actor=False).actor_step(mb)
+    (call,) = seen
+    assert (call["clip_eps"], call["clip_eps_high"], call["dual_clip"]) == (0.2, 0.28, 3.0)
+    assert call["ratio_level"] == "sequence"
+    ends = mb.ends_with_eos
+    assert call["mask"][~ends].sum() == 0 and torch.equal(call["mask"][ends], mb.action_mask[ends])
+    assert "dual_clipfrac" in stats
+    settings = report_module.algorithm_settings(st.args)
+    assert settings["clip_ratio"] == [0.2, 0.28] and settings["dual_clip"] == 3.0
+    assert settings["ratio_level"] == "sequence" and settings["mask_truncated_answers"] is True
+
+
+def test_a_micro_batch_of_truncated_answers_trains_no_policy_term(models, recorded):
+    st = _stage(models, "--mask_truncated_answers", "--entropy_coef", "0.01")
+    r = recorded.rollout
+    cut = torch.nonzero(~r.ends_with_eos).flatten()[:ACCUM]
+    assert len(cut) == ACCUM, r.ends_with_eos
+    before = {k: v.detach().clone() for k, v in st.engines.actor.module.named_parameters()}
+    trainer = PPOTrainer(st.engines, st.args, None, zero3_actor=False)
+    for i in cut:  # one micro-batch of one cut-off answer each, up to the accumulation boundary
+        stats = trainer.actor_step(r.select(i[None]))
+        assert stats["policy_loss"].item() == 0.0 and "clipfrac" not in stats
+    assert _params_changed(before, st.engines.actor)  # the entropy term still trains
+
+
+def test_overlong_penalty_is_added_to_each_score_by_answer_length(models, stage, monkeypatch):
+    maker = stage.maker
+    batch = models.batches[0]
+    torch.manual_seed(5)
+    plain = maker.make(batch["input_ids"], batch["attention_mask"])
+    args = copy.copy(maker.args)
+    args.overlong_buffer_len, args.overlong_penalty_factor = 8, 0.5
+    monkeypatch.setattr(maker, "args", args)
+    torch.manual_seed(5)
+    shaped = maker.make(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(plain.seq, shaped.seq)
+    lengths = plain.action_mask.sum(1).tolist()
+    # MAX_ANSWER 16, buffer 8: free up to 8 tokens, then -0.5 / 8 per token up to -0.5 at 16
+    expected = [-0.5 * min(max(n - 8, 0) / 8, 1.0) for n in lengths]
+    assert any(e < 0 for e in expected) and any(e == 0 for e in expected), lengths
+    torch.testing.assert_close(shaped.scores - plain.scores, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--dual_clip", "1"), "--dual_clip must be > 1"),
+        (("--clip_ratio_high", "0"), "--clip_ratio_high must be > 0"),
+        (("--clip_ratio_low", "1.2"), "--clip_ratio_low must be < 1"),
+        (("--overlong_buffer_len", "1000"), "--overlong_buffer_len must be in"),
+        (("--overlong_penalty_factor", "-1"), "--overlong_penalty_factor must be >= 0"),
+        (("--ratio_level", "answer"), "invalid choice"),
+    ],
+)
+def test_bad_policy_loss_variant_settings_are_refused_at_parse_time(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        _parse(tmp_path, *flags)
+    assert message in str(info.value) + capsys.readouterr().err
+
+
+def test_clip_bounds_default_to_the_symmetric_cliprange(tmp_path):
+    args = _parse(tmp_path, "--cliprange", "0.1")
+    assert (args.clip_ratio_low, args.clip_ratio_high) == (0.1, 0.1)
+    args = _parse(tmp_path, "--clip_ratio_low", "0.2", "--clip_ratio_high", "0.28")
+    assert (args.clip_ratio_low, args.clip_ratio_high) == (0.2, 0.28)
