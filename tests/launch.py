@@ -10,6 +10,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def process_threads() -> int:
+    """CPU threads for one process a test launches (or runs in): the machine's cores shared out among the
+    pytest-xdist workers running side by side (scripts/test.sh starts two), so they do not oversubscribe it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 600) -> str:
     """Run `script` (e.g. 'step1_sft/main.py') with `num_procs` CPU ranks (1 = plain python, no launcher).
 
@@ -20,7 +27,7 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     if num_procs == 1:
         cmd = [sys.executable, script, *args]
-        env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(process_threads())
     else:
         port = _free_port()
         deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -33,10 +40,11 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     return out
 
 
-def run_e2e(out: Path, *flags: str, timeout: int = 900) -> str:
-    """Run the README's main command, `python e2e_rlhf.py --tiny --output-dir OUT FLAGS...`, as a user would;
-    returns its stdout, or raises AssertionError with the output's tail when it fails."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+def run_e2e(out: Path, *flags: str, timeout: int = 900, threads: int | None = None) -> str:
+    """Run the README's main command, `python e2e_rlhf.py --tiny --output-dir OUT FLAGS...`, as a user would,
+    its stages on `threads` CPU threads (default `process_threads()`); returns its stdout, or raises
+    AssertionError with the output's tail when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads or process_threads())}
     proc = subprocess.run(
         [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

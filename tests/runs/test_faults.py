@@ -34,7 +34,7 @@ from common.files import (
 )
 from common.training import checkpoint as ckpt
 from common.training import output_dir as guard
-from tests.launch import REPO, run_failing_stage, run_stage
+from tests.launch import REPO, process_threads, run_failing_stage, run_stage
 from tests.unit.common.training.test_checkpoint import FakeEngine, parse
 
 pytestmark = pytest.mark.slow  # stages run as processes and killed
@@ -80,7 +80,13 @@ def _env(**extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
     }
-    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **extra}
+    return {
+        **env,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(process_threads()),
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------ overwriting

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from common.training.checkpoint import INJECT_NAN_ENV, complete_checkpoints, read_train_log
-from tests.launch import REPO, _free_port, assert_no_shm_left, run_stage
+from tests.launch import REPO, _free_port, assert_no_shm_left, process_threads, run_stage
 
 pytestmark = pytest.mark.slow  # stage runs killed and resumed
 
@@ -65,7 +65,7 @@ def _kill_after_first_checkpoint(
     env = _env()
     if num_procs == 1:
         cmd = [sys.executable, script, *args]
-        env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(process_threads())
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
