@@ -121,7 +121,7 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
         *("--model_name_or_path", str(demo_stages / "sft"), "--output_dir", str(out)),
         *("--data_output_path", str(demo_stages / "data_cache"), "--data_split", "4,4,2"),
         *("--lora_dim", "16", "--lora_alpha", "16", "--lora_module_name", "decoder.layers."),
-        *("--only_optimize_lora", "--lora_learning_rate", "1e-3", "--beta", "0.5"),
+        *("--only_optimize_lora", "--lora_learning_rate", "5e-4", "--beta", "0.5"),
         *(
             "--per_device_train_batch_size",
             "16",
@@ -132,7 +132,7 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
         ),
         *("--lr_scheduler_type", "constant", "--eval_iters", "4", "--eval_num_prompts", "128"),
         *("--max_prompt_seq_len", "64", "--max_answer_seq_len", "48"),
-    ]  # measured: gold +0.703 -> +0.776, best 0.47 -> 0.72, malformed 0.03 -> 0.08, KL 1.37
+    ]  # measured: gold +0.723 -> +0.765, best 0.46 -> 0.59, malformed 0.01 -> 0.03, KL 0.17
     run_stage(DPO, args, num_procs=1)
     metrics = json.loads((out / "dpo_metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
@@ -143,11 +143,12 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
     )
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
     assert before["kl"] == 0.0 and after["accuracy"] > 0.75, (before, after)
-    # The same run from the stage-1 models of seeds 1-5 (docs/results.md, "What CI asserts"): gold gain +0.112 on average,
-    # +0.055 in the worst seed (+0.028 on another machine's draw of the default seed); best share +0.305, worst
-    # +0.266.
+    # The same run from the stage-1 models of seeds 1-5 and of one more draw of the default seed (docs/results.md,
+    # "What CI asserts"): gold gain +0.034 on average, +0.021 in the worst; best share +0.10, worst +0.05; KL at
+    # most 0.27. At LoRA lr 1e-3 (before) the gain was larger on those seeds, but another draw over-optimised:
+    # gold +0.723 -> +0.704, malformed 0.01 -> 0.12, KL 3.84.
     assert after["gold_mean"] >= before["gold_mean"] + 0.01, (before, after)
-    assert after["gold_share_best"] >= before["gold_share_best"] + 0.15, (before, after)
+    assert after["gold_share_best"] >= before["gold_share_best"] + 0.02, (before, after)
     rows = [json.loads(line) for line in (out / "heldout_answers.jsonl").read_text().splitlines()]
     assert sum(r["gold_after"] for r in rows) / len(rows) == pytest.approx(after["gold_mean"], abs=1e-9)
     saved = AutoModelForCausalLM.from_pretrained(out)  # LoRA merged into a plain model
