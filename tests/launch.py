@@ -40,11 +40,11 @@ def run_stage(script: str, args: list[str], num_procs: int = 2, timeout: int = 6
     return out
 
 
-def run_e2e(out: Path, *flags: str, timeout: int = 900, threads: int | None = None) -> str:
+def run_e2e(out: Path, *flags: str, timeout: int = 900) -> str:
     """Run the README's main command, `python e2e_rlhf.py --tiny --output-dir OUT FLAGS...`, as a user would,
-    its stages on `threads` CPU threads (default `process_threads()`); returns its stdout, or raises
-    AssertionError with the output's tail when it fails."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads or process_threads())}
+    its stages on `process_threads()` CPU threads; returns its stdout, or raises AssertionError with the
+    output's tail when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(process_threads())}
     proc = subprocess.run(
         [sys.executable, "e2e_rlhf.py", "--tiny", "--output-dir", str(out), *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
