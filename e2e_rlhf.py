@@ -2,6 +2,7 @@
 
     python e2e_rlhf.py --tiny                      # the built-in tiny default (CPU, or one GPU when present)
     python e2e_rlhf.py --tiny --algo dpo           # SFT -> DPO on the same data (reuses a finished sft/)
+    python e2e_rlhf.py --tiny --algo kto,orpo,simpo   # the other preference losses, each in its own directory
     python e2e_rlhf.py --tiny --algo grpo          # GRPO in place of PPO (reuses finished sft/ and rm/)
     python e2e_rlhf.py --actor-model smollm2-135m-instruct --deployment-type cpu   # a real model, 2 CPU cores
     python e2e_rlhf.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m \\
@@ -22,6 +23,7 @@ settings for that model size and hardware (see launch/lib.sh). Output layout und
     grpo/, rloo/, ...   (--algo grpo, ...) the same as ppo/ without critic/
     dpo/       (--algo dpo) the DPO policy (Hugging Face format), dpo_metrics.json, heldout_answers.jsonl,
                training.log, stage_run.json
+    kto/, orpo/, simpo/   (--algo kto, ...) the same as dpo/ for that preference loss
     rm-2/, rm-3/   further reward models of an ensemble (REWARD_MEMBERS of the launch scripts; the tiny default's)
     tensorboard/{sft,rm,ppo}/   TensorBoard event files        data_cache/   tokenised data
 With --seeds, each seed's outputs are this layout under OUT/seed-N/, and OUT holds the multi-seed summary
@@ -58,8 +60,9 @@ from pipeline.run import (
 )
 from pipeline.stages import (
     DEPLOYMENTS,
-    DPO_STAGES,
     PIPELINES,
+    PREFERENCE,
+    PREFERENCE_STAGES,
     REPO,
     RL_STAGES,
     RUN_MARKER,
@@ -127,8 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["ppo"],
         help="ppo: SFT -> reward model -> PPO (steps 1 2 3); grpo, dr_grpo, rloo, reinforce_pp, "
         "reinforce_pp_baseline, dapo, gspo: the same, with that critic-free estimator as step 3 (in <algo>/); "
-        "dpo: SFT -> "
-        "DPO on the same pairs (steps 1 2: step 2 is DPO, in dpo/). A comma-separated list runs each in turn. "
+        "dpo, kto, orpo, simpo: SFT -> that preference loss on the same pairs (steps 1 2: step 2 is DPO, KTO, "
+        "ORPO or SimPO, in <algo>/). A comma-separated list runs each in turn. "
         "All write under one --output-dir, so they share finished stages.",
     )
     parser.add_argument(
@@ -184,7 +187,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             help=f"Extra flags for step {step}, appended to the script's (write --step{step}-args='--flag v').",
         )
     parser.add_argument(
-        "--dpo-args", default="", metavar="FLAGS", help="Extra flags for the DPO step (--algo dpo)."
+        "--dpo-args",
+        default="",
+        metavar="FLAGS",
+        help="Extra flags for the preference step (--algo dpo, kto, orpo, simpo).",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -243,9 +249,10 @@ def run_pipeline(
         if not planned.run:
             print(f"{header}: skipped, {planned.reason}")
             continue
-        trains_policy = stage.step in (1, 3) or stage.name == "dpo"
+        preference = stage.name in PREFERENCE
+        trains_policy = stage.step in (1, 3) or preference
         zero = args.actor_zero_stage if trains_policy else args.reward_zero_stage
-        extra = shlex.split(args.dpo_args if stage.name == "dpo" else getattr(args, f"step{stage.step}_args"))
+        extra = shlex.split(args.dpo_args if preference else getattr(args, f"step{stage.step}_args"))
         if (stage.dir(out) / RUN_MARKER).is_file():  # a rerun replaces the stage's earlier model on purpose
             extra.append("--overwrite_output_dir")
         command = stage_command(
@@ -345,7 +352,7 @@ def multiseed_report(out: Path, seeds: Sequence[int]) -> tuple[dict, dict[str, P
     under OUT/seed-N for `seeds`, and the files it was written to under `out`."""
     from pipeline.multiseed import Method, collect, write_summary
 
-    methods = [Method(s.name, s.title, s.metrics) for s in (*RL_STAGES, DPO_STAGES[2])]
+    methods = [Method(s.name, s.title, s.metrics) for s in (*RL_STAGES, *PREFERENCE_STAGES)]
     summary = collect(out, seeds, methods)
     return summary, (write_summary(out, summary) if summary else {})
 
@@ -357,7 +364,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     inv = Invocation(args, actor, reward_model, launch_script(actor, args.deployment_type), runner)
     out = (args.output_dir or REPO / "output" / actor.hub_id.split("/")[-1]).resolve()
     kinds = ", ".join(
-        [f"reward model {reward_model}"] * any(a != "dpo" for a in args.algo) + ["DPO"] * ("dpo" in args.algo)
+        [f"reward model {reward_model}"] * any(a not in PREFERENCE for a in args.algo)
+        + [PREFERENCE[a] for a in args.algo if a in PREFERENCE]
     )
     seeds = f", seeds {','.join(map(str, args.seeds))}" if args.seeds else ""
     print(f"pipeline: actor {actor.hub_id}, {kinds}, {args.deployment_type}, output {out}{seeds}")

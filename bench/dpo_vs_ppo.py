@@ -1,14 +1,16 @@
-"""DPO next to PPO on the bundled task, from one stage-1 model, in one run of this script.
+"""The preference losses (DPO, KTO, ORPO, SimPO) next to PPO on the bundled task, from one stage-1 model, in
+one run of this script.
 
-    python bench/dpo_vs_ppo.py --output-dir out/dpo_vs_ppo          # ~10 min on 2 CPU cores
+    python bench/dpo_vs_ppo.py --output-dir out/dpo_vs_ppo          # ~25 min on 2 CPU cores
 
 Runs the README's main command, `e2e_rlhf.py --tiny --output-dir OUT` (SFT -> reward model -> PPO), then
-`e2e_rlhf.py --tiny --algo dpo --output-dir OUT`, which skips the finished stage 1 and trains DPO from the
-same stage-1 model on the same pairs as the reward model. Both policies are evaluated on the same held-out
-prompts with the same sampling (stage 3's), so their "before" rows are one and the same policy. Prints one
-table (held-out gold mean, best and malformed shares, KL of the answers to the stage-1 policy, wall time of
-what each method adds to stage 1: reward model + PPO, or DPO) and appends one JSON line per method to
-bench/results.jsonl. Pass --extra-dpo-args / --extra-ppo-args to try other settings.
+`e2e_rlhf.py --tiny --algo dpo,kto,orpo,simpo --output-dir OUT`, which skips the finished stage 1 and trains
+each loss from the same stage-1 model on the same pairs as the reward model (`--algo dpo` alone with
+--preference dpo). Every policy is evaluated on the same held-out prompts with the same sampling (stage 3's),
+so their "before" rows are one and the same policy. Prints one table (held-out gold mean, best and malformed
+shares, KL of the answers to the stage-1 policy (n/a for ORPO and SimPO, which have no reference), wall time
+of what each method adds to stage 1: reward model + PPO, or the preference stage) and appends one JSON line
+per method to bench/results.jsonl. Pass --extra-dpo-args / --extra-ppo-args to try other settings.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_ppo import environment  # noqa: E402
 from common.evaluation.metrics import AnswerEval, PolicyMetrics  # noqa: E402
+from pipeline.stages import PREFERENCE, PREFERENCE_STAGES  # noqa: E402
 
 
 def run_e2e(out: Path, *flags: str) -> None:
@@ -42,19 +45,24 @@ def figures(e: AnswerEval) -> dict:
 
 
 def method_rows(out: Path) -> list[dict]:
-    """One dict per method (and one for the stage-1 policy both start from) from the stages' metrics."""
+    """One dict per method (and one for the stage-1 policy they all start from) from the stages' metrics: PPO
+    and each preference stage that finished under `out`."""
     ppo = PolicyMetrics.read(out / "ppo" / "ppo_metrics.json")
-    dpo = PolicyMetrics.read(out / "dpo" / "dpo_metrics.json")
-
-    return [
+    rows = [
         {"method": "stage-1 policy (SFT)", **figures(ppo.before), "seconds": seconds(out, "sft")},
         {
             "method": "PPO (reward model + PPO)",
             **figures(ppo.after),
             "seconds": seconds(out, "rm") + seconds(out, "ppo"),
         },
-        {"method": "DPO", **figures(dpo.after), "seconds": seconds(out, "dpo")},
     ]
+    for stage in PREFERENCE_STAGES:
+        if stage.metrics_path(out).is_file():
+            metrics = PolicyMetrics.read(stage.metrics_path(out))
+            rows.append(
+                {"method": stage.title, **figures(metrics.after), "seconds": seconds(out, stage.name)}
+            )
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -65,7 +73,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['gold_mean']:+.3f} | {r['best']:.2f} | {r['malformed']:.2f} | "
-            f"{r['kl']:.2f} | {r['seconds']:.0f} s |"
+            f"{'n/a' if r['kl'] is None else format(r['kl'], '.2f')} | {r['seconds']:.0f} s |"
         )
     return "\n".join(lines)
 
@@ -75,16 +83,23 @@ def main() -> None:
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--extra-ppo-args", default="", help="--step3-args for the PPO run")
     p.add_argument("--extra-dpo-args", default="", help="--dpo-args for the DPO run")
+    p.add_argument(
+        "--preference",
+        default=",".join(PREFERENCE),
+        help="The preference losses to run (e2e_rlhf.py --algo names), comma-separated.",
+    )
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results.jsonl")
     args = p.parse_args()
     out = args.output_dir.resolve()
     run_e2e(out, *([f"--step3-args={args.extra_ppo_args}"] if args.extra_ppo_args else []))
-    run_e2e(out, "--algo", "dpo", *([f"--dpo-args={args.extra_dpo_args}"] if args.extra_dpo_args else []))
+    dpo_args = [f"--dpo-args={args.extra_dpo_args}"] if args.extra_dpo_args else []
+    run_e2e(out, "--algo", args.preference, *dpo_args)
     rows = method_rows(out)
     before = PolicyMetrics.read(out / "ppo" / "ppo_metrics.json").before
-    dpo_before = PolicyMetrics.read(out / "dpo" / "dpo_metrics.json").before
-    if abs(before.gold_mean - dpo_before.gold_mean) > 1e-9:
-        print("note: the two runs' stage-1 evaluations differ: their sampling is not the same")
+    for name in args.preference.split(","):
+        other = PolicyMetrics.read(out / name / "dpo_metrics.json").before
+        if abs(before.gold_mean - other.gold_mean) > 1e-9:
+            print(f"note: the stage-1 evaluations of ppo/ and {name}/ differ: their sampling is not the same")
     print("\n" + table(rows))
     env = environment()
     with args.results.open("a") as f:

@@ -6,6 +6,7 @@
 # Usage of a launch script (one script per model size and deployment, one stage per call):
 #     bash launch/<family>/<size>/<deployment>.sh STEP OUTPUT [ZERO_STAGE [CRITIC_ZERO_STAGE]] [--dry-run] [-- FLAGS...]
 #   STEP               1 (SFT), 2 (reward model), 3 (PPO), dpo (DPO from the SFT model: the alternative to 2 + 3),
+#                      kto, orpo, simpo (the other preference losses, DPO's stage with --loss_type, in OUTPUT/<STEP>),
 #                      or a critic-free estimator in place of PPO's step 3 (same engines, no critic): grpo,
 #                      dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, dapo, gspo (in OUTPUT/<STEP>)
 #   OUTPUT             the pipeline's output root: models in OUTPUT/sft, OUTPUT/rm, OUTPUT/ppo, each stage's
@@ -26,6 +27,10 @@
 #   DATA            array: --data_path ... --data_split ...
 #   STEP1_ZERO STEP2_ZERO STEP3_ACTOR_ZERO STEP3_CRITIC_ZERO DPO_ZERO   default ZeRO stages
 #   STEP1_ARGS STEP2_ARGS STEP3_ARGS DPO_ARGS                          arrays of the stages' other flags
+#   KTO_ARGS ORPO_ARGS SIMPO_ARGS   arrays added after DPO_ARGS for that preference loss (all take DPO_ZERO):
+#                   by default ORPO's lambda 0.1 and SimPO's beta 2.0 (their papers'; their beta is on another
+#                   scale than DPO's), KTO none (its beta is DPO's, on the same log-ratios; its batch, which
+#                   counts rows, two per pair, is twice DPO_ARGS' --per_device_train_batch_size)
 #   CRITIC_FREE_ARGS  array added to STEP3_ARGS for every critic-free estimator (e.g. its own learning rate)
 #   GROUP_ARGS      array added after it for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline):
 #                   --num_samples_per_prompt n and a generation batch n times smaller, so an iteration
@@ -78,8 +83,9 @@ OUTPUT="${_positional[1]}"
 ZERO_OVERRIDE="${_positional[2]:-}"
 CRITIC_ZERO_OVERRIDE="${_positional[3]:-}"
 CRITIC_FREE="grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline dapo gspo"
-case " 1 2 3 dpo $CRITIC_FREE " in *" $STEP "*) ;;
-    *) launch_usage "STEP must be 1, 2, 3, dpo or one of $CRITIC_FREE, got '$STEP'" ;; esac
+PREFERENCE="dpo kto orpo simpo"
+case " 1 2 3 $PREFERENCE $CRITIC_FREE " in *" $STEP "*) ;;
+    *) launch_usage "STEP must be 1, 2, 3, one of $PREFERENCE or one of $CRITIC_FREE, got '$STEP'" ;; esac
 for _z in "$ZERO_OVERRIDE" "$CRITIC_ZERO_OVERRIDE"; do
     case "$_z" in ''|0|1|2|3) ;; *) launch_usage "a ZeRO stage must be 0, 1, 2 or 3, got '$_z'" ;; esac
 done
@@ -104,6 +110,9 @@ STEP1_ARGS=()
 STEP2_ARGS=()
 STEP3_ARGS=()
 DPO_ARGS=()
+KTO_ARGS=()
+ORPO_ARGS=(--beta 0.1)
+SIMPO_ARGS=(--beta 2.0)
 CRITIC_FREE_ARGS=()
 GROUP_ARGS=()
 PREPARE=()
@@ -235,11 +244,22 @@ _stage_command() {
                 --actor_zero_stage "${ZERO_OVERRIDE:-$STEP3_ACTOR_ZERO}"
                 --critic_zero_stage "${CRITIC_ZERO_OVERRIDE:-$STEP3_CRITIC_ZERO}" "${STEP3_ARGS[@]}"
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/ppo" --output_dir "$STAGE_DIR") ;;
-        dpo)
-            STAGE_DIR="$OUTPUT/dpo"
+        dpo|kto|orpo|simpo)
+            STAGE_DIR="$OUTPUT/$STEP"
+            local loss=()
+            case "$STEP" in
+                dpo) ;;  # DPO_ARGS (or the stage) picks the loss: sigmoid by default, ipo
+                kto)  # KTO's batch counts rows, two per pair: twice DPO's, so a step sees as many sequences
+                    local pairs
+                    pairs="$(_last_value --per_device_train_batch_size 16 "${DPO_ARGS[@]}")"
+                    loss=(--loss_type kto --per_device_train_batch_size "$(( 2 * pairs ))" "${KTO_ARGS[@]}") ;;
+                orpo) loss=(--loss_type orpo "${ORPO_ARGS[@]}") ;;
+                simpo) loss=(--loss_type simpo "${SIMPO_ARGS[@]}") ;;
+            esac
             CMD=("${LAUNCHER[@]}" step2_dpo/main.py --model_name_or_path "$OUTPUT/sft" "${DATA[@]}"
                 --data_output_path "$OUTPUT/data_cache" --zero_stage "${ZERO_OVERRIDE:-$DPO_ZERO}" "${DPO_ARGS[@]}"
-                --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/dpo" --output_dir "$STAGE_DIR") ;;
+                "${loss[@]}" --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/$STEP"
+                --output_dir "$STAGE_DIR") ;;
         *)  # a critic-free estimator: stage 3 without a critic, the reward model of stage 2 as reward
             STAGE_DIR="$OUTPUT/$STEP"
             local name="$STEP"
@@ -263,7 +283,7 @@ _stage_command() {
                 --enable_tensorboard --tensorboard_path "$OUTPUT/tensorboard/$STEP" --output_dir "$STAGE_DIR") ;;
     esac
     if [ -n "${SEED:-}" ]; then CMD+=(--seed "$SEED"); fi
-    case "$STEP" in 1|2|dpo) ;; *) if [ "$REWARD_MEMBERS" -gt 1 ]; then
+    case "$STEP" in 1|2|dpo|kto|orpo|simpo) ;; *) if [ "$REWARD_MEMBERS" -gt 1 ]; then
         CMD+=(--reward_ensemble_models)
         for ((_k = 2; _k <= REWARD_MEMBERS; _k++)); do CMD+=("$OUTPUT/rm-$_k"); done
     fi ;; esac
@@ -308,7 +328,7 @@ launch() {
         return 0
     fi
     case "$STEP" in
-        2|dpo) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
+        2|dpo|kto|orpo|simpo) _require "$OUTPUT/sft/config.json" "the stage-1 model" ;;
         1) ;;
         *) _require "$OUTPUT/sft/config.json" "the stage-1 model"
            _require "$OUTPUT/rm/config.json" "the stage-2 reward model"

@@ -9,7 +9,8 @@ what a user may get. Per method (PPO, each critic-free estimator, DPO) and measu
     best share gain      share of answers the gold calls "best", after - before
     malformed after      share of answers the gold cannot parse (or that did not end), after
     malformed change     after - before
-    final KL             mean per-sequence KL of the held-out answers to the stage-1 policy
+    final KL             mean per-sequence KL of the held-out answers to the stage-1 policy (n/a for ORPO and
+                         SimPO: they load no reference to measure it against)
     distinct-2 ratio     distinct-2 of the answers after / before (below 0.5: the answers collapsed)
 
 `worst` is the minimum of a measure where higher is better, the maximum otherwise; the 95% interval is a
@@ -85,17 +86,23 @@ def seed_result(metrics: PolicyMetrics) -> dict[str, float] | None:
         "best_gain": share(after, "best") - share(before, "best"),
         "malformed_before": share(before, "malformed"),
         "malformed_after": share(after, "malformed"),
-        "final_kl": float(metrics.final_kl) if metrics.final_kl is not None else (after.kl or 0.0),
+        "final_kl": _kl(metrics),
         "distinct_2_ratio": after.distinct_2 / before.distinct_2 if before.distinct_2 else 1.0,
     }
     result["malformed_change"] = result["malformed_after"] - result["malformed_before"]
     return result
 
 
+def _kl(metrics: PolicyMetrics) -> float:
+    """The run's final KL to the stage-1 policy; NaN for a reference-free loss, which measures none."""
+    kl = metrics.final_kl if metrics.final_kl is not None else metrics.after.kl
+    return float("nan") if kl is None else float(kl)
+
+
 def gold_vs_kl(metrics: PolicyMetrics) -> tuple[list[float], list[float]]:
     """The held-out evaluations of one run as (KL, gold mean) points, in step order."""
     points = [e for e in metrics.evals if e.gold_mean is not None and e.kl is not None]
-    return [float(e.kl) for e in points], [float(e.gold_mean) for e in points]
+    return [float(e.kl) for e in points], [float(e.gold_mean) for e in points]  # empty without a reference
 
 
 def bootstrap_interval(values: Sequence[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -151,6 +158,8 @@ def collect(out: Path, seeds: Sequence[int], methods: Sequence[Method]) -> dict[
 
 
 def _num(value: float, signed: bool, digits: int = 3) -> str:
+    if value != value:  # NaN: not measured (the KL of a reference-free loss)
+        return "n/a"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
@@ -211,6 +220,8 @@ def plot_gold_vs_kl(summary: dict[str, dict[str, Any]], path: Path) -> Path:
             kl, gold = s["curves"][seed]
             ax.plot(kl, gold, marker="o", markersize=3, label=f"seed {seed}")
         ax.set_title(title)
+        if not any(s["curves"][seed][0] for seed in s["seeds"]):
+            ax.text(0.5, 0.5, "no reference: KL not measured", ha="center", transform=ax.transAxes)
         ax.set_xlabel("held-out KL to the stage-1 policy")
         ax.set_ylabel("held-out gold")
         ax.grid(alpha=0.3)

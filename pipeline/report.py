@@ -15,7 +15,15 @@ from common.evaluation.metrics import (
     RewardModelMetrics,
     SFTMetrics,
 )
-from pipeline.stages import ALL_STAGES, DPO_STAGES, RL_STAGES, RUN_RECORD, STAGE_LOG, STAGES
+from pipeline.stages import (
+    ALL_STAGES,
+    PREFERENCE,
+    PREFERENCE_STAGES,
+    RL_STAGES,
+    RUN_RECORD,
+    STAGE_LOG,
+    STAGES,
+)
 
 
 def _read(schema: Any, path: Path) -> Any:
@@ -46,7 +54,6 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
     invocation (the others' wall time is from an earlier run)."""
     sft = _read(SFTMetrics, STAGES[1].metrics_path(out))
     rm = _read(RewardModelMetrics, STAGES[2].metrics_path(out))
-    dpo = _read(PolicyMetrics, DPO_STAGES[2].metrics_path(out))
     rows: list[tuple[str, str]] = []
     if sft:
         ppl = sft.perplexity_per_epoch
@@ -58,8 +65,9 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
     for stage in RL_STAGES:
         if metrics := _read(PolicyMetrics, stage.metrics_path(out)):
             rows += rl_rows("stage 3" if stage.name == "ppo" else stage.title, stage.title, metrics)
-    if dpo:
-        rows += dpo_rows(dpo)
+    for stage in PREFERENCE_STAGES:
+        if metrics := _read(PolicyMetrics, stage.metrics_path(out)):
+            rows += dpo_rows(metrics, stage.title)
     total = 0.0
     for stage in ALL_STAGES:
         record = _load(stage.dir(out) / RUN_RECORD)
@@ -67,8 +75,8 @@ def summary_rows(out: Path, ran: set[str] | None = None) -> list[tuple[str, str]
             total += record["seconds"]
             when = "" if ran is None or stage.name in ran else "  (earlier run)"
             label = f"wall time: step {stage.step} ({stage.title})"
-            if stage.name == "dpo":
-                label = "wall time: DPO"
+            if stage.name in PREFERENCE:
+                label = f"wall time: {stage.title}"
             rows.append((label, duration(record["seconds"]) + when))
     if total:
         rows.append(("wall time: all stages", duration(total)))
@@ -195,22 +203,27 @@ def gold_rows(ppo: PolicyMetrics, prefix: str = "stage 3") -> list[tuple[str, st
     return rows + measure_rows(prefix, before, after)
 
 
-def dpo_rows(dpo: PolicyMetrics) -> list[tuple[str, str]]:
-    """DPO's rows: held-out pair accuracy and margin, the KL of its answers to the stage-1 policy, and (when a
-    gold was known) the gold score and the best and malformed shares before -> after, with the same
+def dpo_rows(dpo: PolicyMetrics, title: str = "DPO") -> list[tuple[str, str]]:
+    """A preference stage's rows (DPO, KTO, ORPO or SimPO, titled `title`): held-out pair (KTO: row) accuracy
+    and margin, the KL of its answers to the stage-1 policy (when it had a reference to measure it), and (when
+    a gold was known) the gold score and the best and malformed shares before -> after, with the same
     reward-hacking measures as PPO's."""
     before, after = dpo.before, dpo.after
+    unit = "row" if dpo.extra.get("loss_type") == "kto" else "pair"  # KTO's examples are labelled rows
     rows = [
-        ("DPO: held-out pair accuracy before -> after", f"{before.accuracy:.3f} -> {after.accuracy:.3f}"),
-        ("DPO: held-out implicit-reward margin", f"{before.margin:+.3f} -> {after.margin:+.3f}"),
+        (
+            f"{title}: held-out {unit} accuracy before -> after",
+            f"{before.accuracy:.3f} -> {after.accuracy:.3f}",
+        ),
+        (f"{title}: held-out implicit-reward margin", f"{before.margin:+.3f} -> {after.margin:+.3f}"),
     ]
     if after.kl is not None:
-        rows.append(("DPO: final KL to the stage-1 policy (per sequence)", f"{after.kl:.3f}"))
+        rows.append((f"{title}: final KL to the stage-1 policy (per sequence)", f"{after.kl:.3f}"))
     if before.gold_mean is not None and after.gold_mean is not None:
         gold = f"{before.gold_mean:+.3f} -> {after.gold_mean:+.3f} ({dpo.gold_reward})"
-        rows.append(("DPO: held-out gold score before -> after", gold))
-        rows += label_share_rows("DPO", before, after)
-    return rows + measure_rows("DPO", before, after)
+        rows.append((f"{title}: held-out gold score before -> after", gold))
+        rows += label_share_rows(title, before, after)
+    return rows + measure_rows(title, before, after)
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:

@@ -42,8 +42,10 @@ STAGES = {
     2: Stage(2, "rm", "reward model", "rm_metrics.json"),
     3: Stage(3, "ppo", "PPO", "ppo_metrics.json"),
 }
-# --algo dpo: the same stage 1, then DPO on stage 2's pairs in place of the reward model and PPO.
-DPO_STAGES = {1: STAGES[1], 2: Stage(2, "dpo", "DPO", "dpo_metrics.json", launch_step="dpo")}
+# --algo dpo, kto, orpo, simpo: the same stage 1, then a preference loss on stage 2's pairs in place of the
+# reward model and PPO (step2_dpo/main.py --loss_type ..., in <algo>/).
+PREFERENCE = {"dpo": "DPO", "kto": "KTO", "orpo": "ORPO", "simpo": "SimPO"}
+PREFERENCE_STAGES = [Stage(2, name, title, "dpo_metrics.json", name) for name, title in PREFERENCE.items()]
 # --algo grpo, rloo, dapo, ...: the same stages 1 and 2, then a critic-free estimator in place of PPO (in <algo>/).
 CRITIC_FREE = {
     "grpo": "GRPO",
@@ -59,7 +61,7 @@ RL_STAGES = [STAGES[3]] + [
 ]
 PIPELINES = {
     "ppo": STAGES,
-    "dpo": DPO_STAGES,
+    **{s.name: {1: STAGES[1], 2: s} for s in PREFERENCE_STAGES},
     **{s.name: {1: STAGES[1], 2: STAGES[2], 3: s} for s in RL_STAGES[1:]},
 }
 ALL_STAGES = list(dict.fromkeys(s for p in PIPELINES.values() for s in p.values()))

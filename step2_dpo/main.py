@@ -1,19 +1,23 @@
 """DPO: train the stage-1 policy directly on the preference pairs of stage 2, against a frozen reference, with
 no reward model and no sampling during training (Rafailov et al. 2023). An alternative to stages 2 + 3.
+--loss_type picks the loss: DPO (sigmoid), IPO, KTO (on labelled rows: a user's unpaired ones, and each pair
+as a desirable and an undesirable row), or the reference-free ORPO and SimPO, which load no second model.
 
     deepspeed step2_dpo/main.py --model_name_or_path out/sft --data_path Dahoas/rm-static ...
     python step2_dpo/main.py --model_name_or_path out/sft --output_dir out/dpo   # one process
 
 Reads top to bottom as the algorithm: parse flags, load the pairs (stage 2's data and split) and the held-out
 prompts (stage 3's eval split), build the policy engine and the frozen reference (its own engine, or the
-policy with its LoRA adapters disabled), evaluate, train on -log sigmoid(beta * h) (or IPO, conservative DPO,
-plus an optional SFT term: `common.rl_math.preference_loss`) evaluating every --eval_interval steps, evaluate
-again, save a Hugging Face model like stage 1's, plus dpo_metrics.json and heldout_answers.jsonl.
+policy with its LoRA adapters disabled; none for ORPO and SimPO), evaluate, train on -log sigmoid(beta * h)
+(or the loss of --loss_type, plus an optional SFT term: step2_dpo/pairs.py) evaluating every --eval_interval
+steps, evaluate again, save a Hugging Face model like stage 1's, plus dpo_metrics.json and
+heldout_answers.jsonl.
 
 Each evaluation has two parts: the pair metrics of the peers on held-out pairs (loss, reward accuracy, chosen
-and rejected implicit rewards beta * log(pi / pi_ref), their margin, the chosen and rejected log-probs), and
-answers sampled to held-out prompts exactly as stage 3 samples them, with their KL to the reference, the
-gold's figures when a gold is known, and the reward-hacking measures (common/evaluation/heldout.py).
+and rejected implicit rewards (beta * log(pi / pi_ref); ORPO's and SimPO's beta * mean log pi), their margin,
+the chosen and rejected log-probs; KTO's per row), and answers sampled to held-out prompts exactly as stage 3
+samples them, with their KL to the reference (none without a reference), the gold's figures when a gold is
+known, and the reward-hacking measures (common/evaluation/heldout.py).
 Beside it: the flags (args.py), the pair math (pairs.py), the answer sampler (answers.py).
 """
 
@@ -27,7 +31,7 @@ from torch.utils.data import Subset
 
 from common import dist
 from common.args import data_config
-from common.data import PairCollator, PromptCollator, build_stage_data
+from common.data import PairCollator, PromptCollator, UnpairedCollator, build_stage_data
 from common.evaluation.heldout import (
     ANSWERS_FILE,
     evaluate_answers,
@@ -39,6 +43,7 @@ from common.evaluation.metrics import AnswerEval, PolicyMetrics, write_metrics
 from common.files import final_outputs
 from common.models.loading import disable_dropout, load_causal_lm
 from common.models.saving import save_hf_model
+from common.rl_math import PREFERENCE_METHODS
 from common.training.checkpoint import data_position, resume_if_asked
 from common.training.ds_config import eval_config, torch_dtype
 from common.training.engines import (
@@ -56,16 +61,19 @@ from common.training.supervised import train_supervised
 from common.validate import validate_dpo
 from step2_dpo.answers import answer_sampler
 from step2_dpo.args import parse_args
-from step2_dpo.pairs import PAIR_STATS, Reference, dpo_loss, evaluate_pairs
+from step2_dpo.pairs import Reference, dpo_loss, evaluate_pairs, mean_stats
 
 METRICS_FILE = "dpo_metrics.json"
 
 
 def build_policy_and_reference(args, tokenizer, ds_config: dict, batches_per_epoch: int):
-    """The policy engine (dropout off, LoRA if asked) and its frozen reference."""
+    """The policy engine (dropout off, LoRA if asked) and its frozen reference (None for a reference-free
+    loss)."""
     model = stage_causal_lm(args, tokenizer, ds_config, dropout=0.0)
     disable_dropout(model)  # the policy's log-probs must equal the reference's before the first update
     policy = stage_engine(model, args, ds_config, batches_per_epoch)
+    if not PREFERENCE_METHODS[args.loss_type].reference:
+        return policy, None
 
     adapters_only = args.lora_dim > 0 and args.only_optimize_lora
     if adapters_only and args.reference_model_name_or_path in (None, args.model_name_or_path):
@@ -98,8 +106,10 @@ BATCH_FLAGS = ("seed", "per_device_train_batch_size", "gradient_accumulation_ste
 def main(argv: list[str] | None = None) -> None:
     args, dev, tokenizer = start_stage("dpo", argv, parse_args, validate_dpo)
     gold = load_gold_reward(args.gold_reward, args.data_path)  # importable and callable, before any compute
-    pairs = build_stage_data(data_config(args), tokenizer, stage=2)
-    collate = PairCollator(tokenizer.pad_token_id)
+    unpaired = not PREFERENCE_METHODS[args.loss_type].paired  # KTO: labelled rows, each pair as two
+    unit = "rows" if unpaired else "pairs"
+    pairs = build_stage_data(data_config(args), tokenizer, stage=2, unpaired=unpaired)
+    collate = (UnpairedCollator if unpaired else PairCollator)(tokenizer.pad_token_id)
     train_dl = train_loader(pairs.train, collate, args.per_device_train_batch_size, args.seed)
     eval_dl = eval_loader(pairs.eval, collate, args.per_device_eval_batch_size)
     prompts_dl = None
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.print_rank0(
             f"[dpo] {tag} step {step}: accuracy {result['accuracy']:.3f} margin {result['margin']:+.3f} "
             f"chosen {result['chosen_reward']:+.3f} rejected {result['rejected_reward']:+.3f} "
-            f"loss {result['loss']:.4f} over {result['pairs']} pairs{line}"
+            f"loss {result['loss']:.4f} over {result[unit]} {unit}{line}"
         )
         monitor.log({f"eval/{k}": v for k, v in result.items() if k != "step"}, step)
         return result, answers
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         loss, stats = dpo_loss(policy, reference, batch, args)
-        return loss, {k: stats[k].mean() for k in PAIR_STATS[1:]}, stats["loss"].shape[0]
+        means = mean_stats(stats)
+        return loss, {k: v for k, v in means.items() if k != "loss"}, stats["loss"].shape[0]
 
     train_supervised(
         policy,
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         engines,
         monitor,
         stage="dpo",
-        unit="pairs",
+        unit=unit,
         step_fn=step,
         dev=dev,
         evaluate=lambda: run_eval(args.eval_iters, "eval"),
@@ -180,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         extra={
             "loss_type": args.loss_type,
             "beta": args.beta,
+            **({"simpo_gamma": args.simpo_gamma} if args.loss_type == "simpo" else {}),
+            **(
+                {"desirable_weight": args.desirable_weight, "undesirable_weight": args.undesirable_weight}
+                if args.loss_type == "kto"
+                else {}
+            ),
             "optimizer_steps": policy.global_steps,
             "skipped_nonfinite_steps": state.skipped_steps,
         },
@@ -191,12 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     if dist.is_rank0():
         write_metrics(metrics, Path(args.output_dir) / METRICS_FILE)
     if "gold_mean" in final:
-        dist.print_rank0(
-            f"[dpo] held-out gold {before['gold_mean']:+.3f} -> {final['gold_mean']:+.3f} at KL "
-            f"{final['kl']:.3f} per sequence"
-        )
+        kl = f" at KL {final['kl']:.3f} per sequence" if "kl" in final else ""
+        dist.print_rank0(f"[dpo] held-out gold {before['gold_mean']:+.3f} -> {final['gold_mean']:+.3f}{kl}")
     dist.print_rank0(
-        f"[dpo] held-out pair accuracy {before['accuracy']:.3f} -> {final['accuracy']:.3f}; saved to "
+        f"[dpo] held-out {unit[:-1]} accuracy {before['accuracy']:.3f} -> {final['accuracy']:.3f}; saved to "
         f"{args.output_dir}"
     )
     monitor.close()

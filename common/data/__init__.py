@@ -15,17 +15,31 @@ Modules, in reading order:
 - tokenize.py       per-stage tokenization (EOS as an id, left truncation of prompts, counts)
 - cache.py          cache key, atomic save, one build per node
 - stage_datasets.py map-style Datasets over the cached token lists
-- collate.py        dynamic padding (right for SFT/RM, left for PPO prompts)
+- collate.py        dynamic padding (right for SFT/RM/KTO rows, left for PPO prompts)
 - build.py          DataConfig, build_stage_data
 - unsupervised.py   load_unsupervised for PPO-ptx
 """
 
 from common.data.build import DataConfig, StageData, build_stage_data
 from common.data.cache import CACHE_VERSION
-from common.data.collate import PairCollator, PromptCollator, SFTCollator, collator_for_stage, pad_sequences
+from common.data.collate import (
+    PairCollator,
+    PromptCollator,
+    SFTCollator,
+    UnpairedCollator,
+    collator_for_stage,
+    pad_sequences,
+)
 from common.data.hub_adapters import HUB_ADAPTERS
 from common.data.rows import DataError, Row
-from common.data.stage_datasets import IGNORE_INDEX, BlockDataset, PairDataset, PromptDataset, SFTDataset
+from common.data.stage_datasets import (
+    IGNORE_INDEX,
+    BlockDataset,
+    PairDataset,
+    PromptDataset,
+    SFTDataset,
+    UnpairedDataset,
+)
 from common.data.tokenize import check_tokenizer
 from common.data.unsupervised import load_unsupervised
 
@@ -44,6 +58,8 @@ __all__ = [
     "SFTCollator",
     "SFTDataset",
     "StageData",
+    "UnpairedCollator",
+    "UnpairedDataset",
     "build_stage_data",
     "check_tokenizer",
     "collator_for_stage",

@@ -12,7 +12,9 @@ Order of work (validation comes before any splitting or tokenization):
 5. Stage 2 needs pairs: rows without a rejected response are left out and counted per source (printed, and
    in its stats as `without_rejected`); a source that would lose more than half of the rows stage 2 takes
    from it (train slice + eval) this way is a DataError unless skip_bad_rows (an SFT-only hub dataset in
-   data_path is an error at once).
+   data_path is an error at once). Unpaired rows (prompt, completion, label) are KTO's: stages 1 and 2 refuse
+   a source that has any. Stage 2 with unpaired=True (KTO) takes them, and splits each pair into a desirable
+   row (its chosen response) and an undesirable one (its rejected response).
 6. Train rows of all sources are mixed by a seeded permutation; eval keeps source order. max_train_samples
    keeps the first rows of the mix, max_eval_samples a seeded sample of the eval rows (a CPU-sized run).
 7. Tokenize for the stage, save atomically, and every rank loads the file.
@@ -43,7 +45,7 @@ from common.data.splits import (
     stage_indices,
     train_eval_indices,
 )
-from common.data.stage_datasets import PairDataset, PromptDataset, SFTDataset, TokenLists
+from common.data.stage_datasets import PairDataset, PromptDataset, SFTDataset, TokenLists, UnpairedDataset
 from common.dist import print_rank0
 
 STAGE_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
@@ -126,13 +128,16 @@ def _identity(entry: str) -> str:
     return str(Path(entry).resolve()) if Path(entry).exists() else entry
 
 
-def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
-    """The train and eval datasets of `stage`: 1 -> SFTDataset, 2 -> PairDataset, 3 -> PromptDataset.
+def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int, unpaired: bool = False) -> StageData:
+    """The train and eval datasets of `stage`: 1 -> SFTDataset, 2 -> PairDataset (UnpairedDataset with
+    `unpaired`: KTO's labelled rows, pairs split in two), 3 -> PromptDataset.
 
     Call on every rank (local rank 0 builds the cache, the others wait at a barrier). Raises DataError for
     bad data and ValueError for bad options or a tokenizer whose pad id is missing or equals EOS."""
     if stage not in STAGE_NAMES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    if unpaired and stage != 2:
+        raise ValueError(f"unpaired rows are stage 2's (KTO), not stage {stage}'s")
     cfg.validate()
     tokenize.check_tokenizer(tokenizer)
     if cfg.apply_chat_template:
@@ -143,7 +148,7 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
     for _, src in sources:
         if stage == 2 and not src.pairwise:
             raise DataError(
-                f"{src.name} has no rejected responses, so the reward model cannot use it; "
+                f"{src.name} has no rejected responses, so the reward model (or DPO) cannot use it; "
                 "put it in sft_only_data_path"
             )
 
@@ -162,32 +167,35 @@ def build_stage_data(cfg: DataConfig, tokenizer: Any, stage: int) -> StageData:
                 "skip_bad_rows": cfg.skip_bad_rows,
                 "chat_template": tokenizer.chat_template if cfg.apply_chat_template else None,
                 "max_samples": (cfg.max_train_samples, cfg.max_eval_samples),
+                **({"unpaired": True} if unpaired else {}),  # the other stages' keys stay as they were
             }
         )
 
     blob, built_now = build_once_per_node(
         cfg.data_output_path,
-        f"stage{stage}_{STAGE_NAMES[stage]}",
+        f"stage{stage}_{STAGE_NAMES[stage]}" + ("_unpaired" if unpaired else ""),
         key,
-        lambda: _build(cfg, tokenizer, stage, sources),
+        lambda: _build(cfg, tokenizer, stage, sources, unpaired),
     )
     stats = blob["stats"]
     stats["from_cache"] = not built_now
     _report(stats)
     return StageData(
-        _to_dataset(blob["train"], stage, cfg),
-        _to_dataset(blob["eval"], stage, cfg),
+        _to_dataset(blob["train"], stage, cfg, unpaired),
+        _to_dataset(blob["eval"], stage, cfg, unpaired),
         stats,
         state_sha256(blob["train"]),
     )
 
 
-def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[str, Any]:
+def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list, unpaired: bool) -> dict[str, Any]:
     stats: dict[str, Any] = {"stage": stage, "sources": {}}
     train_rows: list[Row] = []
     eval_rows: list[Row] = []
     for role, src in sources:
         rows = src.read(cfg.skip_bad_rows)
+        if stage in (1, 2) and not unpaired:
+            _refuse_unpaired(rows.train + (rows.eval or []), stage)
         own_train, own_eval = rows.train, rows.eval
         if own_eval is None:
             train_idx, eval_idx = train_eval_indices(len(own_train), cfg.seed)
@@ -206,8 +214,10 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
         rows.tally.report()
         if stage == 2:
             taken, own_eval, source_stats["without_rejected"] = _pairs_only(
-                src.name, taken, own_eval, cfg.skip_bad_rows
+                src.name, taken, own_eval, cfg.skip_bad_rows, unpaired
             )
+            if unpaired:
+                taken, own_eval = _split_pairs(taken), _split_pairs(own_eval)
         train_rows += taken
         eval_rows += own_eval
 
@@ -233,35 +243,70 @@ def _build(cfg: DataConfig, tokenizer: Any, stage: int, sources: list) -> dict[s
         eval_rows = [eval_rows[i] for i in sorted(keep)]
     stats["train_rows_used"], stats["eval_rows_used"] = len(train_rows), len(eval_rows)
 
-    train, stats["train"] = _tokenize(train_rows, tokenizer, stage, cfg)
-    evals, stats["eval"] = _tokenize(eval_rows, tokenizer, stage, cfg)
+    train, stats["train"] = _tokenize(train_rows, tokenizer, stage, cfg, unpaired)
+    evals, stats["eval"] = _tokenize(eval_rows, tokenizer, stage, cfg, unpaired)
     if stats["train"]["rows_out"] == 0:
         raise DataError(f"stage {stage}: every training row was too long (see stats: {stats['train']})")
     return {"stats": stats, "train": _to_state(train), "eval": _to_state(evals)}
 
 
+def _refuse_unpaired(rows: list[Row], stage: int) -> None:
+    """DataError naming the first unpaired row of a source: stage 1 would train on undesirable completions
+    and the reward model needs pairs."""
+    row = next((r for r in rows if r.label is not None), None)
+    if row is not None:
+        raise DataError(
+            f"{row.origin}: an unpaired row (prompt, completion, label), which stage {stage} cannot use: "
+            "unpaired rows are KTO's data (step2_dpo/main.py --loss_type kto); give this stage "
+            "prompt/chosen[/rejected] rows"
+        )
+
+
+def _split_pairs(rows: list[Row]) -> list[Row]:
+    """KTO's rows: each pair as a desirable row (its chosen response) and an undesirable one (its rejected
+    response), next to each other; unpaired rows as they are."""
+    out = []
+    for r in rows:
+        if r.label is not None:
+            out.append(r)
+        else:
+            out.append(Row(r.prompt, r.chosen, None, r.origin, r.extra, True))
+            out.append(Row(r.prompt, r.rejected, None, f"{r.origin} (its rejected response)", r.extra, False))
+    return out
+
+
 def _pairs_only(
-    source: str, train: list[Row], evals: list[Row], skip_bad_rows: bool
+    source: str, train: list[Row], evals: list[Row], skip_bad_rows: bool, unpaired: bool = False
 ) -> tuple[list[Row], list[Row], dict[str, int]]:
-    """The rows of `source` that have a rejected response (stage 2 trains and evaluates on pairs), and how
-    many were left out of train and eval. More than half left out is a DataError unless skip_bad_rows: the
-    file is then mostly SFT data, and training on the few pairs in it is unlikely to be what was meant."""
-    kept_train = [r for r in train if r.rejected is not None]
-    kept_eval = [r for r in evals if r.rejected is not None]
+    """The rows of `source` that have a rejected response (stage 2 trains and evaluates on pairs; with
+    `unpaired`, KTO, also the rows that have a label), and how many were left out of train and eval. More
+    than half left out is a DataError unless skip_bad_rows: the file is then mostly SFT data, and training on
+    the few pairs in it is unlikely to be what was meant."""
+
+    def keep(r: Row) -> bool:
+        return r.rejected is not None or (unpaired and r.label is not None)
+
+    kept_train = [r for r in train if keep(r)]
+    kept_eval = [r for r in evals if keep(r)]
     left_out = {"train": len(train) - len(kept_train), "eval": len(evals) - len(kept_eval)}
     lost, total = sum(left_out.values()), len(train) + len(evals)
     if 2 * lost > total and not skip_bad_rows:
         raise DataError(
             f"{source}: {lost} of the {total} rows stage 2 takes from it (train slice + eval) have no "
-            f"'rejected' response, and the reward model trains on pairs only, so it would keep "
+            f"'rejected' response{' and no label' if unpaired else ''}, and the reward model trains on pairs "
+            f"only, so it would keep "
             f"{total - lost}; put SFT-only data in --sft_only_data_path, or pass --skip_bad_rows to train "
             "on the pairs anyway"
         )
     return kept_train, kept_eval, left_out
 
 
-def _tokenize(rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig) -> tuple[dict[str, list], dict]:
+def _tokenize(
+    rows: list[Row], tokenizer: Any, stage: int, cfg: DataConfig, unpaired: bool
+) -> tuple[dict[str, list], dict]:
     fmt = ChatFormat.for_tokenizer(tokenizer) if cfg.apply_chat_template else None
+    if unpaired:
+        return tokenize.tokenize_unpaired(rows, tokenizer, cfg.max_seq_len, fmt)
     if stage == 1:
         return tokenize.tokenize_sft(rows, tokenizer, cfg.max_seq_len, fmt)
     if stage == 2:
@@ -274,6 +319,8 @@ def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
     for name, values in tokens.items():
         if name.endswith("prompt_len"):
             state[name] = torch.tensor(values, dtype=torch.int64)
+        elif name == "desirable":
+            state[name] = torch.tensor(values, dtype=torch.bool)
         elif name in ("extra", "prompt_text"):  # texts
             state[name] = list(values)
         else:
@@ -281,7 +328,11 @@ def _to_state(tokens: dict[str, list]) -> dict[str, Any]:
     return state
 
 
-def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig) -> Dataset:
+def _to_dataset(state: dict[str, Any], stage: int, cfg: DataConfig, unpaired: bool) -> Dataset:
+    if unpaired:
+        return UnpairedDataset(
+            TokenLists.from_state(state["input_ids"]), state["prompt_len"], state["desirable"]
+        )
     if stage == 1:
         # With a chat template the loss is on the assistant's tokens only, whatever --mask_prompt says.
         mask_prompt = cfg.mask_prompt or cfg.apply_chat_template

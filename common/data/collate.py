@@ -3,6 +3,7 @@
 - SFTCollator: right padding; labels are -100 on pads (and wherever the dataset already put -100).
 - PairCollator: right padding; chosen and rejected stacked into one (2B, T) batch, rows [chosen_0..chosen_{B-1},
   rejected_0..rejected_{B-1}] (DeepSpeed-Chat's layout: one forward pass scores both; chosen = rows[:B]).
+- UnpairedCollator: right padding; one row per example with its prompt length and label (KTO).
 - PromptCollator: LEFT padding, so every prompt ends at the last column and generation continues from it.
 """
 
@@ -58,6 +59,24 @@ class PairCollator:
             lens = [b["chosen_prompt_len"] for b in batch] + [b["rejected_prompt_len"] for b in batch]
             out["prompt_lens"] = torch.tensor([int(n) for n in lens], dtype=torch.long)
         return out
+
+
+class UnpairedCollator:
+    """[{"input_ids", "prompt_len", "desirable"}] (UnpairedDataset) -> {"input_ids", "attention_mask"}, each
+    (N, T), right-padded, "prompt_lens" (N,) and "desirable" (N,) bool: the batch DPO's code reads, one row per
+    example."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], self.pad_token_id, "right")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prompt_lens": torch.tensor([int(b["prompt_len"]) for b in batch], dtype=torch.long),
+            "desirable": torch.tensor([bool(b["desirable"]) for b in batch], dtype=torch.bool),
+        }
 
 
 class PromptCollator:

@@ -1,14 +1,17 @@
 """The row every source is mapped to, the errors bad rows raise, and the tally of skipped rows.
 
 A `Row` is one example in the pipeline's schema: a prompt in the "\\n\\nHuman: ...\\n\\nAssistant:"
-convention, the chosen response, and the rejected response (None for SFT-only sources). Every row
-remembers where it came from (`origin`, e.g. "data/train.jsonl line 7") so that any later error can name
-the file and the row.
+convention, the chosen response, and the rejected response (None for SFT-only sources). An unpaired row
+(KTO's data: `prompt`, `completion`, `label`) holds its completion as `chosen` and its label (true:
+desirable) as `label`; the other rows have label None. Every row remembers where it came from (`origin`,
+e.g. "data/train.jsonl line 7") so that any later error can name the file and the row.
 
 Validation rules (`make_row`), applied to every source before anything is split or tokenized:
 - `prompt` and `chosen` must be present, strings, and not empty or whitespace-only;
 - `rejected` is optional (absent or null -> None); when given it obeys the same rules and must differ from
   `chosen` (compared after stripping surrounding whitespace);
+- an unpaired row has `prompt`, `completion` (the same rules as `chosen`) and `label`, a JSON boolean, and
+  neither `chosen` nor `rejected`;
 - strings must be valid UTF-8 (readers turn undecodable bytes into lone surrogates, caught here);
 - no text is longer than MAX_TEXT_CHARS characters;
 - extra columns must be JSON values (strings, numbers, booleans, null, lists and objects of them).
@@ -53,7 +56,8 @@ class RowFiltered(Exception):
         self.reason = reason
 
 
-SCHEMA_COLUMNS = ("prompt", "response", "chosen", "rejected")  # "response": DeepSpeed-Chat's name of chosen
+# "response": DeepSpeed-Chat's name of chosen; "completion" and "label": an unpaired row's (KTO)
+SCHEMA_COLUMNS = ("prompt", "response", "chosen", "rejected", "completion", "label")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Row:
     rejected: str | None
     origin: str
     extra: str = ""  # the record's other columns as a JSON object, "" when it has none
+    label: bool | None = None  # an unpaired row's label (True: desirable; chosen holds its completion)
 
 
 @dataclass
@@ -136,9 +141,12 @@ def check_text(value: Any, column: str) -> str:
 
 
 def make_row(record: Any, origin: str) -> Row:
-    """Validate one record in the prompt/chosen/rejected schema -> Row; its other columns are kept as JSON."""
+    """Validate one record in the prompt/chosen/rejected schema, or the unpaired prompt/completion/label one
+    -> Row; its other columns are kept as JSON."""
     if not isinstance(record, dict):
         raise RowError(None, f"expected an object with prompt/chosen/rejected, got {type(record).__name__}")
+    if "completion" in record or "label" in record:
+        return _unpaired_row(record, origin)
     for column in ("prompt", "chosen"):
         if column not in record:
             raise RowError(column, "missing column")
@@ -150,6 +158,23 @@ def make_row(record: Any, origin: str) -> Row:
         if rejected.strip() == chosen.strip():
             raise RowError("rejected", "chosen and rejected are the same text")
     return Row(prompt, chosen, rejected, origin, extra_columns(record))
+
+
+def _unpaired_row(record: dict[str, Any], origin: str) -> Row:
+    both = [c for c in ("chosen", "rejected") if c in record]
+    if both:
+        raise RowError(
+            both[0], "a row is a pair (chosen, rejected) or an unpaired completion with a label, not both"
+        )
+    for column in ("prompt", "completion", "label"):
+        if column not in record:
+            raise RowError(column, "missing column (an unpaired row has prompt, completion and label)")
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise RowError("label", f"expected true or false (desirable or not), got {label!r}")
+    prompt = check_text(record["prompt"], "prompt")
+    completion = check_text(record["completion"], "completion")
+    return Row(prompt, completion, None, origin, extra_columns(record), label)
 
 
 def extra_columns(record: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ Items are unpadded 1-D LongTensors; the collators in `common.data.collate` pad t
 - SFTDataset   -> {"input_ids": (L,), "labels": (L,)}; labels are -100 on the prompt when mask_prompt.
 - PairDataset  -> {"chosen_input_ids": (Lc,), "rejected_input_ids": (Lr,), "chosen_prompt_len": (),
                    "rejected_prompt_len": ()}
+- UnpairedDataset -> {"input_ids": (L,), "prompt_len": (), "desirable": ()} (KTO's labelled rows)
 - PromptDataset -> {"input_ids": (P,)}
 - BlockDataset -> {"input_ids": (S,), "attention_mask": (S,), "labels": (S,)} fixed-size LM blocks.
 """
@@ -90,6 +91,25 @@ class PairDataset(Dataset):
             "rejected_input_ids": self.rejected[i],
             "chosen_prompt_len": self.chosen_prompt_lens[i],
             "rejected_prompt_len": self.rejected_prompt_lens[i],
+        }
+
+
+class UnpairedDataset(Dataset):
+    """KTO's rows: prompt + completion + EOS, the number of prompt tokens kept (prompt_lens: (N,) int64) and
+    whether the completion is desirable (desirable: (N,) bool)."""
+
+    def __init__(self, input_ids: TokenLists, prompt_lens: torch.Tensor, desirable: torch.Tensor):
+        assert len(input_ids) == len(prompt_lens) == len(desirable)
+        self.input_ids, self.prompt_lens, self.desirable = input_ids, prompt_lens, desirable
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids[i],
+            "prompt_len": self.prompt_lens[i],
+            "desirable": self.desirable[i],
         }
 
 

@@ -8,6 +8,7 @@ characters: the only EOS id in a sequence is the one appended here.
 
 - SFT (stage 1): prompt + chosen + [eos]; `prompt_len` is kept so the dataset can mask the prompt.
 - RM (stage 2): prompt + chosen + [eos] and prompt + rejected + [eos].
+- KTO (stage 2, unpaired): prompt + completion + [eos] and its label, one sequence per row.
 - Over-long SFT/RM rows (> max_seq_len): the response and its EOS are kept and the prompt is cut from the
   left (its end, which holds "Assistant:", survives). A row whose response + EOS leaves no room for at
   least one prompt token is dropped. Both cases are counted.
@@ -142,12 +143,32 @@ def tokenize_sft(
     rows: Sequence[Row], tokenizer: Any, max_seq_len: int, fmt: ChatFormat | None = None
 ) -> tuple[dict[str, list], dict]:
     """SFT rows -> {"input_ids": [prompt + chosen + [eos]], "prompt_len": [int]}, plus counts."""
+    out, counts, _ = _prompt_and_response(rows, tokenizer, max_seq_len, fmt)
+    return out, counts
+
+
+def tokenize_unpaired(
+    rows: Sequence[Row], tokenizer: Any, max_seq_len: int, fmt: ChatFormat | None = None
+) -> tuple[dict[str, list], dict]:
+    """Unpaired rows (KTO; the completion in `chosen`) -> {"input_ids": [prompt + completion + [eos]],
+    "prompt_len": [int], "desirable": [bool]}, plus counts (an over-long row is cut or dropped as in SFT)."""
+    out, counts, kept = _prompt_and_response(rows, tokenizer, max_seq_len, fmt)
+    out["desirable"] = [bool(rows[i].label) for i in kept]
+    return out, counts
+
+
+def _prompt_and_response(
+    rows: Sequence[Row], tokenizer: Any, max_seq_len: int, fmt: ChatFormat | None
+) -> tuple[dict[str, list], dict, list[int]]:
+    """prompt + chosen + [eos] of each row that fits (fit_to_length), its prompt length, the counts, and the
+    indices of the rows kept."""
     eos = tokenizer.eos_token_id
     prompts = encode_prompts(rows, tokenizer, fmt)
     chosens = encode_responses(rows, "chosen", tokenizer, fmt)
     out: dict[str, list] = {"input_ids": [], "prompt_len": []}
     counts = {"rows_in": len(rows), "prompt_truncated": 0, "dropped_too_long": 0}
-    for prompt, chosen in zip(prompts, chosens, strict=True):
+    kept = []
+    for i, (prompt, chosen) in enumerate(zip(prompts, chosens, strict=True)):
         fitted = fit_to_length(prompt, chosen + [eos], max_seq_len)
         if fitted is None:
             counts["dropped_too_long"] += 1
@@ -156,8 +177,9 @@ def tokenize_sft(
         counts["prompt_truncated"] += prompt_len < len(prompt)
         out["input_ids"].append(ids)
         out["prompt_len"].append(prompt_len)
+        kept.append(i)
     counts["rows_out"] = len(out["input_ids"])
-    return out, counts
+    return out, counts, kept
 
 
 def tokenize_pairs(

@@ -120,7 +120,8 @@ def format_eval(stats: dict[str, float]) -> str:
     """One line of an evaluation's statistics for the log: proxy (when there is one), KL, gold, then the
     hacking measures."""
     parts = [f"proxy {stats['score']:+.3f}"] if "score" in stats else []  # DPO has no proxy
-    parts.append(f"kl {stats['kl']:.3f}")
+    if "kl" in stats:  # a reference-free preference loss has no reference to measure it against
+        parts.append(f"kl {stats['kl']:.3f}")
     if "gold_mean" in stats:
         parts.append(f"gold {stats['gold_mean']:+.3f}")
     shares = [
@@ -147,7 +148,7 @@ class SampledAnswers:
     seq: torch.Tensor  # (B, P + R) prompt + answer, padding after each answer's first EOS
     mask: torch.Tensor  # (B, R) 1 on the answer's tokens, up to and including its first EOS
     ends: torch.Tensor  # (B,) bool: the answer ended with EOS within the budget
-    kl: torch.Tensor  # (B,) per-sequence KL of the answer to the reference policy
+    kl: torch.Tensor | None  # (B,) per-sequence KL of the answer to the reference policy; None: no reference
     scores: torch.Tensor | None = None  # (B,) the proxy reward model's normalised score, when there is one
 
 
@@ -163,9 +164,10 @@ def evaluate_answers(
     """Answer every held-out prompt once with `sample(prompts (B, P), prompt_mask (B, P), extra, prompt_text)`
     (extra: the prompts' extra dataset columns, a list of B dicts, or None when the data has none;
     prompt_text: their original texts when the ids are a chat-template rendering, else None) and return (stats,
-    answers): stats are the same on every rank (kl, response_length, eos_fraction, score when `sample` gives
-    proxy scores, and the gold's and the text measures of `rank0_answer_stats`); answers (rank 0; empty
-    elsewhere) hold every prompt with its answer (and score, gold, gold_label), in the eval set's order.
+    answers): stats are the same on every rank (response_length, eos_fraction, kl when `sample` gives KLs,
+    score when it gives proxy scores, and the gold's and the text measures of `rank0_answer_stats`); answers
+    (rank 0; empty elsewhere) hold every prompt with its answer (and score, gold, gold_label), in the eval set's
+    order.
 
     `loader` is a `common.training.engines.eval_loader`: rank r holds rows r, r + world, ... padded with placeholder
     rows (`real` False) that are sampled, to keep ranks in step, but not counted. Sampling is seeded with
@@ -174,7 +176,7 @@ def evaluate_answers(
     rank, world = dist.get_rank(), dist.get_world_size()
     totals = torch.zeros(5, dtype=torch.float64, device=dev)  # score, length, eos, kl, count
     answers: list[dict[str, Any]] = []
-    position, has_proxy = 0, False  # position: of this rank's rows
+    position, has_proxy, has_kl = 0, False, False  # position: of this rank's rows
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed + rank)
         for batch, real in loader:
@@ -184,7 +186,10 @@ def evaluate_answers(
             out = sample(batch["input_ids"], batch["attention_mask"], batch.get("extra"), texts)
             seq, mask, ends, kl = out.seq, out.mask, out.ends, out.kl
             has_proxy = out.scores is not None  # the same `sample`, so the same on every rank
-            scores = out.scores.double() if has_proxy else torch.zeros_like(kl, dtype=torch.float64)
+            has_kl = kl is not None
+            zeros = torch.zeros(seq.shape[0], dtype=torch.float64, device=seq.device)
+            scores = out.scores.double() if has_proxy else zeros
+            kl = kl.double() if has_kl else zeros
             r = real.to(dev)
             lengths = mask.sum(1)
             totals += torch.stack(
@@ -192,7 +197,7 @@ def evaluate_answers(
                     scores[r].sum(),
                     lengths[r].double().sum(),
                     ends[r].double().sum(),
-                    kl[r].double().sum(),
+                    kl[r].sum(),
                     r.sum().double(),
                 ]
             )
@@ -221,13 +226,9 @@ def evaluate_answers(
     answers.sort(key=lambda a: a["index"])
     n = max(totals[4].item(), 1.0)
     stats = {"score": totals[0].item() / n} if has_proxy else {}
-    stats.update(
-        {
-            "kl": totals[3].item() / n,
-            "response_length": totals[1].item() / n,
-            "eos_fraction": totals[2].item() / n,
-        }
-    )
+    if has_kl:
+        stats["kl"] = totals[3].item() / n
+    stats.update({"response_length": totals[1].item() / n, "eos_fraction": totals[2].item() / n})
     stats.update(rank0_answer_stats(answers, gold, role_token_ids(tokenizer)))
     return stats, answers
 

@@ -1,12 +1,14 @@
 """Losses: aggregation over tokens and sequences, the clipped policy loss and its variants (DAPO's clip-higher,
 dual-clip PPO, GSPO's sequence-level ratio, truncated importance sampling), the KL loss, the clipped value
-loss, and the preference losses of DPO and IPO.
+loss, and the preference losses: DPO and IPO against a reference, KTO on unpaired rows, ORPO and SimPO without
+a reference.
 (docs/ppo-fidelity.md item 18).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -257,3 +259,121 @@ def preference_loss(
             "accuracy": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
         }
     return losses, stats
+
+
+def _pair_stats(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The detached (B,) statistics every pair loss reports, from its implicit rewards."""
+    chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
+    return {
+        "chosen_reward": chosen_reward,
+        "rejected_reward": rejected_reward,
+        "margin": chosen_reward - rejected_reward,
+        "accuracy": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
+    }
+
+
+def simpo_loss(
+    chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, beta: float, gamma: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al. 2024), no reference: -log sigmoid(beta * (avg_c - avg_r) - gamma).
+
+    chosen_avg_logp, rejected_avg_logp (B,): each response's mean log pi(token) over its tokens (EOS
+    included): the length-normalised log-likelihood is the implicit reward, divided by beta; gamma is the
+    target margin (the paper: beta 2.0-2.5, gamma/beta about 0.5). Returns (losses (B,), stats) with
+    chosen_reward = beta * avg_c, rejected_reward = beta * avg_r, their margin and accuracy, detached.
+    """
+    _check_same_shape("simpo_loss", chosen_avg_logp=chosen_avg_logp, rejected_avg_logp=rejected_avg_logp)
+    if not beta > 0:
+        raise ValueError(f"simpo_loss: beta must be > 0, got {beta}")
+    if not gamma >= 0:
+        raise ValueError(f"simpo_loss: gamma must be >= 0, got {gamma}")
+    chosen_reward, rejected_reward = beta * _upcast(chosen_avg_logp), beta * _upcast(rejected_avg_logp)
+    losses = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward - gamma)
+    return losses, _pair_stats(chosen_reward, rejected_reward)
+
+
+def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(avg_logp) (B,), the odds of a response under ORPO's length-normalised
+    likelihood; avg_logp must be < 0 (log(1 - p) is computed as log(-expm1(avg_logp)), exact near 0)."""
+    return avg_logp - torch.log(-torch.expm1(avg_logp))
+
+
+def orpo_loss(
+    chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024), no reference: the chosen response's NLL plus beta (the paper's lambda, 0.1)
+    times the odds-ratio term -log sigmoid(log odds(chosen) - log odds(rejected)).
+
+    chosen_avg_logp, rejected_avg_logp (B,): each response's mean log pi(token) (EOS included), so the NLL
+    term is -chosen_avg_logp, the token mean of each chosen response. Returns (losses (B,), stats): stats
+    as `preference_loss` with the implicit rewards beta * avg log pi (TRL's), plus log_odds_ratio, detached.
+    """
+    _check_same_shape("orpo_loss", chosen_avg_logp=chosen_avg_logp, rejected_avg_logp=rejected_avg_logp)
+    if not beta > 0:
+        raise ValueError(f"orpo_loss: beta must be > 0, got {beta}")
+    chosen, rejected = _upcast(chosen_avg_logp), _upcast(rejected_avg_logp)
+    ratio = log_odds(chosen) - log_odds(rejected)
+    losses = -chosen - beta * torch.nn.functional.logsigmoid(ratio)
+    stats = _pair_stats(beta * chosen, beta * rejected)
+    stats["log_odds_ratio"] = ratio.detach()
+    return losses, stats
+
+
+def kto_loss(
+    policy_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO (Ethayarajh et al. 2024) on unpaired rows: with r = log pi(y|x) - log pi_ref(y|x) (whole-response
+    sums, (N,)) and the reference point z0 = max(0, kl) (detached: no gradient flows through it),
+
+        desirable rows     desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+        undesirable rows   undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+
+    desirable (N,) bool; kl a 0-dim estimate of KL(pi || pi_ref), the paper's: the mean r over responses
+    paired with another row's prompt. The paper's weights keep desirable_weight * n_desirable /
+    (undesirable_weight * n_undesirable) in [1, 4/3]. Returns (losses (N,), stats): reward (beta * r),
+    detached.
+    """
+    _check_same_shape("kto_loss", policy_logp=policy_logp, ref_logp=ref_logp, desirable=desirable)
+    if kl.dim() != 0:
+        raise ValueError(f"kto_loss: kl must be a 0-dim estimate, got shape {tuple(kl.shape)}")
+    if not beta > 0:
+        raise ValueError(f"kto_loss: beta must be > 0, got {beta}")
+    if not (desirable_weight > 0 and undesirable_weight > 0):
+        raise ValueError(
+            f"kto_loss: the weights must be > 0, got {desirable_weight} and {undesirable_weight}"
+        )
+    r = _upcast(policy_logp) - _upcast(ref_logp).detach()
+    z0 = _upcast(kl).detach().clamp(min=0)
+    desirable = desirable.bool()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
+    )
+    return losses, {"reward": (beta * r).detach()}
+
+
+@dataclass(frozen=True)
+class PreferenceMethod:
+    """What a preference loss needs: a frozen reference, pairs or unpaired rows, its paper's beta."""
+
+    title: str
+    reference: bool  # needs the frozen reference policy (False: no second model is loaded)
+    paired: bool  # trains on (chosen, rejected) pairs; False: unpaired rows labelled desirable or not
+    beta: float  # the paper's default strength (--beta)
+
+
+# --loss_type of the DPO stage.
+PREFERENCE_METHODS = {
+    "sigmoid": PreferenceMethod("DPO", reference=True, paired=True, beta=0.1),
+    "ipo": PreferenceMethod("IPO", reference=True, paired=True, beta=0.1),
+    "kto": PreferenceMethod("KTO", reference=True, paired=False, beta=0.1),
+    "orpo": PreferenceMethod("ORPO", reference=False, paired=True, beta=0.1),
+    "simpo": PreferenceMethod("SimPO", reference=False, paired=True, beta=2.0),
+}

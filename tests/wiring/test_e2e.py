@@ -117,7 +117,7 @@ class FakeStages:
             stage.dir(self.out).mkdir(parents=True, exist_ok=True)
             (stage.dir(self.out) / "training.log").write_text(f"step {run.step}\n")
             if self.write_metrics:
-                metrics = FAKE_METRICS["dpo" if stage.name == "dpo" else run.step]
+                metrics = FAKE_METRICS["dpo" if stage.name in pipeline_stages.PREFERENCE else run.step]
                 stage.metrics_path(self.out).write_text(json.dumps(metrics))
         return 0
 
@@ -348,6 +348,27 @@ def test_dpo_pipeline_has_steps_1_and_2_only(tmp_path):
         run_main(tmp_path, "--algo", "dpo", "--step", "3")
     status, fake = run_main(tmp_path, "--algo", "dpo", "--dry-run")
     assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["1", "dpo"]
+
+
+def test_each_preference_loss_is_its_own_pipeline_in_its_own_directory(tmp_path, capsys):
+    """--algo kto,orpo,simpo: one stage 1, then DPO's stage with each loss into kto/, orpo/, simpo/, each reported
+    under its own title; ORPO and SimPO measure no KL (no reference), so they have no KL row."""
+    metrics = json.loads(json.dumps(FAKE_METRICS["dpo"]))
+    for evaluation in (metrics["before"], metrics["after"]):
+        del evaluation["kl"]
+    metrics["final_kl"] = None
+    status, fake = run_main(tmp_path, "--algo", "kto,orpo,simpo")
+    assert status == 0 and [command[2] for _, command, _ in fake.calls] == ["1", "kto", "orpo", "simpo"]
+    out = capsys.readouterr().out
+    assert "reward model" not in out.splitlines()[0] and "KTO, ORPO, SimPO" in out.splitlines()[0]
+    for name in ("orpo", "simpo"):
+        (tmp_path / name / "dpo_metrics.json").write_text(json.dumps(metrics))
+    rows = dict(pipeline_report.summary_rows(tmp_path))
+    for title in ("KTO", "ORPO", "SimPO"):
+        assert rows[f"{title}: held-out gold score before -> after"].startswith("+0.500 -> +0.625")
+    assert rows["KTO: final KL to the stage-1 policy (per sequence)"] == "3.250"
+    assert "ORPO: final KL to the stage-1 policy (per sequence)" not in rows
+    assert "SimPO: final KL to the stage-1 policy (per sequence)" not in rows
 
 
 @pytest.mark.slow

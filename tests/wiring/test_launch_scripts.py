@@ -172,6 +172,27 @@ def test_dry_run_parses_with_the_stage_parser(script: Path, step: int | str, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
+def test_preference_steps_parse_as_dpo_with_their_loss(script: Path, tmp_path: Path):
+    """STEP kto / orpo / simpo: DPO's stage and settings into OUT/<STEP> with that --loss_type; ORPO and SimPO
+    with their papers' strength (their beta is not on DPO's scale), KTO with DPO's beta and as many sequences
+    per step."""
+    out = str(tmp_path / "run")
+    dpo = PARSERS["dpo"](split_stage_command(dry_run_commands(script, "dpo", out)[-1], "dpo")[1])
+    assert dpo.loss_type == "sigmoid"
+    for step in [s for s in pipeline_stages.PREFERENCE if s != "dpo"]:
+        args = PARSERS["dpo"](split_stage_command(dry_run_commands(script, step, out)[-1], "dpo")[1])
+        assert args.loss_type == step
+        assert args.output_dir == str(Path(out) / step)
+        assert args.tensorboard_path == str(Path(out) / "tensorboard" / step)
+        orpo = 1.0 if script.parent.name == "tiny" else 0.1  # the tiny script's lambda (its comment says why)
+        assert args.beta == {"kto": dpo.beta, "orpo": orpo, "simpo": 2.0}[step]
+        assert (args.learning_rate, args.max_answer_seq_len) == (dpo.learning_rate, dpo.max_answer_seq_len)
+        rows_per_pair = 2 if step == "kto" else 1  # KTO's batch counts rows, a pair gives two
+        assert args.per_device_train_batch_size == rows_per_pair * dpo.per_device_train_batch_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_critic_free_steps_parse_and_generate_as_many_answers_as_ppo(script: Path, tmp_path: Path):
     """STEP grpo / dr_grpo / rloo / reinforce_pp / reinforce_pp_baseline / dapo / gspo: stage 3 with that estimator into
     OUT/<STEP>, the reward model of OUT/rm and no critic, batches that pass stage 3's checks (the parser runs
@@ -273,7 +294,8 @@ def test_environment_overrides_models_and_hostfile(tmp_path: Path):
     [
         (
             ["4", "out"],
-            "STEP must be 1, 2, 3, dpo or one of grpo dr_grpo rloo reinforce_pp reinforce_pp_baseline dapo gspo",
+            "STEP must be 1, 2, 3, one of dpo kto orpo simpo or one of grpo dr_grpo rloo reinforce_pp "
+            "reinforce_pp_baseline dapo gspo",
         ),
         (["1"], "STEP and OUTPUT are required"),
         (["1", "out", "5"], "a ZeRO stage must be 0, 1, 2 or 3"),

@@ -25,6 +25,7 @@ from pipeline.multiseed import (
     seed_result,
     write_summary,
 )
+from pipeline.stages import PREFERENCE
 from tests.wiring.test_e2e import FAKE_METRICS, TINY_SCRIPT, stage_of
 
 
@@ -118,6 +119,22 @@ def test_collect_summarises_each_method_over_its_seeds(tmp_path):
     assert paths["table"].read_text().strip() == table
 
 
+def test_a_reference_free_loss_has_no_kl_and_says_so(tmp_path):
+    """ORPO and SimPO load no reference, so their files hold no KL: the summary says n/a, not 0."""
+    for seed in (1, 2):
+        m = metrics(gold=(0.5, 0.5 + seed / 8))
+        m["final_kl"] = None
+        for evaluation in (m["before"], m["after"], *m["evals"]):
+            del evaluation["kl"]
+        write_seed(tmp_path, seed, "simpo", m, "dpo_metrics.json")
+    summary = collect(tmp_path, [1, 2], [Method("simpo", "SimPO", "dpo_metrics.json")])
+    row = markdown_table(summary).splitlines()[2].split(" | ")
+    kl_column = 2 + [m.key for m in MEASURES].index("final_kl")
+    assert row[kl_column] == "n/a (n/a)" and row[2] == "+0.188 (+0.125)"
+    assert summary["SimPO"]["curves"][1] == ([], [])
+    assert write_summary(tmp_path, summary)["png"].is_file()
+
+
 # ---------------------------------------------------------------------------------------------- e2e --seeds
 
 
@@ -133,7 +150,7 @@ class SeededStages:
         seed = run.env["SEED"]
         self.calls.append((seed, run.env.get("OMP_NUM_THREADS"), str(out), stage.name))
         stage.dir(out).mkdir(parents=True, exist_ok=True)
-        m = FAKE_METRICS["dpo" if stage.name == "dpo" else run.step]
+        m = FAKE_METRICS["dpo" if stage.name in PREFERENCE else run.step]
         if stage.step == 3:
             m = json.loads(json.dumps(m))
             m["after"]["gold_mean"] = m["before"]["gold_mean"] + int(seed) / 10
