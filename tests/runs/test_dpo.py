@@ -202,16 +202,13 @@ def test_two_ranks_zero3_trains_and_saves_a_model_that_loads(demo_stages, tmp_pa
     assert AutoModelForCausalLM.from_pretrained(out) is not None  # gathered from the partitions
 
 
-def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_path):
-    """DPO shortened to one epoch, LoRA with the adapter-disabled policy as the reference (no second model),
-    from the demo's stage-1 model on the demo's pairs: the held-out gold mean and best share rise over the
-    stage-1 policy's (the same 128 prompts and sampling as stage 3's evaluation)."""
-    out = tmp_path / "dpo"
+def _from_demo_stage1(demo_stages, out, *flags: str) -> tuple[dict, dict, dict, str]:
+    """Run the DPO stage with `flags` from the demo's stage-1 model on the demo's pairs, its held-out answers
+    sampled as stage 3 samples them (128 prompts, answer budget 48); print the gold figures and return
+    (metrics, before, after, log)."""
     args = [
         *("--model_name_or_path", str(demo_stages / "sft"), "--output_dir", str(out)),
         *("--data_output_path", str(demo_stages / "data_cache"), "--data_split", "4,4,2"),
-        *("--lora_dim", "16", "--lora_alpha", "16", "--lora_module_name", "decoder.layers."),
-        *("--only_optimize_lora", "--lora_learning_rate", "5e-4", "--beta", "0.5"),
         *(
             "--per_device_train_batch_size",
             "16",
@@ -222,15 +219,31 @@ def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_pa
         ),
         *("--lr_scheduler_type", "constant", "--eval_iters", "4", "--eval_num_prompts", "128"),
         *("--max_prompt_seq_len", "64", "--max_answer_seq_len", "48"),
-    ]  # measured: gold +0.723 -> +0.765, best 0.46 -> 0.59, malformed 0.01 -> 0.03, KL 0.17
-    run_stage(DPO, args, num_procs=1)
+        *flags,
+    ]
+    log = run_stage(DPO, args, num_procs=1)
     metrics = json.loads((out / "dpo_metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
+    kl = f", KL {after['kl']:.2f}" if "kl" in after else ""
     print(
-        f"DPO gold {before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f}, best {before['gold_share_best']:.2f} "
-        f"-> {after['gold_share_best']:.2f}, malformed {before['gold_share_malformed']:.2f} -> "
-        f"{after['gold_share_malformed']:.2f}, KL {after['kl']:.2f}"
+        f"{out.name} gold {before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f}, best "
+        f"{before['gold_share_best']:.2f} -> {after['gold_share_best']:.2f}, malformed "
+        f"{before['gold_share_malformed']:.2f} -> {after['gold_share_malformed']:.2f}{kl}"
     )
+    return metrics, before, after, log
+
+
+def test_lora_dpo_from_the_demo_stage1_model_raises_the_gold(demo_stages, tmp_path):
+    """DPO shortened to one epoch, LoRA with the adapter-disabled policy as the reference (no second model),
+    from the demo's stage-1 model on the demo's pairs: the held-out gold mean and best share rise over the
+    stage-1 policy's (the same 128 prompts and sampling as stage 3's evaluation)."""
+    out = tmp_path / "dpo"
+    _, before, after, _ = _from_demo_stage1(
+        demo_stages,
+        out,
+        *("--lora_dim", "16", "--lora_alpha", "16", "--lora_module_name", "decoder.layers."),
+        *("--only_optimize_lora", "--lora_learning_rate", "5e-4", "--beta", "0.5"),
+    )  # measured: gold +0.723 -> +0.765, best 0.46 -> 0.59, malformed 0.01 -> 0.03, KL 0.17
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts as the identity
     assert before["kl"] == 0.0 and after["accuracy"] > 0.75, (before, after)
     # The same run from the stage-1 models of seeds 1-5 and of one more draw of the default seed (docs/results.md,
@@ -256,30 +269,18 @@ def test_reference_free_losses_from_the_demo_stage1_model_raise_the_gold(demo_st
     """ORPO (lambda 1.0, the tiny script's) and SimPO (the paper's beta 2, gamma 1), one epoch from the demo's
     stage-1 model on the demo's pairs, full fine-tuning and no reference model: the held-out gold mean and best
     share rise over the stage-1 policy's, and the answers have no KL (nothing to measure it against)."""
-    out = tmp_path / loss_type
-    args = [
-        *("--model_name_or_path", str(demo_stages / "sft"), "--output_dir", str(out)),
-        *("--data_output_path", str(demo_stages / "data_cache"), "--data_split", "4,4,2"),
+    metrics, before, after, log = _from_demo_stage1(
+        demo_stages,
+        tmp_path / loss_type,
         *("--loss_type", loss_type, *(["--beta", "1.0"] if loss_type == "orpo" else [])),
-        *("--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16"),
-        *("--max_seq_len", "128", "--learning_rate", "2e-5", "--num_train_epochs", "1"),
-        *("--lr_scheduler_type", "constant", "--eval_iters", "4", "--eval_num_prompts", "128"),
-        *("--max_prompt_seq_len", "64", "--max_answer_seq_len", "48"),
-    ]
-    log = run_stage(DPO, args, num_procs=1)
-    metrics = json.loads((out / "dpo_metrics.json").read_text())
-    before, after = metrics["before"], metrics["after"]
-    print(
-        f"{loss_type} gold {before['gold_mean']:+.3f} -> {after['gold_mean']:+.3f}, best "
-        f"{before['gold_share_best']:.2f} -> {after['gold_share_best']:.2f}, malformed "
-        f"{before['gold_share_malformed']:.2f} -> {after['gold_share_malformed']:.2f}"
+        *("--learning_rate", "2e-5", "--num_train_epochs", "1"),
     )
     assert "kl" not in after and metrics["final_kl"] is None and " kl " not in log
     assert metrics["loss_type"] == loss_type and after["accuracy"] >= before["accuracy"], (before, after)
     gold_margin, best_margin = REFERENCE_FREE_MARGINS[loss_type]
     assert after["gold_mean"] >= before["gold_mean"] + gold_margin, (before, after)
     assert after["gold_share_best"] >= before["gold_share_best"] + best_margin, (before, after)
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / loss_type) is not None
 
 
 def test_a_row_whose_chosen_equals_its_rejected_is_refused_naming_it(tiny_dir, tmp_path):
